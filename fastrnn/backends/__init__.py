@@ -1,0 +1,90 @@
+"""Backend registry: which recurrence kernels run where.
+
+A backend is a module that defines `OPS` (op name -> callable, the six ops of docs/contract.md) and
+`devices()` (the device types it can run on, here and now). Modules are imported lazily so that a
+missing optional dependency (triton, the compiled extension) only removes that backend.
+"""
+
+import importlib
+import warnings
+
+import torch
+
+_MODULES = {
+    "reference": "fastrnn.backends.reference",
+    "cpu": "fastrnn.backends.native",
+    "cuda": "fastrnn.backends.native",
+    "triton": "fastrnn.backends.triton",
+}
+# The device type each backend name is for (None: any device).
+_DEVICE_OF = {"reference": None, "cpu": "cpu", "cuda": "cuda", "triton": None}
+
+# backend="auto" on each device type, fastest first; see docs/benchmarks.md for the measurements.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+BACKENDS = tuple(_MODULES)
+_loaded = {}
+_warned = set()
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _module(name):
+    if name not in _MODULES:
+        raise ValueError(f"fastrnn: unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as e:
+            _loaded[name] = e
+    mod = _loaded[name]
+    if isinstance(mod, ImportError):
+        raise BackendUnavailable(f"fastrnn: backend {name!r} is not available: {mod}") from mod
+    return mod
+
+
+def _runs_on(name, device_type):
+    """Whether backend `name` can run on `device_type` here (raises BackendUnavailable if not built)."""
+    wanted = _DEVICE_OF[name]
+    return (wanted is None or wanted == device_type) and device_type in _module(name).devices()
+
+
+def available_backends(device_type=None):
+    """The backends this machine can run (on `device_type`, or on any device it has)."""
+    names = []
+    for name in BACKENDS:
+        types = [device_type] if device_type else ["cpu", "cuda"]
+        try:
+            if any(_runs_on(name, t) for t in types):
+                names.append(name)
+        except BackendUnavailable:
+            pass
+    return names
+
+
+def resolve(name, device):
+    """The concrete backend for `name` ('auto' or a backend name) on `device`; raises if it cannot run there."""
+    device_type = torch.device(device).type
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+            try:
+                if _runs_on(candidate, device_type):
+                    return candidate
+            except BackendUnavailable as e:
+                if candidate not in _warned:
+                    _warned.add(candidate)
+                    warnings.warn(f"{e}; backend='auto' uses the next one", stacklevel=3)
+        raise AssertionError("the reference backend runs everywhere")
+    if not _runs_on(name, device_type):
+        raise ValueError(
+            f"fastrnn: backend {name!r} cannot run on {device_type} tensors here; "
+            f"available on {device_type}: {available_backends(device_type)}"
+        )
+    return name
+
+
+def ops(name):
+    """The op table of a concrete backend name."""
+    return _module(name).OPS
