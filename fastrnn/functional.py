@@ -1,0 +1,99 @@
+"""Layers x directions around the one-layer, one-direction recurrence of autograd.py.
+
+Everything here is shape plumbing in torch: the input projection, bias folding, stacking layers,
+concatenating directions, dropout between layers, and PackedSequence <-> (padded, lengths). The modules
+(modules.py) validate and normalise their arguments and call `stacked` or `cell_step`.
+
+T: time steps  B: batch  I: input size  H: hidden size  Hout: proj_size or H  L: layers  D: directions
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .autograd import GRUFunction, LSTMFunction, RNNFunction, needs_saving
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+class LayerWeights(NamedTuple):
+    """The parameters of one layer and one direction, as torch names them (w_hr only with proj_size)."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Optional[Tensor]
+    b_hh: Optional[Tensor]
+    w_hr: Optional[Tensor]
+
+
+def recurrence(cell, x, h0, c0, weights, lengths, reverse, backend):
+    """One layer, one direction. x [T, B, I] -> y [T, B, Hout], h_n [B, Hout], c_n [B, H] (LSTM) or None.
+
+    LSTM and RNN fold both biases into the input projection; GRU keeps b_hh for the recurrence, since
+    b_hn sits inside r * (W_hn h + b_hn).
+    """
+    if cell == "gru":
+        gx = F.linear(x, weights.w_ih, weights.b_ih).contiguous()
+        save = needs_saving(gx, weights.w_hh, weights.b_hh, h0)
+        y, h_n = GRUFunction.apply(gx, weights.w_hh, weights.b_hh, h0, lengths, reverse, save, backend)
+        return y, h_n, None
+    bias = None if weights.b_ih is None else weights.b_ih + weights.b_hh
+    gx = F.linear(x, weights.w_ih, bias).contiguous()
+    if cell == "lstm":
+        save = needs_saving(gx, weights.w_hh, h0, c0, weights.w_hr)
+        return LSTMFunction.apply(gx, weights.w_hh, h0, c0, weights.w_hr, lengths, reverse, save, backend)
+    y, h_n = RNNFunction.apply(gx, weights.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
+    return y, h_n, None
+
+
+def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dropout, training, backend):
+    """The multi-layer network on padded, time-major input.
+
+    x [T, B, I]; h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in torch's order
+    (layer-major, forward before reverse); lengths [B] int64 on x's device or None.
+    Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
+    """
+    backend = backends.resolve(backend, x.device)
+    num_directions = 2 if bidirectional else 1
+    h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            y, h, c = recurrence(
+                cell, layer_input, h0[k], c0[k] if c0 is not None else None, weights[k], lengths,
+                direction == 1, backend,
+            )
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+
+def unpack(data, batch_sizes):
+    """Packed rows (sorted by decreasing length) -> padded x [T, B, *] in the same order, lengths [B] on the host."""
+    padded, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.numel())
+    return padded, lengths
+
+
+def pack(padded, lengths):
+    """Padded, time-major y [T, B, *] with lengths sorted decreasing -> the packed rows."""
+    data, _ = torch._VF._pack_padded_sequence(padded, lengths, False)
+    return data
+
+
+def cell_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend):
+    """One step of a cell module: x [B, I], h0 [B, H], c0 [B, H] or None -> (h_1, c_1 or None)."""
+    weights = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
+    backend = backends.resolve(backend, x.device)
+    y, h, c = recurrence(cell, x.unsqueeze(0), h0.contiguous(), c0.contiguous() if c0 is not None else None,
+                         weights, None, False, backend)
+    return h, c

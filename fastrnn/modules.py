@@ -1,0 +1,317 @@
+"""Drop-in modules: fastrnn.LSTM is a torch.nn.LSTM whose forward runs fastrnn's kernels.
+
+Subclassing the torch classes gives us PyTorch's own constructor validation, parameter names, shapes and
+initialisation, state_dict, repr, pickling and `isinstance(m, nn.LSTM)`. Only `forward` changes, plus one
+keyword, `backend`. The forward mirrors torch.nn's argument handling and reuses its checks
+(`check_forward_args`, `permute_hidden`) so bad input raises the same exception with the same message.
+
+torch.compile: Dynamo refuses every nn.LSTM/GRU/RNN instance, subclasses included, unless
+`torch._dynamo.config.allow_rnn = True`. We keep isinstance compatibility (user code that initialises or
+inspects recurrent layers by type keeps working) and ask compile users to set that flag; see docs/design.md.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+from .functional import LayerWeights
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
+
+
+def _check_backend(backend):
+    from .backends import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"fastrnn: unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
+    return backend
+
+
+def _autocast(tensors, device_type):
+    """Under autocast, run in the autocast dtype, as torch.nn's recurrent layers do on CUDA."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+class _RecurrentMixin:
+    """The forward shared by LSTM, GRU and RNN. Subclasses set `_cell` and `_input_dim_message`."""
+
+    _is_lstm = False
+
+    def _cell_name(self):
+        return self._cell
+
+    def _layer_weights(self):
+        flat = self._flat_weights
+        per_layer = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
+        weights = []
+        for k in range(0, len(flat), per_layer):
+            group = flat[k : k + per_layer]
+            w_ih, w_hh = group[0], group[1]
+            b_ih, b_hh = (group[2], group[3]) if self.bias else (None, None)
+            w_hr = group[-1] if self.proj_size > 0 else None
+            weights.append(LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr))
+        return weights
+
+    def _zeros_state(self, batch, size, like):
+        num_directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        lstm = self._is_lstm
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = batch_sizes = None
+        is_batched = True
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            x, lengths = functional.unpack(data, batch_sizes)
+            batch = x.shape[1]
+            check_input = data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(self._input_dim_message.format(input.dim()))
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            if hx is not None:
+                hx = self._check_hidden_dims(hx, is_batched)
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = None
+            batch = x.shape[1]
+            check_input = input
+        if hx is None:
+            h0 = self._zeros_state(batch, real_hidden, x)
+            c0 = self._zeros_state(batch, self.hidden_size, x) if lstm else None
+            hx = (h0, c0) if lstm else h0
+        self.check_forward_args(check_input, hx, batch_sizes)
+        hx = self.permute_hidden(hx, sorted_indices)
+        h0, c0 = hx if lstm else (hx, None)
+        _check_state_dtype(x, h0, c0)
+
+        weights = self._layer_weights()
+        x, h0, c0, *flat = _autocast([x, h0, c0, *(w for lw in weights for w in lw)], x.device.type)
+        weights = [LayerWeights(*flat[k : k + 5]) for k in range(0, len(flat), 5)]
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+        y, h_n, c_n = functional.stacked(
+            self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
+            num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
+            training=self.training, backend=self.backend,
+        )
+
+        hidden = (h_n, c_n) if lstm else h_n
+        if packed:
+            out = PackedSequence(functional.pack(y, lengths.cpu()), batch_sizes, sorted_indices, unsorted_indices)
+            return out, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not is_batched:
+            y = y.squeeze(0 if self.batch_first else 1)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if lstm else h_n.squeeze(1)
+        return y, hidden
+
+
+def _check_state_dtype(x, h0, c0):
+    for name, s in (("hx", h0), ("cx", c0)):
+        if s is not None and (s.dtype != x.dtype or s.device != x.device):
+            raise RuntimeError(
+                f"fastrnn: {name} must have the input's dtype and device ({x.dtype}, {x.device}), "
+                f"got ({s.dtype}, {s.device})"
+            )
+
+
+class LSTM(_RecurrentMixin, nn.LSTM):
+    """torch.nn.LSTM with fastrnn's kernels. Same arguments, plus `backend` ("auto", "reference", "cpu",
+    "cuda", "triton")."""
+
+    _cell = "lstm"
+    _is_lstm = True
+    _input_dim_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _check_hidden_dims(self, hx, is_batched):
+        want = 3 if is_batched else 2
+        if hx[0].dim() != want or hx[1].dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {want}-D but got "
+                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            )
+        return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+
+class _SingleStateMixin:
+    def _check_hidden_dims(self, hx, is_batched):
+        if is_batched and hx.dim() != 3:
+            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+        if not is_batched:
+            if hx.dim() != 2:
+                raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+            hx = hx.unsqueeze(1)
+        return hx
+
+
+class GRU(_SingleStateMixin, _RecurrentMixin, nn.GRU):
+    """torch.nn.GRU with fastrnn's kernels. Same arguments, plus `backend`."""
+
+    _cell = "gru"
+    _input_dim_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+
+class RNN(_SingleStateMixin, _RecurrentMixin, nn.RNN):
+    """torch.nn.RNN (tanh or relu) with fastrnn's kernels. Same arguments, plus `backend`."""
+
+    _input_dim_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _cell_name(self):
+        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
+
+
+# ----- cells -----
+
+
+class _CellMixin:
+    """The forward shared by the *Cell modules: one step through the same ops as the layers."""
+
+    _num_states = 1
+
+    def _check_step_args(self, input, states):
+        # The checks and messages of ATen's check_rnn_cell_forward_input/_hidden, which torch.nn's cells hit.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, s in enumerate(states):
+            if input.size(0) != s.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {s.size(0)}")
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, expected {self.hidden_size}"
+                )
+            if s.dtype != input.dtype or s.device != input.device:
+                raise RuntimeError(
+                    f"fastrnn: hidden{k} must have the input's dtype and device ({input.dtype}, {input.device}), "
+                    f"got ({s.dtype}, {s.device})"
+                )
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError(
+                f"fastrnn: input dtype ({input.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
+
+    def forward(self, input, hx=None):
+        name = type(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and self._num_states == 2:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        if hx is not None and self._num_states == 1 and hx.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = [zeros] * self._num_states
+        else:
+            states = list(hx) if self._num_states == 2 else [hx]
+            if not is_batched:
+                states = [s.unsqueeze(0) for s in states]
+        self._check_step_args(input, states)
+        tensors = _autocast([input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh],
+                            input.device.type)
+        x, states, weights = tensors[0], tensors[1 : 1 + len(states)], tensors[1 + len(states) :]
+        h, c = functional.cell_step(self._cell_name(), x, states[0], states[1] if len(states) > 1 else None,
+                                    *weights, self.backend)
+        if not is_batched:
+            h, c = h.squeeze(0), (c.squeeze(0) if c is not None else None)
+        return (h, c) if self._num_states == 2 else h
+
+
+class LSTMCell(_CellMixin, nn.LSTMCell):
+    """torch.nn.LSTMCell with fastrnn's kernels. Same arguments, plus `backend`."""
+
+    _num_states = 2
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _cell_name(self):
+        return "lstm"
+
+
+class GRUCell(_CellMixin, nn.GRUCell):
+    """torch.nn.GRUCell with fastrnn's kernels. Same arguments, plus `backend`."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _cell_name(self):
+        return "gru"
+
+
+class RNNCell(_CellMixin, nn.RNNCell):
+    """torch.nn.RNNCell (tanh or relu) with fastrnn's kernels. Same arguments, plus `backend`."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _cell_name(self):
+        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
+
+
+# ----- convert -----
+
+_REPLACEMENTS = {
+    nn.LSTM: LSTM,
+    nn.GRU: GRU,
+    nn.RNN: RNN,
+    nn.LSTMCell: LSTMCell,
+    nn.GRUCell: GRUCell,
+    nn.RNNCell: RNNCell,
+}
+
+
+def _swap(module, backend):
+    """The fastrnn twin of a torch recurrent module, holding the very same Parameter objects."""
+    cls = _REPLACEMENTS[type(module)]
+    new = cls.__new__(cls)
+    # The same Parameter objects, in containers of the twin's own (so the two modules do not alias dicts).
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in module.__dict__.items()})
+    new.backend = _check_backend(backend)
+    return new
+
+
+def convert(model, backend="auto"):
+    """Replaces every torch.nn LSTM/GRU/RNN/*Cell inside `model` (in place) by its fastrnn twin, sharing the
+    same Parameter objects (an optimizer built before keeps working). Returns the model, or the twin when
+    `model` itself is one of those modules. Subclasses of the torch modules are left alone: their forward
+    may do more than the base class."""
+    if type(model) in _REPLACEMENTS:
+        return _swap(model, backend)
+    for name, child in list(model.named_children()):
+        if type(child) in _REPLACEMENTS:
+            setattr(model, name, _swap(child, backend))
+        else:
+            convert(child, backend)
+    return model
