@@ -36,7 +36,10 @@ def _module(name):
         raise ValueError(f"fastrnn: unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            mod = importlib.import_module(_MODULES[name])
+            if not (hasattr(mod, "OPS") and hasattr(mod, "devices")):
+                raise ImportError(f"{mod.__name__} defines no OPS/devices()")
+            _loaded[name] = mod
         except ImportError as e:
             _loaded[name] = e
     mod = _loaded[name]

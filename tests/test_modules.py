@@ -1,0 +1,258 @@
+"""The drop-in surface: construction, state_dict both ways, pickling, repr, convert(), cells, dropout, errors."""
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from conftest import backend_params
+from parity import FASTRNN_CLASSES, TORCH_CLASSES, Case, assert_all_close, make_inputs, make_pair, run_case
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+CELL_CLASSES = {
+    "lstm": (nn.LSTMCell, fastrnn.LSTMCell),
+    "gru": (nn.GRUCell, fastrnn.GRUCell),
+    "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell),
+    "rnn_relu": (nn.RNNCell, fastrnn.RNNCell),
+}
+
+
+def _kwargs(cell):
+    return {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_parameters_and_state_dict(cell):
+    kw = dict(num_layers=2, bidirectional=True, bias=False, **_kwargs(cell))
+    if cell == "lstm":
+        kw["proj_size"] = 3
+    ours = FASTRNN_CLASSES[cell](5, 7, **kw)
+    theirs = TORCH_CLASSES[cell](5, 7, **kw)
+    assert isinstance(ours, TORCH_CLASSES[cell])
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert repr(ours) == repr(theirs)
+    ours.load_state_dict(theirs.state_dict())  # torch -> fastrnn
+    theirs2 = TORCH_CLASSES[cell](5, 7, **kw)
+    theirs2.load_state_dict(ours.state_dict())  # fastrnn -> torch
+    for (n, a), (_, b) in zip(theirs.state_dict().items(), theirs2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_initialisation_matches_torch():
+    torch.manual_seed(3)
+    theirs = nn.LSTM(5, 7, num_layers=2)
+    torch.manual_seed(3)
+    ours = fastrnn.LSTM(5, 7, num_layers=2)
+    for (n, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_constructor_errors_are_torchs():
+    for args, kw in [((5, 7), dict(proj_size=7)), ((5, 7), dict(num_layers=0)), ((5, 7), dict(dropout=2.0)),
+                     ((5, 0), {})]:
+        with pytest.raises(ValueError) as theirs:
+            nn.LSTM(*args, **kw)
+        with pytest.raises(ValueError) as ours:
+            fastrnn.LSTM(*args, **kw)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fastrnn.GRU(3, 4, backend="fast")
+    with pytest.raises(ValueError, match="Unknown nonlinearity"):
+        fastrnn.RNN(3, 4, nonlinearity="gelu")
+
+
+def test_pickle_and_torch_save_roundtrip():
+    model = fastrnn.GRU(4, 6, num_layers=2, backend="reference")
+    x = torch.randn(5, 2, 4)
+    clone = pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = fastrnn.GRU(4, 6, num_layers=2, backend="reference")
+    fresh.load_state_dict(torch.load(buf))
+    assert type(clone) is fastrnn.GRU and clone.backend == "reference"
+    assert torch.equal(clone(x)[0], model(x)[0])
+    assert torch.equal(fresh(x)[0], model(x)[0])
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 6, batch_first=True, bidirectional=True)
+        self.head = nn.Sequential(nn.GRU(12, 5), nn.Linear(5, 3))
+        self.cell = nn.RNNCell(3, 3, nonlinearity="relu")
+
+
+def test_convert_swaps_in_place_and_shares_parameters():
+    model = Tagger()
+    params_before = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 10, (2, 7))
+    ref = model.rnn(model.embed(tokens))[0]
+    assert fastrnn.convert(model, backend="reference") is model
+    assert type(model.rnn) is fastrnn.LSTM and type(model.head[0]) is fastrnn.GRU
+    assert type(model.cell) is fastrnn.RNNCell and model.cell.nonlinearity == "relu"
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    out = model.rnn(model.embed(tokens))[0]
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    before = model.rnn.weight_hh_l0.detach().clone()
+    optimizer.step()  # the optimizer built before convert() updates the converted module's weights
+    assert not torch.equal(before, model.rnn.weight_hh_l0)
+    assert isinstance(fastrnn.convert(nn.GRU(2, 3)), fastrnn.GRU)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("form", ["batched", "unbatched", "nohx"])
+def test_cells(cell, form, device, backend):
+    torch_cls, ours_cls = CELL_CLASSES[cell]
+    oracle = torch_cls(4, 5, **_kwargs(cell)).double()
+    model = ours_cls(4, 5, backend=backend, **_kwargs(cell)).double()
+    model.load_state_dict(oracle.state_dict())
+    model.to(device)
+    shape = (3,) if form != "unbatched" else ()
+    x = torch.randn(*shape, 4, dtype=torch.float64)
+    states = [torch.randn(*shape, 5, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1)]
+
+    def go(module, dev):
+        xs = x.to(dev).requires_grad_()
+        st = [s.to(dev).requires_grad_() for s in states]
+        hx = None if form == "nohx" else (tuple(st) if cell == "lstm" else st[0])
+        out = module(xs, hx)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        leaves = [xs] + ([] if form == "nohx" else st) + list(module.parameters())
+        grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outs)), leaves)
+        return {f"t{k}": t.detach().cpu() for k, t in enumerate(outs + list(grads))}
+
+    assert_all_close(go(oracle, "cpu"), go(model, device), atol=1e-9, rtol=1e-7)
+
+
+# ----- dropout between layers -----
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_eval_and_p0_are_exact(cell, device, backend):
+    for p, training in ((0.5, False), (0.0, True)):
+        case = Case(cell, layers=2, bidirectional=True, training=training, extra=dict(dropout=p))
+        ref, out = run_case(case, backend, device)
+        assert_all_close(ref, out, atol=1e-9, rtol=1e-7)
+
+
+def _train_case(case, backend, device):
+    x, state, _ = make_inputs(case)
+    oracle, model = make_pair(case, backend, torch.float64, device)
+    ys = [m(x.to(dev), tuple(s.to(dev) for s in state) if isinstance(state, tuple) else state.to(dev))[0].cpu()
+          for m, dev in ((oracle, "cpu"), (model, device))]
+    return {"y": ys[0].detach()}, {"y": ys[1].detach()}
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_dropout_p1_zeroes_between_layers(device, backend):
+    """p=1: the second layer sees zeros, exactly as torch.nn's (its output depends on h0 and biases only)."""
+    case = Case("lstm", layers=2, extra=dict(dropout=1.0))
+    ref, out = _train_case(case, backend, device)
+    assert_all_close(ref, out, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_dropout_is_inverted_dropout_of_each_inner_layer_output(device, backend):
+    """Training with p=0.4: the same as running the layers one by one with F.dropout(p) on the output of
+    every layer but the last, drawing from the same RNG stream — the mask is random, its law is dropout's."""
+    model = fastrnn.GRU(3, 4, num_layers=3, dropout=0.4, backend=backend).double().to(device)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, device=device)
+    torch.manual_seed(7)
+    y, _ = model(x)
+    singles = []  # built before seeding: their initialisation draws from the RNG too
+    for layer in range(3):
+        single = fastrnn.GRU(3 if layer == 0 else 4, 4, backend=backend).double().to(device)
+        single.load_state_dict({k.replace(f"_l{layer}", "_l0"): v for k, v in model.state_dict().items()
+                                if k.endswith(f"_l{layer}")})
+        singles.append(single)
+    torch.manual_seed(7)
+    layer_in = x
+    for layer, single in enumerate(singles):
+        layer_in = single(layer_in)[0]
+        if layer < 2:
+            layer_in = torch.nn.functional.dropout(layer_in, 0.4, training=True)
+    torch.testing.assert_close(y, layer_in, atol=1e-12, rtol=1e-12)
+    torch.manual_seed(8)
+    assert not torch.equal(model(x)[0], y), "a new seed must draw a new mask"
+
+
+# ----- bad input: torch.nn's exception type and message -----
+
+
+def _bad_inputs(cell):
+    lstm = cell == "lstm"
+    good_h = (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6)) if lstm else torch.zeros(1, 3, 6)
+
+    def state(*shape):
+        return (torch.zeros(*shape), torch.zeros(*shape)) if lstm else torch.zeros(*shape)
+
+    return {
+        "4d-input": (torch.zeros(2, 3, 4, 5), None),
+        "1d-input": (torch.zeros(4), None),
+        "wrong-input-size": (torch.zeros(5, 3, 7), None),
+        "wrong-batch-in-hx": (torch.zeros(5, 3, 4), state(1, 2, 6)),
+        "wrong-hidden-size": (torch.zeros(5, 3, 4), state(1, 3, 5)),
+        "wrong-layers-in-hx": (torch.zeros(5, 3, 4), state(2, 3, 6)),
+        "2d-hx-for-batched": (torch.zeros(5, 3, 4), state(3, 6)),
+        "3d-hx-for-unbatched": (torch.zeros(5, 4), good_h),
+        "dtype-mismatch": (torch.zeros(5, 3, 4, dtype=torch.float64), None),
+    }
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("what", list(_bad_inputs("lstm")))
+def test_bad_input_raises_like_torch(cell, what):
+    x, hx = _bad_inputs(cell)[what]
+    theirs = TORCH_CLASSES[cell](4, 6, **_kwargs(cell))
+    ours = FASTRNN_CLASSES[cell](4, 6, backend="reference", **_kwargs(cell))
+    with pytest.raises(Exception) as expected:
+        theirs(x, hx)
+    with pytest.raises(Exception) as got:
+        ours(x, hx)
+    assert type(got.value) is type(expected.value)
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_bad_input_raises_like_torch(cell):
+    torch_cls, ours_cls = CELL_CLASSES[cell]
+    theirs, ours = torch_cls(4, 6, **_kwargs(cell)), ours_cls(4, 6, backend="reference", **_kwargs(cell))
+    n = 2 if cell == "lstm" else 1
+
+    def state(*shape):
+        return tuple(torch.zeros(*shape) for _ in range(n)) if n == 2 else torch.zeros(*shape)
+
+    for x, hx in [(torch.zeros(2, 3, 4), None), (torch.zeros(3, 5), None), (torch.zeros(3, 4), state(2, 6)),
+                  (torch.zeros(3, 4), state(3, 7)), (torch.zeros(3, 4), state(1, 3, 6))]:
+        with pytest.raises(Exception) as expected:
+            theirs(x, hx)
+        with pytest.raises(Exception) as got:
+            ours(x, hx)
+        assert type(got.value) is type(expected.value) and str(got.value) == str(expected.value)
+
+
+def test_packed_input_with_wrong_hx_is_rejected():
+    x = pack_padded_sequence(torch.zeros(5, 3, 4), torch.tensor([5, 3, 2]))
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 3, 6\), got \[1, 2, 6\]"):
+        fastrnn.GRU(4, 6, backend="reference")(x, torch.zeros(1, 2, 6))
+
+
+def test_backend_on_wrong_device_is_a_clear_error():
+    with pytest.raises((ValueError, RuntimeError), match="backend 'cuda'"):
+        fastrnn.LSTM(3, 4, backend="cuda")(torch.zeros(2, 1, 3))
+
+
+def test_available_backends():
+    names = fastrnn.available_backends()
+    assert "reference" in names
+    assert set(names) <= {"reference", "cpu", "cuda", "triton"}
