@@ -1,0 +1,390 @@
+"""The recurrence skeleton shared by the LSTM, GRU and RNN Triton kernels (docs/triton.md).
+
+Legend
+  T: time steps   B: batch   H: hidden units   Hout: proj_size or H   G: gates (LSTM 4, GRU 3, RNN 1)
+  s: processing index of a step (0..T-1, the order the recurrence walks)   t: its time index
+  BB, BN, BK: block sizes over the batch, the output units (N) and the reduction (K) of a GEMM tile
+  KP, SP: K and a K segment padded to a multiple of BK (step kernels) or to a power of two (persistent)
+
+Device side: time/activity helpers, the two GEMM shapes of the recurrence (streamed from packed weights
+by the step kernels, or on weights held in registers by the persistent kernels), the overflow-free
+activations, and the state-carry store. Host side: validation, the plan (step or persistent, block
+sizes), weight packing and the loop that launches a step kernel once per step.
+
+Every kernel here is the code a GPU compiles; under TRITON_INTERPRET=1 the same source is interpreted.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def sigmoid(x):
+    # exp(-x) overflows to inf for x < -88 (fp32) and 1/(1+inf) = 0: no NaN, no branch.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # On |x| only, so exp never overflows (e <= 1) and the quotient has no inf/inf. The absolute error
+    # is one ulp of 1 near x = 0 (6e-8 in fp32, 1e-16 in fp64); libdevice's tanh has no interpreter
+    # implementation, so it cannot be used by kernels that must also be tested on the CPU.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def batch_block(B, BB: tl.constexpr):
+    """This program's batch rows (grid axis 0): offsets [BB], in-range mask, int64 offsets."""
+    offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    return offs_b, offs_b < B, offs_b.to(tl.int64)
+
+
+@triton.jit
+def unit_block(N, BN: tl.constexpr):
+    """This program's output units (grid axis 1): offsets [BN] and in-range mask."""
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    return offs_n, offs_n < N
+
+
+@triton.jit
+def step_time(s, T, DESCENDING: tl.constexpr):
+    """The time index of processing step s: forward walks t = s, a descending walk t = T-1-s."""
+    t = s
+    if DESCENDING:
+        t = T - 1 - s
+    return t
+
+
+@triton.jit
+def in_time(t, T, offs_b):
+    """[BB] bool: 0 <= t < T, as a vector (triton 3.9's interpreter turns `vector_bool & (scalar >= 0)`
+    into int32, which tl.load then rejects as a mask; vector comparisons compile the same on a GPU)."""
+    tb = tl.zeros_like(offs_b) + t
+    return (tb >= 0) & (tb < T)
+
+
+@triton.jit
+def active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS: tl.constexpr):
+    """[BB] bool: rows b < B whose sequence is active at time t (0 <= t < T and t < lengths[b]).
+
+    t outside [0, T) (the virtual step after the last one in backward) gives no active row, so every
+    load and store masked by the result stays in bounds. Lengths outside [0, T] are never read on the
+    host (no synchronisation); they only enter this comparison, so they cannot cause an out-of-bounds
+    access (a length > T acts as T, a negative one as 0)."""
+    ok = mask_b & in_time(t, T, offs_b)
+    if HAS_LENGTHS:
+        n = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+        ok = ok & (t < n)
+    return ok
+
+
+@triton.jit
+def rows_at(t, b64, B):
+    """int64 [BB]: the row index t*B + b of a [T, B, ...] tensor (T*B*G*H passes 2^31 at e.g.
+    T=1024, B=256, H=2048, so offsets are int64)."""
+    return t.to(tl.int64) * B + b64
+
+
+@triton.jit
+def mma(a, w, acc, PREC: tl.constexpr):
+    """acc + a @ w with fp32 (fp64 for fp64) accumulation.
+
+    bf16 operands are widened to fp32 and multiplied as tf32, which holds a bf16 value exactly (10 vs 7
+    mantissa bits), so the products and sums are those of a bf16 MMA with fp32 accumulation. The reason
+    is the interpreter: triton 3.9's interpreter keeps bf16 as uint16 and matmuls the raw bits (error
+    1e11 on a 16x16 product), and the kernels must be the ones a GPU runs. The cost on a GPU is the tf32
+    MMA rate (half of bf16 on H100), which the recurrence does not reach (see docs/triton.md)."""
+    if a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32", out_dtype=acc.dtype)
+    return tl.dot(a, w, acc, input_precision=PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
+def gemm_gates_out(a_ptr, a_rows, a_ok, K, w_ptr, G: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The forward tile: A[rows, :K] @ W^T for the G gates of BN units, one accumulator per gate.
+
+    a_rows: int64 [BB] element offsets of the rows of A; a_ok: [BB] which rows to read (others are 0).
+    w_ptr: this tile of the packed weights [KP, G, BN] (pack_gates_out): each K row holds all G gates of
+    the tile's units side by side, so one program streams one contiguous block. The K loop is shared by
+    the G accumulators: A is loaded once per BK and used by every gate."""
+    acc0 = tl.zeros((BB, BN), dtype=ACC)
+    acc1 = tl.zeros((BB, BN), dtype=ACC)
+    acc2 = tl.zeros((BB, BN), dtype=ACC)
+    acc3 = tl.zeros((BB, BN), dtype=ACC)
+    offs_n = tl.arange(0, BN)
+    for k0 in range(0, KP, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + a_rows[:, None] + offs_k[None, :], mask=a_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = w_ptr + offs_k[:, None] * (G * BN) + offs_n[None, :]
+        acc0 = mma(a, tl.load(w), acc0, PREC)
+        if G > 1:
+            acc1 = mma(a, tl.load(w + BN), acc1, PREC)
+        if G > 2:
+            acc2 = mma(a, tl.load(w + 2 * BN), acc2, PREC)
+        if G > 3:
+            acc3 = mma(a, tl.load(w + 3 * BN), acc3, PREC)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, BB: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The backward tile: A[rows, :NSEG*S] @ W for BN output units, A being NSEG gate segments of S.
+
+    w_ptr: this tile of the packed weights [NSEG*SP, BN] (pack_gates_in), zero past S in each segment."""
+    acc = tl.zeros((BB, BN), dtype=ACC)
+    offs_n = tl.arange(0, BN)
+    for seg in tl.static_range(NSEG):
+        for k0 in range(0, SP, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + a_rows[:, None] + seg * S + offs_k[None, :],
+                        mask=a_ok[:, None] & (offs_k < S)[None, :], other=0.0)
+            w = tl.load(w_ptr + (seg * SP + offs_k)[:, None] * BN + offs_n[None, :])
+            acc = mma(a, w, acc, PREC)
+    return acc
+
+
+@triton.jit
+def load_resident(w_ptr, gate, G: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr):
+    """[KP, NP]: gate `gate` of packed weights [KP, G, NP] (pack_gates_out with one tile), for a
+    persistent kernel to hold across all T steps."""
+    offs_k = tl.arange(0, KP)
+    offs_n = tl.arange(0, NP)
+    return tl.load(w_ptr + offs_k[:, None] * (G * NP) + gate * NP + offs_n[None, :])
+
+
+@triton.jit
+def load_resident_in(w_ptr, seg, SP: tl.constexpr, NP: tl.constexpr):
+    """[SP, NP]: segment `seg` of packed weights [NSEG*SP, NP] (pack_gates_in with one tile)."""
+    offs_k = tl.arange(0, SP)
+    offs_n = tl.arange(0, NP)
+    return tl.load(w_ptr + (seg * SP + offs_k)[:, None] * NP + offs_n[None, :])
+
+
+@triton.jit
+def ping_pong(h_ptr, s, B, N):
+    """(h_{t-1}, h_t) slots of the state buffer [2, B, N] at step s: a step kernel reads every unit of
+    h_{t-1} while other programs of the same launch write their units of h_t, so they cannot share one."""
+    par = (s % 2).to(tl.int64)
+    return h_ptr + par * B * N, h_ptr + (1 - par) * B * N
+
+
+@triton.jit
+def carry_store(h_new, h_prev, act2, inb, h_dst, state_off, y_ptr, y_off):
+    """The step's state and output: h_t where active, the carried h_{t-1} elsewhere; y_t = 0 elsewhere."""
+    tl.store(h_dst + state_off, tl.where(act2, h_new, h_prev).to(h_dst.dtype.element_ty), mask=inb)
+    tl.store(y_ptr + y_off, tl.where(act2, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, dh_ptr, state_off,
+                  inb, dy_ptr, dy_off, act2, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr):
+    """The gradient reaching h_t for a tile of units, in a backward step kernel.
+
+    The GEMM of step t+1 (dh_t += dGh_{t+1} W_hh) needs every unit of dGh_{t+1}, which the previous
+    launch wrote, so it is done here, one launch later: dh_in = dh_buf + dGh_{t+1} W_hh, where dh_buf
+    holds the part that does not go through W_hh (0 for LSTM/RNN, dh z for GRU, the whole gradient at
+    an inactive step) and dGh is 0 at inactive steps. Returns (dh_in, dh_in + dy_t where active)."""
+    g = gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG, SP, w_ptr, BB, BN, BK, ACC, PREC)
+    dh_in = tl.load(dh_ptr + state_off, mask=inb, other=0.0) + g
+    dy = tl.load(dy_ptr + dy_off, mask=act2, other=0.0).to(ACC)
+    return dh_in, dh_in + dy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+
+# The persistent kernel keeps the whole of W_hh (and W_hr) in registers for all T steps; above this many
+# bytes it would spill (a program has 64K 32-bit registers at most, shared with the state and the tiles;
+# 64 KiB of weights is a quarter of an SM's register file). Not yet tuned on a GPU: see docs/triton.md.
+PERSISTENT_MAX_BYTES = 64 * 1024
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_forced = None
+
+
+@contextlib.contextmanager
+def force_kernel(kind):
+    """Run every op in this block with the 'step' or 'persistent' kernels (tests and benchmarks)."""
+    global _forced
+    if kind not in ("step", "persistent"):
+        raise ValueError(f"fastrnn triton: kernel kind must be 'step' or 'persistent', not {kind!r}")
+    before, _forced = _forced, kind
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def interpreting():
+    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before it was imported)."""
+    knobs = getattr(triton, "knobs", None)
+    runtime = getattr(knobs, "runtime", None)
+    return bool(getattr(runtime, "interpret", False))
+
+
+def devices():
+    types = []
+    if torch.cuda.is_available():
+        types.append("cuda")
+    if interpreting():
+        types.append("cpu")
+    return tuple(types)
+
+
+def pow2(n):
+    """The power of two >= max(n, 16) (tl.dot needs every tile dimension >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def round_up(n, m):
+    return (n + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class Plan:
+    persistent: bool
+    BB: int  # batch rows per program
+    BN: int  # output units per program (step kernels)
+    BK: int  # K per GEMM iteration (step kernels)
+    HP: int  # H padded to a power of two (persistent kernels)
+    OP: int  # Hout padded to a power of two (persistent kernels)
+    acc: object  # tl.float32, or tl.float64 for fp64
+    prec: str  # tl.dot input precision for fp32 operands
+
+
+def plan(B, H, Hout, G, proj, dtype):
+    """Step kernels or the persistent kernel, and the block sizes, from the shapes."""
+    HP, OP = pow2(H), pow2(Hout)
+    # bf16 weights are widened to fp32 for the MMA (see mma), so they take 4 bytes on chip.
+    elsize = 4 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).element_size()
+    resident = (G * HP * OP + (HP * OP if proj else 0)) * elsize
+    persistent = _forced == "persistent" if _forced else resident <= PERSISTENT_MAX_BYTES
+    # tl.dot needs M >= 16; up to 64 rows share each weight tile that a program streams.
+    BB = 16 if persistent else min(64, pow2(B))
+    # 32 units x 4 gates per tile: at H=512 that is 16 tiles per batch block, enough programs to spread
+    # the per-step GEMM over the SMs for B >= 64; BK=32 keeps the streamed tiles at 4 x 32 x 32.
+    BN, BK = 32, 32
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return Plan(persistent, BB, BN, BK, HP, OP, acc, "tf32" if tf32 else "ieee")
+
+
+def workspace_dtype(dtype):
+    """The dtype states are carried in between steps (c, and dh/dc in backward): fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_gates_out(w, G, N, K, BN, KP):
+    """w [G*N, K] (gate-major rows, PyTorch's layout) -> [cdiv(N, BN), KP, G, BN], zero-padded.
+
+    Tile n holds, for each k < KP, the G gates of units n*BN .. n*BN+BN-1 side by side: the weights one
+    step-kernel program needs are one contiguous block, and a K row of it feeds all G accumulators."""
+    NP = round_up(N, BN)
+    wp = w.new_zeros(G, NP, KP)
+    wp[:, :N, :K] = w.reshape(G, N, K)
+    return wp.view(G, NP // BN, BN, KP).permute(1, 3, 0, 2).contiguous()
+
+
+def pack_gates_in(w, G, S, N, SP, BN):
+    """w [G*S, N] (gate-major rows) -> [cdiv(N, BN), G*SP, BN], zero-padded: the operand of
+    A[B, G*S] @ w, each tile holding BN output columns with every gate segment padded to SP rows."""
+    NP = round_up(N, BN)
+    wp = w.new_zeros(G, SP, NP)
+    wp[:, :S, :N] = w.reshape(G, S, N)
+    return wp.view(G * SP, NP // BN, BN).permute(1, 0, 2).contiguous()
+
+
+class Launch:
+    """One step kernel with its grid and arguments; calling it with s launches processing step s.
+
+    s is a do_not_specialize argument of every step kernel, so one compiled kernel serves every step
+    (triton would otherwise specialise s == 1 and s % 16 == 0 and compile three variants)."""
+
+    def __init__(self, kernel, grid, args, meta):
+        self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
+
+    def __call__(self, s):
+        self.kernel[self.grid](*self.args, s, **self.meta)
+
+
+def run_steps(steps, *launches):
+    """The host loop of the step path: for s = 0..steps-1, each launch in order. Nothing here reads
+    device memory (lengths stay on the device), so there is no host synchronisation."""
+    for s in range(steps):
+        for launch in launches:
+            launch(s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: the contract's shapes, one dtype, one device; a clear error instead of a kernel fault.
+
+
+def check_common(op, ref, tensors, lengths):
+    """All of `tensors` (name -> tensor or None) in ref's dtype and on ref's device; lengths int64 [B]."""
+    if ref.dtype not in _DTYPES:
+        raise TypeError(f"fastrnn_triton::{op}: dtype {ref.dtype} is not supported (fp16, bf16, fp32, fp64)")
+    if ref.device.type not in devices():
+        raise RuntimeError(
+            f"fastrnn_triton::{op}: cannot run on {ref.device.type} tensors here (runs on {list(devices())}; "
+            "CPU tensors need triton's interpreter, enabled before triton is first imported)"
+        )
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(
+                f"fastrnn_triton::{op}: {name} is {t.dtype} on {t.device}, expected {ref.dtype} on {ref.device}"
+            )
+    if lengths is not None:
+        if lengths.dtype != torch.int64 or lengths.device != ref.device:
+            raise TypeError(f"fastrnn_triton::{op}: lengths must be int64 on {ref.device}, got {lengths.dtype} "
+                            f"on {lengths.device}")
+
+
+def check_inputs(op, ref, specs, lengths, B):
+    """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from."""
+    check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths)
+    for name, (t, shape) in specs.items():
+        check_shape(op, name, t, shape)
+    check_shape(op, "lengths", lengths, (B,))
+
+
+def check_sizes(op, name, t, G):
+    """(T, B, H) of a [T, B, G*H] tensor, H >= 1."""
+    check_3d(op, name, t)
+    T, B, GH = t.shape
+    if GH % G or GH == 0:
+        raise ValueError(f"fastrnn_triton::{op}: {name} has {GH} columns, expected {G}*H with H >= 1")
+    return T, B, GH // G
+
+
+def check_shape(op, name, t, shape):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"fastrnn_triton::{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_3d(op, name, t):
+    if t.dim() != 3:
+        raise ValueError(f"fastrnn_triton::{op}: {name} must be [T, B, *], got shape {tuple(t.shape)}")
+
+
+def contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+def lengths_arg(lengths, like):
+    """(pointer argument, HAS_LENGTHS): a tensor must be passed even when there are no lengths."""
+    return (lengths, True) if lengths is not None else (like, False)
