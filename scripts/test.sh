@@ -3,4 +3,4 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m gpu`).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-python -m pytest tests bench -q "$@"
+python -m pytest tests bench -q --benchmark-disable "$@"
