@@ -31,7 +31,8 @@ def _check_backend(backend):
 
 
 def _autocast(tensors, device_type):
-    """Under autocast, run in the autocast dtype, as torch.nn's recurrent layers do on CUDA."""
+    """Under autocast, run in the autocast dtype, as torch.nn's recurrent layers do on CUDA. The caller then
+    runs the layers with autocast off, so the fp32 math inside the ops is not lowered a second time."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
@@ -100,11 +101,12 @@ class _RecurrentMixin:
         weights = [LayerWeights(*flat[k : k + 5]) for k in range(0, len(flat), 5)]
         if lengths is not None:
             lengths = lengths.to(x.device)
-        y, h_n, c_n = functional.stacked(
-            self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
-            num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
-            training=self.training, backend=self.backend,
-        )
+        with torch.autocast(x.device.type, enabled=False):
+            y, h_n, c_n = functional.stacked(
+                self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
+                num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
+                training=self.training, backend=self.backend,
+            )
 
         hidden = (h_n, c_n) if lstm else h_n
         if packed:
@@ -238,8 +240,9 @@ class _CellMixin:
         tensors = _autocast([input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh],
                             input.device.type)
         x, states, weights = tensors[0], tensors[1 : 1 + len(states)], tensors[1 + len(states) :]
-        h, c = functional.cell_step(self._cell_name(), x, states[0], states[1] if len(states) > 1 else None,
-                                    *weights, self.backend)
+        with torch.autocast(x.device.type, enabled=False):
+            h, c = functional.cell_step(self._cell_name(), x, states[0], states[1] if len(states) > 1 else None,
+                                        *weights, self.backend)
         if not is_batched:
             h, c = h.squeeze(0), (c.squeeze(0) if c is not None else None)
         return (h, c) if self._num_states == 2 else h

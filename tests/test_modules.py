@@ -1,5 +1,6 @@
 """The drop-in surface: construction, state_dict both ways, pickling, repr, convert(), cells, dropout, errors."""
 
+import copy
 import io
 import pickle
 
@@ -256,3 +257,17 @@ def test_available_backends():
     names = fastrnn.available_backends()
     assert "reference" in names
     assert set(names) <= {"reference", "cpu", "cuda", "triton"}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_autocast_runs_in_the_autocast_dtype(cell):
+    """Under autocast the layers run in the autocast dtype (what torch.nn does on CUDA, where cuDNN's RNN is
+    on autocast's lower-precision list; on the CPU torch.nn is inconsistent: LSTM fails inside oneDNN, GRU
+    stays fp32, RNN goes bf16), so the result equals the module cast to that dtype on cast input."""
+    model = FASTRNN_CLASSES[cell](4, 6, num_layers=2, backend="reference", **_kwargs(cell))
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = model(x)
+    expected, _ = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
