@@ -1,0 +1,160 @@
+"""The one registry of benchmark cases: every size the benchmark, the microbenchmarks and the docs use.
+
+A case is one recurrent module (cell, sizes, layers, direction, projection, dtype) on time-major input
+[T, B, I]. Named case sets pick cases per device type, because the same sizes cannot be run on two CPU
+cores in two minutes and on an H100 in the same two minutes (docs/benchmarks.md lists them).
+
+T: time steps  B: batch  I: input size  H: hidden size  L: layers  P: proj_size (LSTM, 0 = none)
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+CELLS = ("lstm", "gru", "rnn")
+PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_TAGS = {"float32": "", "float64": "-fp64", "bfloat16": "-bf16", "float16": "-fp16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str  # "lstm", "gru" or "rnn" (tanh)
+    T: int
+    B: int
+    I: int  # noqa: E741 (the input size is I everywhere in fastrnn)
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+    proj: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; expected one of {CELLS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {list(DTYPES)}")
+        if self.proj and self.cell != "lstm":
+            raise ValueError("proj_size exists for LSTM only")
+
+    @property
+    def name(self):
+        """A stable id, e.g. 'lstm-T100-B64-I512-H512' or 'gru-T1024-B16-I768-H768-L2-bidir-bf16'."""
+        name = f"{self.cell}-T{self.T}-B{self.B}-I{self.I}-H{self.H}"
+        if self.layers != 1:
+            name += f"-L{self.layers}"
+        if self.bidirectional:
+            name += "-bidir"
+        if self.proj:
+            name += f"-P{self.proj}"
+        return name + _DTYPE_TAGS[self.dtype]
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def gates(self):
+        return {"lstm": 4, "gru": 3, "rnn": 1}[self.cell]
+
+    def fields(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CaseSet:
+    name: str
+    cases: tuple
+    threads: int = 0  # torch.set_num_threads for CPU runs; 0 keeps torch's default (one per core)
+    help: str = ""
+
+
+def _each_cell(sizes, cells=CELLS, **kw):
+    return tuple(Case(cell, T, B, I, H, **kw) for cell in cells for (T, B, I, H) in sizes)
+
+
+# The CPU kernel's targets (T, B, I, H): PyTorch's fastrnns default, a mid size, a latency-bound
+# single sequence, and a long thin one.
+CPU_TARGET_SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
+# PyTorch's benchmarks/fastrnns default: T=100, B=64, I=H=512, one layer.
+FASTRNNS_DEFAULT = (100, 64, 512, 512)
+# DESIGN.md section 7's small-batch sweep: B in 1..16, H in 128..1024 (I = H, T = 100).
+SWEEP_BATCHES = (1, 2, 4, 8, 16)
+SWEEP_HIDDEN = (128, 256, 512, 1024)
+# DESIGN.md section 7's long sequence: T=1024, B=16, H=768, bf16.
+LONG_SEQUENCE = (1024, 16, 768, 768)
+
+
+def _sweep(batches, hiddens, cells, dtype="float32"):
+    return tuple(Case(cell, 100, B, H, H, dtype=dtype) for cell in cells for H in hiddens for B in batches)
+
+
+_CPU_TARGETS = _each_cell(CPU_TARGET_SIZES)
+
+_SETS = {
+    "cpu": {
+        "cpu": CaseSet(
+            "cpu", _CPU_TARGETS, threads=2,
+            help="the CPU kernel's 12 target cases (LSTM/GRU/RNN x 4 sizes), fp32, 2 threads",
+        ),
+        "cuda": CaseSet("cpu", _CPU_TARGETS, help="the CPU kernel's 12 target cases, run on the GPU"),
+    },
+    "quick": {
+        "cpu": CaseSet("quick", _CPU_TARGETS, help="the 12 CPU target cases (about 2 minutes on 2 cores)"),
+        "cuda": CaseSet(
+            "quick",
+            _each_cell((FASTRNNS_DEFAULT,))
+            + _sweep((1, 16), (256, 1024), ("lstm",))
+            + (Case("lstm", *LONG_SEQUENCE, dtype="bfloat16"),),
+            help="fastrnns default per cell, 4 small-batch LSTM points, the long bf16 LSTM",
+        ),
+    },
+    "full": {
+        # No bf16 on the CPU: without AVX512-BF16/AMX, bf16 GEMMs are emulated and measure the
+        # emulation, not the recurrence; the long sequence runs in fp32 there.
+        "cpu": CaseSet(
+            "full",
+            _CPU_TARGETS
+            + _sweep((1, 4, 16), SWEEP_HIDDEN, ("lstm", "gru"))
+            + (Case("lstm", *FASTRNNS_DEFAULT, layers=2, bidirectional=True),
+               Case("lstm", 100, 64, 512, 1024, proj=256),
+               Case("lstm", *LONG_SEQUENCE)),
+            help="CPU targets, the small-batch sweep, a 2-layer bidirectional LSTM, proj, the long sequence",
+        ),
+        "cuda": CaseSet(
+            "full",
+            _each_cell((FASTRNNS_DEFAULT,))
+            + _each_cell((FASTRNNS_DEFAULT,), dtype="bfloat16")
+            + _sweep(SWEEP_BATCHES, SWEEP_HIDDEN, ("lstm", "gru"))
+            + (Case("lstm", *FASTRNNS_DEFAULT, layers=2, bidirectional=True),
+               Case("lstm", 100, 64, 512, 1024, proj=256))
+            + _each_cell((LONG_SEQUENCE,), cells=("lstm", "gru"), dtype="bfloat16"),
+            help="fastrnns default (fp32, bf16), the full small-batch sweep, 2-layer bidir, proj, long bf16",
+        ),
+    },
+    # Sizes for the pytest-benchmark microbenchmarks (bench/test_*.py): big enough to time the
+    # recurrence, small enough that every backend runs each in well under a second on 2 cores.
+    "micro": {
+        dev: CaseSet("micro", _each_cell(((50, 1, 64, 128), (100, 32, 256, 256))), help="microbenchmark sizes")
+        for dev in ("cpu", "cuda")
+    },
+    # Tiny sizes for the smoke test of the command (tests/test_bench.py): seconds, not a measurement.
+    "smoke": {
+        dev: CaseSet(
+            "smoke",
+            _each_cell(((5, 2, 3, 4),)) + (Case("lstm", 4, 3, 5, 6, layers=2, bidirectional=True, proj=3),),
+            help="tiny sizes that exercise every code path of the runner",
+        )
+        for dev in ("cpu", "cuda")
+    },
+}
+
+SET_NAMES = tuple(_SETS)
+
+
+def case_set(name, device_type):
+    """The named case set for a device type ('cpu' or 'cuda')."""
+    if name not in _SETS:
+        raise ValueError(f"unknown case set {name!r}; expected one of {list(SET_NAMES)}")
+    per_device = _SETS[name]
+    return per_device.get(device_type, per_device["cpu"])

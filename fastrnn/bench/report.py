@@ -1,0 +1,183 @@
+"""What the benchmark shows and keeps: the progress line, the tables, and the JSON rows on disk.
+
+Rows are JSON Lines (one JSON object per line), appended to bench/results/<device>.jsonl, so runs on
+one device accumulate in one file and every row carries its run id, commit and date.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .machine import REPO_DIR, slug
+
+DEFAULT_RESULTS_DIR = (REPO_DIR / "bench" / "results") if REPO_DIR else Path("fastrnn-bench-results")
+
+
+class Progress:
+    """A progress line on stderr: a bar redrawn in place on a terminal, or one line per finished
+    measurement otherwise (logs, CI), so the output stays readable either way."""
+
+    WIDTH = 24
+
+    def __init__(self, total, stream=None, enabled=True):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.interactive = self.stream.isatty()
+        self.started = time.monotonic()
+        self.text = ""
+
+    def _line(self):
+        elapsed = time.monotonic() - self.started
+        filled = self.WIDTH * self.done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        left = f", ~{_clock(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
+        return f"[{bar}] {self.done}/{self.total} {_clock(elapsed)}{left}  {self.text}"
+
+    def start(self, text):
+        self.text = text
+        if self.enabled and self.interactive:
+            self.stream.write("\r\033[K" + self._line())
+            self.stream.flush()
+
+    def advance(self):
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.interactive:
+            self.stream.write("\r\033[K" + self._line())
+        else:
+            self.stream.write(self._line() + "\n")
+        self.stream.flush()
+
+    def finish(self):
+        if self.enabled and self.interactive:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_seconds(seconds):
+    """Milliseconds with 3 significant digits, e.g. 0.000123 -> '0.123', 1.5 -> '1500'."""
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
+
+
+def _mib(nbytes):
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _percent(value):
+    """'12.3%', or two significant digits below 1% ('0.047%') so tiny cases do not all read 0.0%."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if value >= 0.01 else f"{100 * value:.2g}%"
+
+
+def header(rows):
+    """The lines that say where a run was measured."""
+    if not rows:
+        return []
+    first = rows[0]
+    lines = [
+        f"device: {first['device']} ({first['device_type']}, {first['threads']} threads)   "
+        f"commit: {first['commit']}   date: {first['date']}",
+        f"torch {first['torch']}   triton {first['triton']}   python {first['python']}   "
+        f"case set: {first['case_set']}   run: {first['run_id']}",
+    ]
+    rates = {}
+    for row in rows:
+        rates.setdefault(row["dtype"], row["gemm_flops_per_s"])
+    lines.append(
+        "GEMM rate (torch.mm, the roofline): "
+        + ", ".join(f"{dtype} {rate / 1e9:.1f} GFLOP/s" for dtype, rate in rates.items())
+    )
+    return lines
+
+
+def table(rows):
+    """The results as an aligned text table, one line per case, pass and backend."""
+    columns = ["case", "pass", "backend", "p50 ms", "p20-p80 ms", "peak MiB", "vs torch.nn", "roofline"]
+    lines = []
+    previous = (None, None)
+    for row in rows:
+        # The case and pass are written once, on the first line of their group.
+        case = row["case"] if row["case"] != previous[0] else ""
+        pass_name = row["pass"] if (row["case"], row["pass"]) != previous else ""
+        previous = (row["case"], row["pass"])
+        if "error" in row:
+            lines.append([case, pass_name, row["backend"], "ERROR", row["error"][:60], "", "", ""])
+            continue
+        lines.append([
+            case, pass_name, row["backend"], format_seconds(row["p50_s"]),
+            f"{format_seconds(row['p20_s'])}-{format_seconds(row['p80_s'])}", _mib(row["peak_bytes"]),
+            _ratio(row["speedup"]), _percent(row["roofline"]),
+        ])
+    return _align([columns] + lines)
+
+
+def _align(lines):
+    widths = [max(len(line[k]) for line in lines) for k in range(len(lines[0]))]
+    # Text columns flush left, numbers flush right.
+    left = {0, 1, 2}
+    out = []
+    for line in lines:
+        cells = [c.ljust(w) if k in left else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def comparison(base_rows, rows):
+    """p50 of the base commit against this one, for every (case, pass, backend) both measured."""
+    base = {(r["case"], r["pass"], r["backend"]): r for r in base_rows if r.get("p50_s") is not None}
+    lines = [["case", "pass", "backend", "base ms", "this ms", "base/this"]]
+    for row in rows:
+        old = base.get((row["case"], row["pass"], row["backend"]))
+        if old is None or row.get("p50_s") is None:
+            continue
+        lines.append([
+            row["case"], row["pass"], row["backend"], format_seconds(old["p50_s"]), format_seconds(row["p50_s"]),
+            _ratio(old["p50_s"] / row["p50_s"]),
+        ])
+    if len(lines) == 1:
+        return ["(no measurement in common with the base run)"]
+    return _align(lines)
+
+
+def results_path(results_dir, device):
+    return Path(results_dir) / f"{slug(device)}.jsonl"
+
+
+def append_rows(rows, results_dir):
+    """Appends rows to <results_dir>/<device>.jsonl; returns the paths written."""
+    paths = {}
+    for row in rows:
+        paths.setdefault(results_path(results_dir, row["device"]), []).append(row)
+    for path, group in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for row in group:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+    return list(paths)
+
+
+def read_rows(paths):
+    """Every row of the given .jsonl files (or of every .jsonl file in the given directories)."""
+    rows = []
+    for path in map(Path, paths):
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        for file in files:
+            with open(file) as f:
+                rows.extend(json.loads(line) for line in f if line.strip())
+    return rows

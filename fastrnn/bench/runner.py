@@ -1,0 +1,154 @@
+"""The one benchmark runner: torch.nn and every backend on every case of a set, timed the same way.
+
+For each case the torch.nn module is built once (seeded) and each fastrnn module loads its state_dict,
+so all of them compute the same function on the same input. Within a case and pass the modules run one
+after the other, so a change of machine load between cases does not bias one backend.
+"""
+
+import datetime
+import uuid
+import warnings
+
+import torch
+
+import fastrnn
+
+from . import roofline
+from .machine import environment
+from .timing import measure, peak_memory, percentile
+
+TORCH_NN = "torch.nn"
+_TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+_FASTRNN_CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def benchmark_backends(device_type, wanted=None):
+    """fastrnn's backends to time on this device type: all available ones, except the Triton
+    interpreter (triton on a CPU runs a Python emulation of the kernel, which measures nothing)."""
+    names = [b for b in fastrnn.available_backends(device_type) if not (b == "triton" and device_type != "cuda")]
+    if wanted is not None:
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(f"backend(s) {unknown} cannot be benchmarked on {device_type} here; available: {names}")
+        names = [b for b in names if b in wanted]
+    return names
+
+
+def module_kwargs(case):
+    kwargs = {"num_layers": case.layers, "bidirectional": case.bidirectional}
+    if case.proj:
+        kwargs["proj_size"] = case.proj
+    return kwargs
+
+
+def build_modules(case, backends, device):
+    """{name: module} for torch.nn and each backend, sharing torch.nn's (seeded) parameters."""
+    torch.manual_seed(0)
+    baseline = _TORCH_CLASSES[case.cell](case.I, case.H, **module_kwargs(case))
+    state = baseline.state_dict()
+    modules = {TORCH_NN: baseline}
+    for backend in backends:
+        module = getattr(fastrnn, _FASTRNN_CLASSES[case.cell])(case.I, case.H, backend=backend, **module_kwargs(case))
+        module.load_state_dict(state)
+        modules[backend] = module
+    return {name: m.to(device=device, dtype=case.torch_dtype) for name, m in modules.items()}
+
+
+def make_inputs(case, device):
+    """x [T, B, I] and the gradient of the output y [T, B, D*Hout], seeded."""
+    generator = torch.Generator().manual_seed(1)
+    directions = 2 if case.bidirectional else 1
+    x = torch.randn(case.T, case.B, case.I, generator=generator)
+    grad_y = torch.randn(case.T, case.B, directions * (case.proj or case.H), generator=generator)
+    return x.to(device=device, dtype=case.torch_dtype), grad_y.to(device=device, dtype=case.torch_dtype)
+
+
+def calls(module, x, grad_y, pass_name):
+    """(call, reset) for one pass. fwd runs under no_grad (inference: nothing saved); fwd+bwd takes
+    gradients for the input and every parameter; reset drops them so backward never times an add."""
+    if pass_name == "fwd":
+
+        def forward():
+            with torch.no_grad():
+                module(x)
+
+        return forward, None
+    x = x.detach().requires_grad_(True)
+    params = list(module.parameters())
+
+    def forward_backward():
+        y, _ = module(x)
+        y.backward(grad_y)
+
+    def reset():
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return forward_backward, reset
+
+
+def run(case_set, device, backends, passes, repeats, progress, measure_memory=True, label=""):
+    """Times every case of `case_set` and returns the result rows (dicts, docs/benchmarks.md lists
+    the fields). `progress` gets start(text) before and advance() after each measurement."""
+    device = torch.device(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    common = {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6],
+        "date": now.isoformat(timespec="seconds"),
+        "label": label,
+        "case_set": case_set.name,
+        **environment(device),
+    }
+    gemm_rates = {}  # dtype name -> FLOP/s, measured once per run
+    rows = []
+    with warnings.catch_warnings():
+        # torch.nn's notice that oneDNN has no LSTM with proj_size (its native kernel runs): docs/benchmarks.md.
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+        for case in case_set.cases:
+            if case.dtype not in gemm_rates:
+                progress.start(f"GEMM rate, {case.dtype}")
+                gemm_rates[case.dtype] = roofline.gemm_rate(device, case.torch_dtype)
+            rows += _run_case(case, device, backends, passes, repeats, progress, measure_memory,
+                              {**common, "gemm_flops_per_s": gemm_rates[case.dtype]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _run_case(case, device, backends, passes, repeats, progress, measure_memory, common):
+    modules = build_modules(case, backends, device)
+    x, grad_y = make_inputs(case, device)
+    rows = []
+    for pass_name in passes:
+        results = {}
+        for name, module in modules.items():
+            progress.start(f"{case.name} {pass_name} {name}")
+            results[name] = _measure_one(module, x, grad_y, pass_name, device, repeats, measure_memory)
+            progress.advance()
+        baseline_p50 = results[TORCH_NN].get("p50_s")
+        case_flops = roofline.flops(case, pass_name)
+        for name, result in results.items():
+            p50 = result.get("p50_s")
+            rows.append({
+                **common, "case": case.name, **case.fields(), "pass": pass_name, "backend": name, **result,
+                "torch_p50_s": baseline_p50, "flops": case_flops,
+                "speedup": baseline_p50 / p50 if p50 is not None and baseline_p50 is not None else None,
+                "roofline": case_flops / p50 / common["gemm_flops_per_s"] if p50 is not None else None,
+            })
+    return rows
+
+
+def _measure_one(module, x, grad_y, pass_name, device, repeats, measure_memory):
+    """Times of one module and pass; a backend that raises becomes a row with the error (shown in the
+    table and counted in the exit status), so the other backends are still measured."""
+    try:
+        call, reset = calls(module, x, grad_y, pass_name)
+        times = measure(call, device, repeats, reset)
+        peak = peak_memory(call, device, reset) if measure_memory else None
+    except Exception as e:  # reported in the row, the table and the exit status
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {
+        "p20_s": percentile(times, 20), "p50_s": percentile(times, 50), "p80_s": percentile(times, 80),
+        "reps": len(times), "peak_bytes": peak,
+    }

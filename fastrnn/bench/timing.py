@@ -1,0 +1,132 @@
+"""Timing and peak memory of one call, on the CPU (wall clock) or a CUDA device (CUDA events).
+
+Every measurement in the benchmark goes through `measure` and `peak_memory`, so torch.nn and every
+backend are timed by the same code.
+"""
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """How many times to call: `warmup` untimed calls, then timed ones until `budget_s` seconds of timed
+    calls have passed, but at least `min_reps` and at most `max_reps`."""
+
+    warmup: int
+    min_reps: int
+    max_reps: int
+    budget_s: float
+
+
+# --quick: 1 warm-up call and about half a second per measurement keeps the 72 measurements of the
+# CPU set near 2 minutes on 2 cores (the largest, LSTM T100-B64 fwd+bwd, takes ~0.8 s a call there,
+# so it gets the minimum of 3); --full: 5 s per measurement and at least 10 calls.
+QUICK = Repeats(warmup=1, min_reps=3, max_reps=50, budget_s=0.5)
+FULL = Repeats(warmup=3, min_reps=10, max_reps=500, budget_s=5.0)
+SMOKE = Repeats(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, repeats, reset=None):
+    """Seconds per call of `fn()` (a list, one per timed call). `reset()` runs before every call, untimed
+    (e.g. dropping .grad so that backward does not time an accumulation)."""
+    device = torch.device(device)
+    for _ in range(repeats.warmup):
+        if reset is not None:
+            reset()
+        fn()
+    _synchronize(device)
+    times = []
+    while len(times) < repeats.min_reps or (len(times) < repeats.max_reps and sum(times) < repeats.budget_s):
+        if reset is not None:
+            reset()
+        if device.type == "cuda":
+            # Events time the GPU work alone; synchronising after each call keeps the host from running
+            # ahead, so the next call's events do not also time launch queueing.
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def percentile(values, q):
+    """The q-th percentile (0..100) with linear interpolation between the sorted values (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def peak_memory(fn, device, reset=None):
+    """The most bytes allocated at once during one call of `fn()`, above what was allocated before it
+    (so weights and inputs are not counted; activations, saved tensors, outputs and gradients are).
+
+    CUDA: the caching allocator's peak statistic. CPU: torch has no CPU allocator statistics, so the
+    profiler records every allocation and free of the call and we replay them in time order.
+    """
+    device = torch.device(device)
+    if reset is not None:
+        reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # The autograd profiler, not torch.profiler.profile: the latter imports torch._inductor when it
+    # starts (3 s here), the former records the same allocation events in 1 ms.
+    from torch.autograd.profiler import profile
+
+    prof = profile(profile_memory=True)
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
+        fn()
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
+    # Memory events carry +bytes for an allocation and -bytes for a free.
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto writes a 'profiler_start'/'profiler_stop' line to file descriptor 2 from C++ on every
+    profile, which would cut through the progress bar; no setting turns it off (KINETO_LOG_LEVEL and
+    TORCH_CPP_LOG_LEVEL do not), so the descriptor points to /dev/null while the profiler starts and stops."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -1,0 +1,134 @@
+"""Smoke tests of `python -m fastrnn bench|check|plot` on tiny sizes, and the pieces with exact answers
+(FLOP counts, percentiles). A few seconds in all; the timings themselves are not checked."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastrnn
+from fastrnn.backends import reference
+from fastrnn.bench import cases, check, cli, plot, report, roofline, timing
+
+
+def test_flops_of_the_fastrnns_default_lstm():
+    case = cases.Case("lstm", 100, 64, 512, 512)
+    # Input GEMM [6400, 512] x [512, 2048] plus 100 hidden GEMMs [64, 512] x [512, 2048]: the same size.
+    forward = 2 * 6400 * 512 * 2048 + 2 * 6400 * 512 * 2048
+    assert roofline.flops(case, "fwd") == forward
+    assert roofline.flops(case, "fwd+bwd") == 3 * forward
+
+
+def test_flops_count_every_layer_direction_and_the_projection():
+    case = cases.Case("lstm", T=2, B=1, I=3, H=4, layers=2, bidirectional=True, proj=2)
+    rows, gates = 2, 16  # T*B, G*H
+    layer0 = 2 * rows * (3 * gates + 2 * gates + 4 * 2)  # input (I=3), hidden (Hout=2), projection (H x Hout)
+    layer1 = 2 * rows * (4 * gates + 2 * gates + 4 * 2)  # layer 1 reads both directions: I = 2 * Hout = 4
+    assert roofline.flops(case, "fwd") == 2 * layer0 + 2 * layer1
+
+
+def test_percentile_matches_numpy():
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4]
+    for q in (0, 20, 50, 80, 100):
+        assert timing.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_cpu_case_set_is_the_twelve_targets_on_two_threads():
+    cpu = cases.case_set("cpu", "cpu")
+    assert cpu.threads == 2
+    assert {(c.cell, c.T, c.B, c.I, c.H) for c in cpu.cases} == {
+        (cell, *size) for cell in cases.CELLS for size in cases.CPU_TARGET_SIZES
+    }
+    for name in cases.SET_NAMES:
+        for device_type in ("cpu", "cuda"):
+            names = [c.name for c in cases.case_set(name, device_type).cases]
+            assert len(names) == len(set(names)), f"{name}/{device_type} has duplicate cases"
+
+
+def test_progress_without_a_terminal_writes_one_line_per_measurement():
+    stream = io.StringIO()
+    progress = report.Progress(2, stream=stream)
+    progress.start("lstm fwd torch.nn")
+    progress.advance()
+    progress.start("lstm fwd reference")
+    progress.advance()
+    progress.finish()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("[" + "#" * report.Progress.WIDTH + "] 2/2")
+    assert lines[1].endswith("lstm fwd reference")
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    status = cli.main(["bench", "--cases", "smoke", "--device", "cpu", "--backends", "reference",
+                       "--results", str(results), "--no-plot"])
+    assert status == 0
+    (path,) = results.glob("*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()], results
+
+
+def test_bench_writes_a_row_per_case_pass_and_backend(smoke_rows):
+    rows, _ = smoke_rows
+    smoke = cases.case_set("smoke", "cpu").cases
+    assert len(rows) == len(smoke) * len(cases.PASSES) * 2  # torch.nn and reference
+    assert {(r["case"], r["pass"], r["backend"]) for r in rows} == {
+        (c.name, p, b) for c in smoke for p in cases.PASSES for b in ("torch.nn", "reference")
+    }
+    for r in rows:
+        assert r["device"] and r["commit"] and r["torch"] == torch.__version__ and r["threads"] >= 1
+        assert 0 < r["p20_s"] <= r["p50_s"] <= r["p80_s"]
+        assert r["speedup"] == pytest.approx(r["torch_p50_s"] / r["p50_s"])
+        assert r["roofline"] == pytest.approx(r["flops"] / r["p50_s"] / r["gemm_flops_per_s"])
+        if r["pass"] == "fwd+bwd":
+            assert r["peak_bytes"] > 0, "forward+backward allocates at least the gradients"
+    assert all(r["speedup"] == 1.0 for r in rows if r["backend"] == "torch.nn")
+
+
+@pytest.mark.skipif(not plot.available(), reason="matplotlib is not installed")
+def test_plot_draws_the_latest_run(smoke_rows, tmp_path):
+    _, results = smoke_rows
+    out = tmp_path / "plot.png"
+    assert cli.main(["plot", str(results), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_command_passes_for_the_reference_backend(monkeypatch, capsys):
+    # Two of the five variants keep this a smoke test; tests/test_parity.py is the full suite.
+    monkeypatch.setattr(check, "VARIANTS", tuple(v for v in check.VARIANTS if v.name in ("lstm-proj", "rnn-relu")))
+    assert cli.main(["check", "--device", "cpu", "--backends", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "4/4 PASS" in out
+
+
+def test_check_fails_when_a_gradient_is_off_by_one_in_a_thousand(monkeypatch):
+    correct = reference.OPS["rnn_bwd"]
+
+    def off_by_a_little(*args):
+        dgx, dh0 = correct(*args)
+        return dgx * 1.001, dh0
+
+    monkeypatch.setitem(reference.OPS, "rnn_bwd", off_by_a_little)
+    variants = [v for v in check.VARIANTS if v.name in ("rnn-tanh", "gru")]
+    outcomes = {(o.variant, o.dtype): o for o in check.run_checks("cpu", ["reference"], variants)}
+    assert outcomes["rnn-tanh", "fp32"].failed and outcomes["rnn-tanh", "fp64"].failed
+    assert not outcomes["gru", "fp32"].failed, "only the RNN backward was broken"
+
+
+def test_check_fails_when_a_backend_raises(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(reference.OPS, "gru_fwd", broken)
+    variants = [v for v in check.VARIANTS if v.name == "gru"]
+    (outcome, _) = check.run_checks("cpu", ["reference"], variants)
+    assert outcome.failed and "kernel exploded" in outcome.where
+
+
+def test_bench_skips_the_triton_interpreter_on_the_cpu():
+    from fastrnn.bench import runner
+
+    assert "triton" not in runner.benchmark_backends("cpu")
+    assert set(runner.benchmark_backends("cpu")) <= set(fastrnn.available_backends("cpu"))
