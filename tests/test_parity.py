@@ -130,3 +130,21 @@ def test_non_finite_propagates(device, backend):
         y, _ = model(x.to(device), tuple(s.to(device) for s in state))
     assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y_ref))
     assert torch.equal(torch.isinf(y.cpu()), torch.isinf(y_ref))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_path_matches(cell, device, backend):
+    """Under no_grad the forward ops skip saving activations (save=False): the outputs must not change."""
+    case = Case(cell, T=6, B=4, layers=2, bidirectional=True, packed="unsorted", proj=3 if cell == "lstm" else 0)
+    x, state, lengths = make_inputs(case)
+    _, model = make_pair(case, backend, torch.float64, device)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x.to(device), lengths, enforce_sorted=False)
+    hx = tuple(s.to(device) for s in state) if isinstance(state, tuple) else state.to(device)
+    with torch.no_grad():
+        y_inf, h_inf = model(packed, hx)
+    y, h = model(packed, hx)
+    assert y.data.requires_grad
+    torch.testing.assert_close(y_inf.data, y.data.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(h_inf, tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach(),
+                               atol=0, rtol=0)
