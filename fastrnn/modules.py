@@ -39,13 +39,21 @@ def _autocast(tensors, device_type):
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
-class _RecurrentMixin:
-    """The forward shared by LSTM, GRU and RNN. Subclasses set `_cell` and `_input_dim_message`."""
+class _FastRNNModule:
+    """What every fastrnn module adds to its torch class: the `backend` keyword and the cell's op name."""
 
-    _is_lstm = False
+    _cell = None  # "lstm" or "gru"; the RNN classes take theirs from `nonlinearity`
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
 
     def _cell_name(self):
-        return self._cell
+        return self._cell or f"rnn_{self.nonlinearity}"
+
+
+class _RecurrentMixin(_FastRNNModule):
+    """The forward shared by LSTM, GRU and RNN. Subclasses set `_input_dim_message`."""
 
     def _layer_weights(self):
         flat = self._flat_weights
@@ -65,7 +73,7 @@ class _RecurrentMixin:
 
     def forward(self, input, hx=None):
         self._update_flat_weights()
-        lstm = self._is_lstm
+        lstm = self._cell == "lstm"
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = batch_sizes = None
@@ -134,12 +142,7 @@ class LSTM(_RecurrentMixin, nn.LSTM):
     "cuda", "triton")."""
 
     _cell = "lstm"
-    _is_lstm = True
     _input_dim_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
 
     def _check_hidden_dims(self, hx, is_batched):
         want = 3 if is_batched else 2
@@ -169,28 +172,17 @@ class GRU(_SingleStateMixin, _RecurrentMixin, nn.GRU):
     _cell = "gru"
     _input_dim_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
-
 
 class RNN(_SingleStateMixin, _RecurrentMixin, nn.RNN):
     """torch.nn.RNN (tanh or relu) with fastrnn's kernels. Same arguments, plus `backend`."""
 
     _input_dim_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
-
-    def _cell_name(self):
-        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
-
 
 # ----- cells -----
 
 
-class _CellMixin:
+class _CellMixin(_FastRNNModule):
     """The forward shared by the *Cell modules: one step through the same ops as the layers."""
 
     _num_states = 1
@@ -251,36 +243,17 @@ class _CellMixin:
 class LSTMCell(_CellMixin, nn.LSTMCell):
     """torch.nn.LSTMCell with fastrnn's kernels. Same arguments, plus `backend`."""
 
+    _cell = "lstm"
     _num_states = 2
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
-
-    def _cell_name(self):
-        return "lstm"
-
 
 class GRUCell(_CellMixin, nn.GRUCell):
     """torch.nn.GRUCell with fastrnn's kernels. Same arguments, plus `backend`."""
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
-
-    def _cell_name(self):
-        return "gru"
+    _cell = "gru"
 
 
 class RNNCell(_CellMixin, nn.RNNCell):
     """torch.nn.RNNCell (tanh or relu) with fastrnn's kernels. Same arguments, plus `backend`."""
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend(backend)
-
-    def _cell_name(self):
-        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
 
 
 # ----- convert -----
