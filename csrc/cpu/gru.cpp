@@ -1,0 +1,212 @@
+// GRU recurrence on the CPU: fastrnn::gru_fwd and fastrnn::gru_bwd of docs/contract.md.
+//
+// Legend: T steps, B batch, H hidden, G = 3H (gates r, z, n, gate-major); gh = h_{t-1} W_hh^T + b_hh.
+// Per step: one hidden GEMM (StepGemm, into a preallocated [B, 3H] buffer), then one fused, vectorised
+// pointwise pass over (b, unit) with the cell of csrc/cells/gru.h. Backward: the pointwise pass writes
+// dh z (the part of dh_{t-1} that skips W_hh) into the next-gradient buffer and the GEMM accumulates
+// dgh_t W_hh onto it (beta = 1), so a step is one pass and one GEMM.
+#include <torch/library.h>
+
+#include "../cells/gru.h"
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace cpu {
+namespace {
+
+// Rough cycles per unit of the pointwise pass (3 transcendentals), see kMinParallelCycles.
+constexpr int64_t kGruUnitCost = 8;
+
+template <typename scalar_t>
+void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                    const at::Tensor& h0, const int64_t* len, bool reverse, bool save, at::Tensor& y,
+                    at::Tensor& h_n, at::Tensor& saved) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1), G = 3 * H;
+
+  at::Tensor h = acc_copy<acc_t>(h0);                      // [B, H] h_{t-1}, then h_t
+  at::Tensor a = at::empty({B, G}, acc_options<acc_t>());  // [B, 3H] h_{t-1} W_hh^T
+  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh).t());
+  const at::Tensor bias = b_hh.has_value() ? to_acc<acc_t>(*b_hh) : at::Tensor();
+
+  const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  const acc_t* a_p = a.const_data_ptr<acc_t>();
+  const acc_t* bias_p = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  acc_t* h_p = h.data_ptr<acc_t>();
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  scalar_t* saved_p = save ? saved.data_ptr<scalar_t>() : nullptr;
+
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = fwd_time(s, T, reverse);
+    hidden_gemm(h, a);
+    for_rows_units(B, H, kGruUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
+      scalar_t* y_b = row(y_p, t, B, b, H);
+      scalar_t* saved_b = save ? row(saved_p, t, B, b, 4 * H) : nullptr;
+      if (!active(len, t, b)) {  // state carried: y_t = 0, saved 0
+        zero_row<acc_t>(y_b + j0, j1 - j0);
+        if (save) {
+          for (int64_t k = 0; k < 4; ++k) {
+            zero_row<acc_t>(saved_b + k * H + j0, j1 - j0);
+          }
+        }
+        return;
+      }
+      const scalar_t* gx_b = row(gx_p, t, B, b, G);
+      const acc_t* a_b = row(a_p, b, G);
+      acc_t* h_b = row(h_p, b, H);
+      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+        using V = decltype(v);
+        V ghr = load<V>(a_b + j), ghz = load<V>(a_b + H + j), ghn = load<V>(a_b + 2 * H + j);
+        if (bias_p != nullptr) {
+          ghr = ghr + load<V>(bias_p + j);
+          ghz = ghz + load<V>(bias_p + H + j);
+          ghn = ghn + load<V>(bias_p + 2 * H + j);
+        }
+        V r, z, n, h_new;
+        cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
+                            load<V>(h_b + j), r, z, n, h_new);
+        store(h_b + j, h_new);
+        store(y_b + j, h_new);
+        if (save) {
+          store(saved_b + j, r);
+          store(saved_b + H + j, z);
+          store(saved_b + 2 * H + j, n);
+          store(saved_b + 3 * H + j, ghn);
+        }
+      });
+    });
+  }
+  h_n = h.to(h0.scalar_type());
+}
+
+template <typename scalar_t>
+void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh, const at::Tensor& y,
+                    const at::Tensor& h0, const at::Tensor& saved, const int64_t* len, bool reverse,
+                    at::Tensor& dgx, at::Tensor& dgh, at::Tensor& dh0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = y.size(0), B = y.size(1), H = y.size(2), G = 3 * H;
+
+  at::Tensor dh = acc_copy<acc_t>(dh_n);                       // [B, H] recurrent gradient into h_t
+  at::Tensor dh_next = at::empty({B, H}, acc_options<acc_t>());  // [B, H] dh z, then + dgh_t W_hh
+  at::Tensor da = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] dgh_t in the math type
+  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh));
+
+  const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
+  const scalar_t* y_p = y.const_data_ptr<scalar_t>();
+  const scalar_t* h0_p = h0.const_data_ptr<scalar_t>();
+  const scalar_t* saved_p = saved.const_data_ptr<scalar_t>();
+  scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+  acc_t* da_p = da.data_ptr<acc_t>();
+
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = bwd_time(s, T, reverse);
+    const acc_t* dh_p = dh.const_data_ptr<acc_t>();
+    acc_t* next_p = dh_next.data_ptr<acc_t>();
+    for_rows_units(B, H, kGruUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
+      scalar_t* dgx_b = row(dgx_p, t, B, b, G);
+      scalar_t* dgh_b = row(dgh_p, t, B, b, G);
+      acc_t* da_b = row(da_p, b, G);
+      const acc_t* dh_b = row(dh_p, b, H);
+      acc_t* next_b = row(next_p, b, H);
+      if (!active(len, t, b)) {  // no gradient into this step; dh passes through (da = 0 adds nothing)
+        for (int64_t k = 0; k < 3; ++k) {
+          zero_row<acc_t>(dgx_b + k * H + j0, j1 - j0);
+          zero_row<acc_t>(dgh_b + k * H + j0, j1 - j0);
+          zero_row<acc_t>(da_b + k * H + j0, j1 - j0);
+        }
+        copy_row<acc_t>(next_b + j0, dh_b + j0, j1 - j0);
+        return;
+      }
+      // h_{t-1} from the outputs (contract): forward y[t-1] (active whenever t is); reverse y[t+1] while
+      // t+1 is inside the sequence; h0 at the sequence's first step.
+      const int64_t tp = reverse ? t + 1 : t - 1;
+      const bool from_y = reverse ? (tp < T && (len == nullptr || tp < len[b])) : tp >= 0;
+      const scalar_t* h_prev_b = from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
+      const scalar_t* saved_b = row(saved_p, t, B, b, 4 * H);
+      const scalar_t* dy_b = row(dy_p, t, B, b, H);
+      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+        using V = decltype(v);
+        const V r = load<V>(saved_b + j), z = load<V>(saved_b + H + j), n = load<V>(saved_b + 2 * H + j),
+                ghn = load<V>(saved_b + 3 * H + j);
+        V dar, daz, dan, dghn, dh_direct;
+        cells::gru_bwd_cell(load<V>(dh_b + j) + load<V>(dy_b + j), r, z, n, ghn, load<V>(h_prev_b + j), dar, daz,
+                            dan, dghn, dh_direct);
+        store(dgx_b + j, dar);
+        store(dgx_b + H + j, daz);
+        store(dgx_b + 2 * H + j, dan);
+        store(dgh_b + j, dar);
+        store(dgh_b + H + j, daz);
+        store(dgh_b + 2 * H + j, dghn);
+        store(da_b + j, dar);
+        store(da_b + H + j, daz);
+        store(da_b + 2 * H + j, dghn);
+        store(next_b + j, dh_direct);
+      });
+    });
+    hidden_gemm.accumulate(da, dh_next);
+    std::swap(dh, dh_next);
+  }
+  dh0 = dh.to(dh_n.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
+                                                       const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       bool save) {
+  const Checker ck{"fastrnn::gru_fwd"};
+  ck.dims(gx, "gx", 3);
+  ck.floating(gx, "gx");
+  ck.dims(h0, "h0", 2);
+  const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
+  ck.tensor(gx, "gx [T, B, 3H]", {T, B, 3 * H}, gx);
+  ck.tensor(h0, "h0 [B, H]", {B, H}, gx);
+  ck.tensor(w_hh, "w_hh [3H, H]", {3 * H, H}, gx);
+  if (b_hh.has_value()) {
+    ck.tensor(*b_hh, "b_hh [3H]", {3 * H}, gx);
+  }
+  const int64_t* len = ck.lengths(lengths, T, B);
+
+  at::Tensor y = at::empty({T, B, H}, gx.options());
+  at::Tensor saved = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor h_n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::gru_fwd", [&] {
+    gru_fwd_kernel<scalar_t>(gx, w_hh, b_hh, h0, len, reverse, save, y, h_n, saved);
+  });
+  return {y, h_n, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
+                                                       const at::Tensor& w_hh, const at::Tensor& y,
+                                                       const at::Tensor& h0, const at::Tensor& saved,
+                                                       const std::optional<at::Tensor>& lengths, bool reverse) {
+  const Checker ck{"fastrnn::gru_bwd"};
+  ck.dims(y, "y", 3);
+  ck.floating(y, "y");
+  const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
+  ck.tensor(y, "y [T, B, H]", {T, B, H}, y);
+  ck.tensor(dy, "dy [T, B, H]", {T, B, H}, y);
+  ck.tensor(dh_n, "dh_n [B, H]", {B, H}, y);
+  ck.tensor(h0, "h0 [B, H]", {B, H}, y);
+  ck.tensor(saved, "saved [T, B, 4H]", {T, B, 4 * H}, y);
+  ck.tensor(w_hh, "w_hh [3H, H]", {3 * H, H}, y);
+  const int64_t* len = ck.lengths(lengths, T, B);
+
+  at::Tensor dgx = at::empty({T, B, 3 * H}, y.options());
+  at::Tensor dgh = at::empty({T, B, 3 * H}, y.options());
+  at::Tensor dh0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::gru_bwd", [&] {
+    gru_bwd_kernel<scalar_t>(dy, dh_n, w_hh, y, h0, saved, len, reverse, dgx, dgh, dh0);
+  });
+  return {dgx, dgh, dh0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("gru_fwd", &gru_fwd);
+  m.impl("gru_bwd", &gru_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastrnn

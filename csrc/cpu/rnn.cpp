@@ -1,0 +1,156 @@
+// Elman RNN recurrence on the CPU: fastrnn::rnn_fwd and fastrnn::rnn_bwd of docs/contract.md.
+//
+// Legend: T steps, B batch, H hidden; a = gx_t + h_{t-1} W_hh^T (both biases folded into gx).
+// Per step: one hidden GEMM (StepGemm, into a preallocated [B, H] buffer) and one fused, vectorised
+// pointwise pass with the cell of csrc/cells/rnn.h (tanh or relu, a template constant).
+#include <torch/library.h>
+
+#include "../cells/rnn.h"
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace cpu {
+namespace {
+
+// Rough cycles per unit of the pointwise pass (one tanh), see kMinParallelCycles.
+constexpr int64_t kRnnUnitCost = 4;
+
+template <typename scalar_t, bool Relu>
+void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const int64_t* len,
+                    bool reverse, at::Tensor& y, at::Tensor& h_n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
+
+  at::Tensor h = acc_copy<acc_t>(h0);                      // [B, H] h_{t-1}, then h_t
+  at::Tensor a = at::empty({B, H}, acc_options<acc_t>());  // [B, H] h_{t-1} W_hh^T
+  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh).t());
+
+  const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  const acc_t* a_p = a.const_data_ptr<acc_t>();
+  acc_t* h_p = h.data_ptr<acc_t>();
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = fwd_time(s, T, reverse);
+    hidden_gemm(h, a);
+    for_rows_units(B, H, kRnnUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
+      scalar_t* y_b = row(y_p, t, B, b, H);
+      if (!active(len, t, b)) {  // state carried, y_t = 0
+        zero_row<acc_t>(y_b + j0, j1 - j0);
+        return;
+      }
+      const scalar_t* gx_b = row(gx_p, t, B, b, H);
+      const acc_t* a_b = row(a_p, b, H);
+      acc_t* h_b = row(h_p, b, H);
+      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+        using V = decltype(v);
+        const V h_new = cells::rnn_fwd_cell<Relu>(load<V>(gx_b + j) + load<V>(a_b + j));
+        store(h_b + j, h_new);
+        store(y_b + j, h_new);
+      });
+    });
+  }
+  h_n = h.to(h0.scalar_type());
+}
+
+template <typename scalar_t, bool Relu>
+void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh, const at::Tensor& y,
+                    const int64_t* len, bool reverse, at::Tensor& dgx, at::Tensor& dh0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
+
+  at::Tensor dh = acc_copy<acc_t>(dh_n);                        // [B, H] recurrent gradient into h_t
+  at::Tensor dh_new = at::empty({B, H}, acc_options<acc_t>());  // [B, H] da W_hh
+  at::Tensor da = at::empty({B, H}, acc_options<acc_t>());      // [B, H] dgx_t in the math type
+  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh));
+
+  const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
+  const scalar_t* y_p = y.const_data_ptr<scalar_t>();
+  scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+  acc_t* da_p = da.data_ptr<acc_t>();
+
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = bwd_time(s, T, reverse);
+    const acc_t* dh_p = dh.const_data_ptr<acc_t>();
+    for_rows_units(B, H, kRnnUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
+      scalar_t* dgx_b = row(dgx_p, t, B, b, H);
+      acc_t* da_b = row(da_p, b, H);
+      if (!active(len, t, b)) {  // no gradient into this step; dh passes through (take_active_rows)
+        zero_row<acc_t>(dgx_b + j0, j1 - j0);
+        zero_row<acc_t>(da_b + j0, j1 - j0);
+        return;
+      }
+      const acc_t* dh_b = row(dh_p, b, H);
+      const scalar_t* dy_b = row(dy_p, t, B, b, H);
+      const scalar_t* y_b = row(y_p, t, B, b, H);
+      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+        using V = decltype(v);
+        const V d = cells::rnn_bwd_cell<Relu>(load<V>(dh_b + j) + load<V>(dy_b + j), load<V>(y_b + j));
+        store(dgx_b + j, d);
+        store(da_b + j, d);
+      });
+    });
+    hidden_gemm(da, dh_new);
+    take_active_rows<acc_t>(dh, dh_new, len, t);
+  }
+  dh0 = dh.to(dh_n.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
+                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
+  const Checker ck{"fastrnn::rnn_fwd"};
+  ck.dims(gx, "gx", 3);
+  ck.floating(gx, "gx");
+  ck.dims(h0, "h0", 2);
+  const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
+  ck.tensor(gx, "gx [T, B, H]", {T, B, H}, gx);
+  ck.tensor(h0, "h0 [B, H]", {B, H}, gx);
+  ck.tensor(w_hh, "w_hh [H, H]", {H, H}, gx);
+  const int64_t* len = ck.lengths(lengths, T, B);
+
+  at::Tensor y = at::empty({T, B, H}, gx.options());
+  at::Tensor h_n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::rnn_fwd", [&] {
+    if (relu) {
+      rnn_fwd_kernel<scalar_t, true>(gx, w_hh, h0, len, reverse, y, h_n);
+    } else {
+      rnn_fwd_kernel<scalar_t, false>(gx, w_hh, h0, len, reverse, y, h_n);
+    }
+  });
+  return {y, h_n};
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
+                                           const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+                                           bool reverse, bool relu) {
+  const Checker ck{"fastrnn::rnn_bwd"};
+  ck.dims(y, "y", 3);
+  ck.floating(y, "y");
+  const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
+  ck.tensor(y, "y [T, B, H]", {T, B, H}, y);
+  ck.tensor(dy, "dy [T, B, H]", {T, B, H}, y);
+  ck.tensor(dh_n, "dh_n [B, H]", {B, H}, y);
+  ck.tensor(w_hh, "w_hh [H, H]", {H, H}, y);
+  const int64_t* len = ck.lengths(lengths, T, B);
+
+  at::Tensor dgx = at::empty({T, B, H}, y.options());
+  at::Tensor dh0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::rnn_bwd", [&] {
+    if (relu) {
+      rnn_bwd_kernel<scalar_t, true>(dy, dh_n, w_hh, y, len, reverse, dgx, dh0);
+    } else {
+      rnn_bwd_kernel<scalar_t, false>(dy, dh_n, w_hh, y, len, reverse, dgx, dh0);
+    }
+  });
+  return {dgx, dh0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("rnn_fwd", &rnn_fwd);
+  m.impl("rnn_bwd", &rnn_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastrnn
