@@ -1,0 +1,1 @@
+"""Benchmark definitions and results (a package so that the microbenchmarks share bench/conftest.py)."""
