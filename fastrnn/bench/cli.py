@@ -1,7 +1,9 @@
 """The command line: `python -m fastrnn bench` (timings), `check` (parity), `plot` (PNG from the rows)."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -52,15 +54,21 @@ def run_bench(args):
     device = torch.device(args.device)
     set_name = args.cases or args.mode
     case_set = cases.case_set(set_name, device.type)
+    for kind, wanted, known in (("cell", args.cells or [], cases.CELLS), ("pass", args.passes, cases.PASSES)):
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            sys.exit(f"fastrnn bench: unknown {kind}(s) {unknown}; expected some of {list(known)}")
     selected = [c for c in case_set.cases if args.cells is None or c.cell in args.cells]
-    unknown_passes = sorted(set(args.passes) - set(cases.PASSES))
-    if unknown_passes or not selected:
-        sys.exit(f"fastrnn bench: nothing to run (cells {args.cells}, passes {args.passes})")
+    if not selected or not args.passes:
+        sys.exit(f"fastrnn bench: the {case_set.name!r} set has no case for cells {args.cells}")
     case_set = cases.CaseSet(case_set.name, tuple(selected), case_set.threads, case_set.help)
     threads = args.threads or case_set.threads
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
-    backends = runner.benchmark_backends(device.type, args.backends)
+    try:
+        backends = runner.benchmark_backends(device.type, args.backends)
+    except ValueError as e:
+        sys.exit(f"fastrnn bench: {e}")
     repeats = REPEATS.get(set_name, REPEATS[args.mode])
     results_dir = args.results or report.DEFAULT_RESULTS_DIR
 
@@ -82,8 +90,6 @@ def run_bench(args):
 
     if args.json_out:
         # A --base child process: the parent reports and saves.
-        import json
-
         with open(args.json_out, "w") as f:
             json.dump(rows, f)
         return 0
@@ -111,7 +117,7 @@ def _plot(rows, base_rows, results_dir):
     if not plot.available():
         print("matplotlib is not installed: no plot (pip install matplotlib, then python bench/plot.py)")
         return
-    out = report.Path(results_dir) / f"{slug(rows[0]['device'])}-{rows[0]['run_id']}.png"
+    out = Path(results_dir) / f"{slug(rows[0]['device'])}-{rows[0]['run_id']}.png"
     plot.draw(rows, out, base_rows=base_rows)
     print(f"plot: {out}")
 
