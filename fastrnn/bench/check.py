@@ -126,6 +126,7 @@ def scaled_error(value, oracle):
 
 @dataclass
 class Outcome:
+    device: str
     backend: str
     variant: str
     dtype: str
@@ -149,7 +150,7 @@ def run_checks(device, backends, variants=None):
     outcomes = []
     for variant in variants or VARIANTS:
         for dtype_name, dtype in DTYPES.items():
-            per_backend = {b: Outcome(b, variant.name, dtype_name) for b in backends}
+            per_backend = {b: Outcome(device.type, b, variant.name, dtype_name) for b in backends}
             for layout in LAYOUTS:
                 oracle, inputs = _problem(variant, layout)
                 state = oracle.state_dict()
@@ -176,12 +177,12 @@ def run_checks(device, backends, variants=None):
 
 
 def table(outcomes):
-    lines = [["backend", "cell", "dtype", "result", "worst error", "limit", "torch.nn error", "worst tensor"]]
-    order = {v.name: k for k, v in enumerate(VARIANTS)}
-    for o in sorted(outcomes, key=lambda o: (o.backend, order[o.variant])):
+    lines = [["device", "backend", "cell", "dtype", "result", "worst error", "limit", "torch.nn error",
+              "worst tensor"]]
+    for o in sorted(outcomes, key=lambda o: (o.device, o.backend)):  # stable: cells and dtypes stay in order
         raised = o.where.startswith("raised")
         lines.append([
-            o.backend, o.variant, o.dtype, "FAIL" if o.failed else "PASS",
+            o.device, o.backend, o.variant, o.dtype, "FAIL" if o.failed else "PASS",
             "-" if raised else f"{o.error:.2e}", "-" if raised else f"{o.limit:.2e}",
             "-" if raised else f"{o.torch_error:.2e}", o.where,
         ])
@@ -189,23 +190,26 @@ def table(outcomes):
     return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
 
 
-def main(device, backends=None):
-    device = torch.device(device)
-    available = fastrnn.available_backends(device.type)
-    if backends is None:
-        backends = available
-    unknown = sorted(set(backends) - set(available))
-    if unknown:
-        print(f"fastrnn check: backend(s) {unknown} are not available on {device.type}; available: {available}")
-        return 1
+def main(devices=None, backends=None):
+    """Checks `backends` (default: every available one) on `devices` (default: the CPU, and CUDA when
+    present); prints the table and returns the exit status (1 on any FAIL)."""
     from .machine import device_name
 
-    print(f"fastrnn check on {device_name(device)} ({device.type}), torch {torch.__version__}, "
-          f"backends {backends}: every output and gradient against torch.nn in fp64 on the CPU")
-    with warnings.catch_warnings():
-        # torch.nn's own notice that oneDNN has no LSTM with proj_size (it runs its native kernel).
-        warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
-        outcomes = run_checks(device, backends)
+    devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    plan = {d: [b for b in fastrnn.available_backends(d) if backends is None or b in backends] for d in devices}
+    unknown = sorted(set(backends or []) - {b for names in plan.values() for b in names})
+    if unknown:
+        print(f"fastrnn check: backend(s) {unknown} are not available on {devices}; available: "
+              + ", ".join(f"{d}: {fastrnn.available_backends(d)}" for d in devices))
+        return 1
+    outcomes = []
+    for device, names in plan.items():
+        print(f"fastrnn check on {device_name(device)} ({device}), torch {torch.__version__}, backends {names}")
+        with warnings.catch_warnings():
+            # torch.nn's own notice that oneDNN has no LSTM with proj_size (it runs its native kernel).
+            warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+            outcomes += run_checks(device, names)
+    print("every output and gradient against torch.nn in fp64 on the CPU; error = max|diff| / max(1, max|oracle|)")
     for line in table(outcomes):
         print(line)
     failed = [o for o in outcomes if o.failed]

@@ -127,14 +127,15 @@ def check_parser(parser):
         "Parity of every available backend against torch.nn on this machine: outputs and gradients of small "
         "LSTM/GRU/RNN modules in fp32 and fp64 against torch.nn in fp64 on the CPU. Exit status 1 on any FAIL."
     )
-    parser.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="check one device only (default: the CPU, and CUDA when present)")
     parser.add_argument("--backends", type=_names, help="comma-separated backends (default: all available)")
 
 
 def run_check(args):
     from . import check
 
-    return check.main(args.device, args.backends)
+    return check.main([args.device] if args.device else None, args.backends)
 
 
 def main(argv=None):
