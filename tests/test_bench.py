@@ -132,3 +132,21 @@ def test_bench_skips_the_triton_interpreter_on_the_cpu():
 
     assert "triton" not in runner.benchmark_backends("cpu")
     assert set(runner.benchmark_backends("cpu")) <= set(fastrnn.available_backends("cpu"))
+
+
+def test_base_run_repeats_this_runs_arguments():
+    import argparse
+
+    from fastrnn.bench import compare
+
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        cli.bench_parser(parser)
+        return parser.parse_args(argv)
+
+    args = parse(["--full", "--cases", "cpu", "--device", "cpu", "--backends", "reference", "--cells", "gru,rnn",
+                  "--passes", "fwd", "--threads", "1", "--no-memory", "--base", "HEAD~1"])
+    child = parse(compare.child_argv(args, "cpu")[1:])
+    for field in ("mode", "cases", "device", "backends", "cells", "passes", "threads", "no_memory"):
+        assert getattr(child, field) == getattr(args, field), field
+    assert child.base is None and child.no_save and child.no_plot

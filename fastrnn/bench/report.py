@@ -20,10 +20,9 @@ class Progress:
 
     WIDTH = 24
 
-    def __init__(self, total, stream=None, enabled=True):
+    def __init__(self, total, stream=None):
         self.total, self.done = total, 0
         self.stream = stream or sys.stderr
-        self.enabled = enabled
         self.interactive = self.stream.isatty()
         self.started = time.monotonic()
         self.text = ""
@@ -37,14 +36,12 @@ class Progress:
 
     def start(self, text):
         self.text = text
-        if self.enabled and self.interactive:
+        if self.interactive:
             self.stream.write("\r\033[K" + self._line())
             self.stream.flush()
 
     def advance(self):
         self.done += 1
-        if not self.enabled:
-            return
         if self.interactive:
             self.stream.write("\r\033[K" + self._line())
         else:
@@ -52,7 +49,7 @@ class Progress:
         self.stream.flush()
 
     def finish(self):
-        if self.enabled and self.interactive:
+        if self.interactive:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
