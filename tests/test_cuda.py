@@ -213,12 +213,13 @@ def shape_id(s):
         "-reverse" if reverse else "")
 
 
-def check_against_reference(cell, shape, dtype, scheme):
+def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda"):
+    """The ops under test (the CUDA ops by default) against the reference ops in fp64 on the same data."""
     T, B, H, proj, with_lengths, reverse = shape
     gen = torch.Generator().manual_seed(1234)
-    x = random_inputs(cell, T, B, H, proj, dtype, "cuda", gen)
-    lengths = make_lengths(B, T, "cuda") if with_lengths else None
-    out = run_cell(cuda_ops(), cell, x, lengths, reverse)
+    x = random_inputs(cell, T, B, H, proj, dtype, device, gen)
+    lengths = make_lengths(B, T, device) if with_lengths else None
+    out = run_cell(ops if ops is not None else cuda_ops(), cell, x, lengths, reverse)
     # The oracle: the reference ops in fp64 on the same data.
     x64 = {k: (v.double() if v is not None else None) for k, v in x.items()}
     ref = run_cell(reference_ops(), cell, x64, lengths, reverse)
@@ -303,3 +304,250 @@ def test_bad_inputs_raise():
         op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, False, True)
     with pytest.raises(RuntimeError, match="3 \\* H"):
         op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, False, True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without a GPU: the same kernel source on CPU threads (csrc/cuda/emu/emulator.h), driven as bindings.cpp
+# drives the real kernels. This checks indexing, masks, the inactive-step rules, the shared-memory carving
+# and the persistent kernel's grid-sync protocol; not speed, and not the GPU memory model.
+
+EMU_DIR = CUDA_DIR / "emu"
+CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _struct(name, ints, pointers):
+    import ctypes
+
+    fields = [("cell", ctypes.c_int), ("dtype", ctypes.c_int)] if ints else []
+    fields += [(n, ctypes.c_int64) for n in ("T", "B", "H", "Hout")] if ints else []
+    fields += [("reverse", ctypes.c_bool)] if ints else []
+    fields += [(n, ctypes.c_void_p) for n in pointers]
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+# ctypes mirrors of csrc/cuda/cuda_api.h (checked against sizeof by test_emulator_layout).
+FwdParams = _struct("FwdParams", True, ["lengths", "gx", "w_hh", "b_hh", "h0", "c0", "y", "h_n", "c_n", "saved",
+                                         "cs"])
+BwdParams = _struct("BwdParams", True, ["lengths", "dy", "dh_n", "dc_n", "w_hh", "h0", "c0", "y", "saved", "cs",
+                                         "dgx", "dgh", "dh0", "dc0", "m"])
+StepFwdWork = _struct("StepFwdWork", False, ["gh", "h", "c", "m"])
+StepBwdWork = _struct("StepBwdWork", False, ["dh", "dc", "dm"])
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    import ctypes
+
+    cxx = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()[0]
+    if NVCC is None or shutil.which(cxx) is None:
+        pytest.skip("the emulator needs CUDA's headers (found through nvcc) and a host C++ compiler")
+    cuda_include = str(Path(NVCC).resolve().parents[1] / "include")
+    lib = tmp_path_factory.mktemp("emu") / "emu.so"
+    run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+         "-Werror", "-isystem", cuda_include, "-I", str(CSRC), str(EMU_DIR / "harness.cpp"), "-o", str(lib)])
+    return ctypes.CDLL(str(lib))
+
+
+def _nan(*shape, dtype):
+    """Fresh outputs are poisoned, so that an element a kernel forgot to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None and t.numel() > 0 else None
+
+
+class EmulatedOps:
+    """The six ops over the emulated kernels, in the scheme given, mirroring bindings.cpp's run_forward and
+    run_backward (the step loop with its GEMMs in torch, or one persistent launch)."""
+
+    def __init__(self, lib, scheme, units=None, blocks=2):
+        self.lib, self.scheme, self.units, self.blocks = lib, scheme, units, blocks
+
+    def _call(self, fn, *args):
+        import ctypes
+
+        args = [ctypes.byref(a) if isinstance(a, ctypes.Structure) else a for a in args]
+        args = [ctypes.c_int64(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
+        assert fn(*args) == 0, f"{fn.__name__} refused its arguments"
+
+    def _units(self, H):
+        return self.units or max(1, -(-H // 3))  # 3 blocks, the last one partly filled when 3 does not divide H
+
+    def _forward(self, cell, gx, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, y, h_n, c_n, saved, cs):
+        import ctypes
+
+        T, B, GH = gx.shape
+        H, Hout = GH // GATES[cell], h0.shape[1]
+        acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
+        p = FwdParams(CELL_CODE[cell], DTYPE_CODE[gx.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(gx),
+                      _ptr(w_hh), _ptr(b_hh), _ptr(h0), _ptr(c0), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(saved),
+                      _ptr(cs))
+        if self.scheme == "persistent":
+            ws = _nan(2 * B * H, dtype=acc)
+            self._call(self.lib.emu_persistent_fwd, p, ctypes.c_int(self._units(H)), _ptr(ws))
+            return
+        h, c = h0.clone(), (c0.to(acc, copy=True) if c0 is not None else None)
+        gh = _nan(B, GH, dtype=gx.dtype)
+        m = _nan(B, H, dtype=gx.dtype) if w_hr is not None else None
+        hp = _nan(B, Hout, dtype=gx.dtype) if w_hr is not None else None
+        w = StepFwdWork(_ptr(gh), _ptr(h), _ptr(c), _ptr(m))
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            if b_hh is not None:
+                torch.addmm(b_hh, h, w_hh.t(), out=gh)
+            else:
+                torch.mm(h, w_hh.t(), out=gh)
+            self._call(self.lib.emu_step_fwd, p, w, t, ctypes.c_uint(self.blocks))
+            if w_hr is not None:
+                torch.mm(m, w_hr.t(), out=hp)
+                self._call(self.lib.emu_proj_fwd_select, p, _ptr(hp), _ptr(h), t, ctypes.c_uint(self.blocks))
+        h_n.copy_(h)
+        if c_n is not None:
+            c_n.copy_(c)
+
+    def _backward(self, cell, dy, dh_n, dc_n, w_hh, h0, c0, w_hr, y, saved, cs, lengths, reverse, dgx, dgh, dh0,
+                  dc0, dw_hr):
+        import ctypes
+
+        T, B, Hout = dy.shape
+        H = dgx.shape[2] // GATES[cell]
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        m = _nan(T, B, H, dtype=dy.dtype) if w_hr is not None else None
+        p = BwdParams(CELL_CODE[cell], DTYPE_CODE[dy.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(dy),
+                      _ptr(dh_n), _ptr(dc_n), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(y), _ptr(saved), _ptr(cs),
+                      _ptr(dgx), _ptr(dgh), _ptr(dh0), _ptr(dc0), _ptr(m))
+        if self.scheme == "persistent":
+            units = self._units(H)
+            ws = _nan(2 * (-(-H // units)) * B * H, dtype=acc)
+            self._call(self.lib.emu_persistent_bwd, p, ctypes.c_int(units), _ptr(ws))
+            return
+        dh, dc = dh_n.clone(), (dc_n.to(acc, copy=True) if dc_n is not None else None)
+        dg = dgh if dgh is not None else dgx
+        dht = _nan(T, B, Hout, dtype=dy.dtype) if w_hr is not None else None
+        dm = _nan(B, H, dtype=dy.dtype) if w_hr is not None else None
+        w = StepBwdWork(_ptr(dh), _ptr(dc), _ptr(dm))
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            if w_hr is not None:
+                self._call(self.lib.emu_proj_bwd_gather, p, _ptr(dh), _ptr(dht), t, ctypes.c_uint(self.blocks))
+                torch.mm(dht[t], w_hr, out=dm)
+            self._call(self.lib.emu_step_bwd, p, w, t, ctypes.c_uint(self.blocks))
+            dh.addmm_(dg[t], w_hh)
+        dh0.copy_(dh)
+        if dc0 is not None:
+            dc0.copy_(dc)
+        if w_hr is not None:
+            torch.mm(dht.reshape(T * B, Hout).t(), m.reshape(T * B, H), out=dw_hr)
+
+    def lstm_fwd(self, gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
+        T, B, G4 = gx.shape
+        H, Hout, dt = G4 // 4, h0.shape[1], gx.dtype
+        y, h_n, c_n = _nan(T, B, Hout, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
+        gates = _nan(T, B, 4 * H, dtype=dt) if save else gx.new_empty(0)
+        cs = _nan(T, B, H, dtype=dt) if save else gx.new_empty(0)
+        self._forward("lstm", gx, w_hh, None, h0, c0, w_hr, lengths, reverse, y, h_n, c_n, gates, cs)
+        return y, h_n, c_n, gates, cs
+
+    def lstm_bwd(self, dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
+        T, B, Hout = dy.shape
+        H, dt = gates.shape[2] // 4, dy.dtype
+        dgx, dh0, dc0 = _nan(T, B, 4 * H, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
+        dw_hr = _nan(Hout, H, dtype=dt) if w_hr is not None else dy.new_empty(0)
+        self._backward("lstm", dy, dh_n, dc_n, w_hh, None, c0, w_hr, None, gates, cs, lengths, reverse, dgx, None,
+                       dh0, dc0, dw_hr)
+        return dgx, dh0, dc0, dw_hr
+
+    def gru_fwd(self, gx, w_hh, b_hh, h0, lengths, reverse, save):
+        T, B, G3 = gx.shape
+        H, dt = G3 // 3, gx.dtype
+        y, h_n = _nan(T, B, H, dtype=dt), _nan(B, H, dtype=dt)
+        saved = _nan(T, B, 4 * H, dtype=dt) if save else gx.new_empty(0)
+        self._forward("gru", gx, w_hh, b_hh, h0, None, None, lengths, reverse, y, h_n, None, saved, None)
+        return y, h_n, saved
+
+    def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
+        T, B, H = dy.shape
+        dgx, dgh, dh0 = _nan(T, B, 3 * H, dtype=dy.dtype), _nan(T, B, 3 * H, dtype=dy.dtype), _nan(B, H,
+                                                                                                  dtype=dy.dtype)
+        self._backward("gru", dy, dh_n, None, w_hh, h0, None, None, y, saved, None, lengths, reverse, dgx, dgh, dh0,
+                       None, None)
+        return dgx, dgh, dh0
+
+    def rnn_fwd(self, gx, w_hh, h0, lengths, reverse, relu):
+        T, B, H = gx.shape
+        y, h_n = _nan(T, B, H, dtype=gx.dtype), _nan(B, H, dtype=gx.dtype)
+        cell = "rnn_relu" if relu else "rnn_tanh"
+        self._forward(cell, gx, w_hh, None, h0, None, None, lengths, reverse, y, h_n, None, None, None)
+        return y, h_n
+
+    def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, reverse, relu):
+        T, B, H = dy.shape
+        dgx, dh0 = _nan(T, B, H, dtype=dy.dtype), _nan(B, H, dtype=dy.dtype)
+        cell = "rnn_relu" if relu else "rnn_tanh"
+        self._backward(cell, dy, dh_n, None, w_hh, None, None, None, y, None, None, lengths, reverse, dgx, None, dh0,
+                       None, None)
+        return dgx, dh0
+
+
+@pytest.mark.slow
+def test_emulator_layout(emulator):
+    import ctypes
+
+    emulator.emu_sizeof.restype = ctypes.c_size_t
+    for which, struct in enumerate((FwdParams, BwdParams, StepFwdWork, StepBwdWork)):
+        assert emulator.emu_sizeof(which) == ctypes.sizeof(struct), f"ctypes mirror of {struct.__name__} is stale"
+
+
+# (T, B, H, proj, lengths, reverse). H=10 in 3 blocks of 4, 4, 2 units; B=1 (tile 1), 3 (tile 4), 13 (tile 8,
+# two passes); T=1. The step scheme runs on 2 blocks of 256 threads: B*H > 512 exercises the grid-stride loop.
+EMU_SHAPES = [
+    (5, 3, 10, 0, False, False),
+    (6, 5, 10, 0, True, True),
+    (4, 1, 7, 0, True, False),
+    (3, 13, 10, 0, True, True),
+    (1, 2, 6, 0, False, True),
+    (3, 60, 11, 0, True, False),
+]
+EMU_PROJ_SHAPES = [(5, 4, 9, 4, True, False), (4, 3, 8, 3, True, True)]
+
+
+# fp64 on every shape (an indexing error shows as a 1e8x miss there); fp32 on two, for the float paths.
+EMU_DTYPE_SHAPES = [(torch.float64, s) for s in EMU_SHAPES] + [(torch.float32, EMU_SHAPES[1]),
+                                                               (torch.float32, EMU_SHAPES[3])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
+@pytest.mark.parametrize("dtype,shape", EMU_DTYPE_SHAPES, ids=lambda v: shape_id(v) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_kernels_match_reference(emulator, cell, shape, dtype, emu_scheme):
+    if emu_scheme == "persistent" and shape[1] > 16:
+        pytest.skip("B > kPersistentMaxBatch: the persistent kernel is never planned there")
+    check_against_reference(cell, shape, dtype, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", EMU_PROJ_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_emulated_lstm_projection(emulator, shape, dtype):
+    check_against_reference("lstm", shape, dtype, "step", EmulatedOps(emulator, "step"), "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_low_precision(emulator, cell, dtype, emu_scheme):
+    check_against_reference(cell, EMU_SHAPES[1], dtype, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units", [1, 5])
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_persistent_block_counts(emulator, cell, units):
+    """One unit per block (5 blocks) and all units in one block (its own partials only)."""
+    check_against_reference(cell, (3, 3, 5, 0, True, True), torch.float64, "persistent",
+                            EmulatedOps(emulator, "persistent", units=units), "cpu")

@@ -66,6 +66,16 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
+#if defined(__CUDACC__)
+// The block's dynamic shared memory (sized at launch), carved by each kernel into typed arrays. Behind a
+// function so that the host emulator of the tests (csrc/cuda/emu/emulator.h, compiled without nvcc)
+// can give every emulated block its own.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char fastrnn_dynamic_smem[];
+  return fastrnn_dynamic_smem;
+}
+#endif
+
 // Runs the statement with `scalar_t` bound to the storage type of `dtype`; an unknown dtype returns
 // cudaErrorInvalidValue from the enclosing launcher.
 #define FASTRNN_DISPATCH_DTYPE(dtype, ...)               \

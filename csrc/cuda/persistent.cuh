@@ -15,7 +15,7 @@
 //           the block's R rows; the unit update (units.cuh) for its (b, j); write h_t to a global
 //           ping-pong buffer; grid sync.
 //  backward step: dh_rec[b,j] = carry[b,j] + sum over blocks q' of P_q'[b,j] (the partial products of the
-//           previous step, summed in block order: deterministic); the unit backward for its (b, j),
+//           previous step, summed in a fixed order: deterministic); the unit backward for its (b, j),
 //           which gives dg [R,B]; P_q[b,:] = sum_r dg[r,b] w_s[r,:] (this block's partial of dg W_hh)
 //           to a global ping-pong buffer; grid sync.
 // No atomics anywhere; one grid sync per step.

@@ -41,8 +41,9 @@ template <class U>
 size_t bwd_smem_bytes(int B, int H, int units, int bt) {
   using A = acc_t<typename U::T>;
   const size_t R = size_t(U::G) * units, Bp = round_up(B, bt);
-  // w_s [R][H] T_ | d_s [R][Bp] A | carry_s [B][U] A | dc_s [B][U] A
-  return align16(R * H * sizeof(typename U::T)) + (R * Bp + 2 * size_t(B) * units) * sizeof(A);
+  const size_t red = size_t(B) * units > size_t(kThreads) ? size_t(B) * units : size_t(kThreads);
+  // w_s [R][H] T_ | d_s [R][Bp] A | carry_s [B][U] A | dc_s [B][U] A | red_s [max(threads, B*U)] A
+  return align16(R * H * sizeof(typename U::T)) + (R * Bp + 2 * size_t(B) * units + red) * sizeof(A);
 }
 
 // w_s[r][kk] = W_hh[k*H + j0 + jl][kk] for the block's rows, zero rows for units past H.
@@ -70,8 +71,10 @@ __device__ void copy_to_shared(A* dst, const A* src, int64_t n) {
   if (vec) {
     V* d = reinterpret_cast<V*>(dst);
     const V* s = reinterpret_cast<const V*>(src);
+#pragma unroll 4
     for (int64_t e = threadIdx.x; e < n / kPer; e += blockDim.x) d[e] = s[e];
   } else {
+#pragma unroll 4
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) dst[e] = src[e];
   }
 }
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_fwd_kernel(FwdParams p
   const int nb = int(H - j0 < units ? H - j0 : units);  // units of this block (the last may have fewer)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T_* w_s = reinterpret_cast<T_*>(smem);
   A* h_s = reinterpret_cast<A*>(smem + align16(size_t(R) * H * sizeof(T_)));  // [Bp][H] h_{t-1}
   A* g_s = h_s + int64_t(Bp) * H;                                               // [R][Bp] recurrent sums
@@ -163,6 +166,27 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_fwd_kernel(FwdParams p
   }
 }
 
+// Backward: red_s[slice * items + item] = sum of prev[q][b][j0 + jl] over the blocks q = slice, slice + S,
+// ..., for item = b * nb + jl and S = the returned number of slices. All threads of the block load at
+// once: B*U threads alone would leave most of the 256 idle, each with #blocks loads (132 on an H100) in a
+// dependent chain. The caller adds the S slices in slice order, so the sum is deterministic.
+template <typename A>
+__device__ int sum_partials(A* red_s, const A* prev, int B, int64_t H, int64_t j0, int nb, int64_t blocks) {
+  const int items = B * nb;
+  const int fit = int(blockDim.x) / items;
+  const int slices = fit < 1 ? 1 : (fit > blocks ? int(blocks) : fit);
+  for (int e = threadIdx.x; e < items * slices; e += blockDim.x) {
+    const int slice = e / items, item = e - slice * items;
+    const int b = item / nb, jl = item - b * nb;
+    const A* col = prev + int64_t(b) * H + j0 + jl;
+    A sum = A(0);
+#pragma unroll 8
+    for (int64_t q = slice; q < blocks; q += slices) sum += col[q * B * H];
+    red_s[e] = sum;
+  }
+  return slices;
+}
+
 template <class U, int BT>
 __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p, int units, void* workspace) {
   using T_ = typename U::T;
@@ -175,11 +199,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p
   const int nb = int(H - j0 < units ? H - j0 : units);
   const int64_t blocks = gridDim.x;
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T_* w_s = reinterpret_cast<T_*>(smem);
   A* d_s = reinterpret_cast<A*>(smem + align16(size_t(R) * H * sizeof(T_)));  // [R][Bp] dg of this step
   A* carry_s = d_s + R * Bp;                                                    // [B][U] dh not through W_hh
   A* dc_s = carry_s + B * units;                                                // [B][U] LSTM dc
+  A* red_s = dc_s + B * units;  // [slices][B*nb] partial sums over blocks (sum_partials)
   // [2][blocks][B][H] partial products, ping-pong; cross-block data, plain loads (see the forward).
   A* part = static_cast<A*>(workspace);
   const int64_t part_stride = blocks * B * H;
@@ -193,26 +218,28 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p
   }
   __syncthreads();
 
-  // dh into h_t of unit (b, j): the carried part plus every block's partial of the previous step.
-  auto recurrent_dh = [&](int b, int jl, const A* prev) {
+  // dh into h_t of unit (b, j) = item e: the carried part plus every block's partial of the previous
+  // step, as summed by sum_partials into `slices` slices (none at the first step).
+  auto recurrent_dh = [&](int e, int b, int jl, int slices) {
     A dh = carry_s[b * units + jl];
-    if (prev != nullptr) {
-      const A* col = prev + int64_t(b) * H + j0 + jl;
-      for (int64_t q = 0; q < blocks; ++q) dh += col[q * B * H];
-    }
+    for (int sl = 0; sl < slices; ++sl) dh += red_s[sl * B * nb + e];
     return dh;
   };
 
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = p.reverse ? s : T - 1 - s;  // the forward order, reversed
-    const A* prev = s == 0 ? nullptr : part + ((s + 1) & 1) * part_stride;  // written at step s-1
     A* cur = part + (s & 1) * part_stride + int64_t(blockIdx.x) * B * H;
+    int slices = 0;
+    if (s > 0) {
+      slices = sum_partials(red_s, part + ((s + 1) & 1) * part_stride, B, H, j0, nb, blocks);  // from step s-1
+      __syncthreads();
+    }
 
     for (int e = threadIdx.x; e < B * nb; e += blockDim.x) {
       const int b = e / nb, jl = e - b * nb;
       const int64_t j = j0 + jl;
       const bool active = is_active(p.lengths, t, b);
-      const A dh_rec = recurrent_dh(b, jl, prev);
+      const A dh_rec = recurrent_dh(e, b, jl, slices);
       // dy is ignored at inactive steps (it may hold anything there).
       const A dm = active ? dh_rec + load<T_>(p.dy, (t * B + b) * H + j) : A(0);
       A dc = dc_s[b * units + jl];
@@ -246,10 +273,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p
     grid.sync();
   }
 
-  const A* last = part + ((T - 1) & 1) * part_stride;
+  const int slices = sum_partials(red_s, part + ((T - 1) & 1) * part_stride, B, H, j0, nb, blocks);
+  __syncthreads();
   for (int e = threadIdx.x; e < B * nb; e += blockDim.x) {
     const int b = e / nb, jl = e - b * nb;
-    store<T_>(p.dh0, b * H + j0 + jl, recurrent_dh(b, jl, last));
+    store<T_>(p.dh0, b * H + j0 + jl, recurrent_dh(e, b, jl, slices));
     if (U::kHasCell) store<T_>(p.dc0, b * H + j0 + jl, dc_s[b * units + jl]);
   }
 }
