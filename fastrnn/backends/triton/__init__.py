@@ -1,7 +1,8 @@
 """The Triton backend: the six recurrence ops of docs/contract.md as fused Triton kernels.
 
-Runs on CUDA GPUs, and on the CPU under triton's interpreter (TRITON_INTERPRET=1 set before triton is
-first imported; the tests do this when there is no GPU). Design and cost model: docs/triton.md.
+Runs on CUDA GPUs, and on the CPU under triton's interpreter (switched on through triton's environment
+before triton is first imported; tests/conftest.py does this when there is no GPU). The package reads
+only triton.knobs, never the environment. Design and cost model: docs/triton.md.
 Importing this module raises ImportError without triton, which removes the backend from the registry.
 """
 

@@ -229,8 +229,7 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
         return y, h0.clone(), saved
     p = rec.plan(B, H, H, 3, False, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_BIAS=b_hh is not None, SAVE=save, BB=p.BB, ACC=p.acc,
-                 PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_BIAS=b_hh is not None, SAVE=save)
     bias = b_hh if b_hh is not None else gx
     saved_arg = saved if save else gx
     if p.persistent:
@@ -264,7 +263,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
         return dgx, dgh, dh_n.clone()
     p = rec.plan(B, H, H, 3, False, dy.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, dy)
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, BB=p.BB, ACC=p.acc, PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 3, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)

@@ -341,7 +341,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     p = rec.plan(B, H, Hout, 4, proj, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
     gates_arg, cs_arg = (gates, cs) if save else (gx, gx)
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, BB=p.BB, ACC=p.acc, PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_out(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
@@ -391,7 +391,7 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
     lens, has_lengths = rec.lengths_arg(lengths, gates)
     dhs = gates.new_empty(T, B, Hout) if proj else gates
     ms = gates.new_empty(T, B, H) if proj else gates
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, BB=p.BB, ACC=p.acc, PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_in(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w

@@ -11,7 +11,7 @@ by the step kernels, or on weights held in registers by the persistent kernels),
 activations, and the state-carry store. Host side: validation, the plan (step or persistent, block
 sizes), weight packing and the loop that launches a step kernel once per step.
 
-Every kernel here is the code a GPU compiles; under TRITON_INTERPRET=1 the same source is interpreted.
+Every kernel here is the code a GPU compiles; under triton's interpreter the same source is interpreted.
 """
 
 import contextlib
@@ -209,6 +209,9 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
 # bytes it would spill (a program has 64K 32-bit registers at most, shared with the state and the tiles;
 # 64 KiB of weights is a quarter of an SM's register file). Not yet tuned on a GPU: see docs/triton.md.
 PERSISTENT_MAX_BYTES = 64 * 1024
+STEP_BB_MAX = 32
+STEP_WARPS = 4
+PERSISTENT_WARPS = 8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _forced = None
@@ -228,7 +231,8 @@ def force_kernel(kind):
 
 
 def interpreting():
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before it was imported)."""
+    """Whether triton runs kernels in its CPU interpreter (triton.knobs.runtime.interpret; a triton without
+    knobs is treated as not interpreting, so the backend is then offered on CUDA only)."""
     knobs = getattr(triton, "knobs", None)
     runtime = getattr(knobs, "runtime", None)
     return bool(getattr(runtime, "interpret", False))
@@ -262,6 +266,11 @@ class Plan:
     OP: int  # Hout padded to a power of two (persistent kernels)
     acc: object  # tl.float32, or tl.float64 for fp64
     prec: str  # tl.dot input precision for fp32 operands
+    warps: int
+
+    def meta(self, **kw):
+        """The launch keywords every kernel takes from the plan, plus `kw`."""
+        return dict(BB=self.BB, ACC=self.acc, PREC=self.prec, num_warps=self.warps, **kw)
 
 
 def plan(B, H, Hout, G, proj, dtype):
@@ -272,14 +281,15 @@ def plan(B, H, Hout, G, proj, dtype):
     resident = (G * HP * OP + (HP * OP if proj else 0)) * elsize
     persistent = _forced == "persistent" if _forced else resident <= PERSISTENT_MAX_BYTES
     # tl.dot needs M >= 16; up to 64 rows share each weight tile that a program streams.
-    BB = 16 if persistent else min(64, pow2(B))
+    BB = 16 if persistent else min(STEP_BB_MAX, pow2(B))
     # 32 units x 4 gates per tile: at H=512 that is 16 tiles per batch block, enough programs to spread
     # the per-step GEMM over the SMs for B >= 64; BK=32 keeps the streamed tiles at 4 x 32 x 32.
     BN, BK = 32, 32
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return Plan(persistent, BB, BN, BK, HP, OP, acc, "tf32" if tf32 else "ieee")
+    warps = PERSISTENT_WARPS if persistent else STEP_WARPS
+    return Plan(persistent, BB, BN, BK, HP, OP, acc, "tf32" if tf32 else "ieee", warps)
 
 
 def workspace_dtype(dtype):

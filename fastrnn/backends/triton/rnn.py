@@ -165,7 +165,7 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
         return y, h0.clone()
     p = rec.plan(B, H, H, 1, False, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu, BB=p.BB, ACC=p.acc, PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu)
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 1, H, H, p.HP, p.HP)
         h_n = h0.new_empty(B, H)
@@ -192,7 +192,7 @@ def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
         return dgx, dh_n.clone()
     p = rec.plan(B, H, H, 1, False, dy.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, dy)
-    flags = dict(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu, BB=p.BB, ACC=p.acc, PREC=p.prec)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu)
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 1, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)

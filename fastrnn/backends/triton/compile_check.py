@@ -1,0 +1,180 @@
+"""Compile every Triton kernel of this backend for a GPU target, without a GPU, and report its resources.
+
+    python -m fastrnn.backends.triton.compile_check [--arch 80 90] [--dtype fp16 bf16 fp32 fp64]
+
+The six ops' launchers run on CPU meta-sized tensors with every kernel replaced by a recorder, so the
+kernels are compiled with exactly the arguments and constexprs the launchers choose (step and persistent
+paths, with and without proj_size). triton.compile then lowers each to PTX and a cubin with triton's own
+ptxas for the given compute capability, and cuobjdump reports registers, spills and shared memory.
+This is what "the kernels compile for sm_80/sm_90" means here; nothing is run. It needs triton's
+interpreter off (the interpreter replaces @triton.jit functions with Python ones).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import gru, lstm, rnn
+from . import recurrence as rec
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+_KERNEL_MODULES = (lstm, gru, rnn)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **meta) records instead of launching."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def record(*args, **meta):
+            self.log.append((self.fn, args, meta))
+        return record
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def _signature(fn, args, meta):
+    sig, constexprs = {}, {}
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in meta.items() if k not in _LAUNCH_OPTIONS})
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            constexprs[p.name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
+    return sig, constexprs
+
+
+def _case_inputs(op, T, B, H, P, dtype, lengths):
+    """Arguments of `op` on small CPU tensors (the kernels never run; only shapes and dtypes matter)."""
+    Hout = P or H
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    lens = torch.full((B,), T, dtype=torch.int64) if lengths else None
+    if op == "lstm_fwd":
+        return (r(T, B, 4 * H), r(4 * H, Hout), r(B, Hout), r(B, H), r(Hout, H) if P else None, lens, False, True)
+    if op == "lstm_bwd":
+        return (r(T, B, Hout), r(B, Hout), r(B, H), r(4 * H, Hout), r(B, H), r(Hout, H) if P else None,
+                r(T, B, 4 * H), r(T, B, H), lens, False)
+    if op == "gru_fwd":
+        return (r(T, B, 3 * H), r(3 * H, H), r(3 * H), r(B, H), lens, False, True)
+    if op == "gru_bwd":
+        return (r(T, B, H), r(B, H), r(3 * H, H), r(T, B, H), r(B, H), r(T, B, 4 * H), lens, False)
+    if op == "rnn_fwd":
+        return (r(T, B, H), r(H, H), r(B, H), lens, False, False)
+    return (r(T, B, H), r(B, H), r(H, H), r(T, B, H), lens, False, False)
+
+
+# (op, kind, B, H, proj): the step path at the fastrnns size, the persistent path at the largest hidden
+# size its register budget admits in fp16 (rec.PERSISTENT_MAX_BYTES).
+CASES = [
+    (op, kind, 64, h, p)
+    for op in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "rnn_fwd", "rnn_bwd")
+    for kind, h in (("step", 512), ("persistent", 128 if op.startswith("rnn") else 64))
+    for p in ((0, h // 2) if op.startswith("lstm") else (0,))
+]
+
+
+def record_launches(op, kind, B, H, P, dtype):
+    """The distinct (kernel, args, meta) the launcher of `op` issues for these sizes."""
+    log = []
+    saved = {}
+    for mod in _KERNEL_MODULES:
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel"):
+                saved[(mod, name)] = obj
+                setattr(mod, name, _Recorder(obj, log))
+    devices = rec.devices
+    rec.devices = lambda: ("cpu",)
+    try:
+        fn = {"lstm": lstm, "gru": gru, "rnn": rnn}[op.split("_")[0]]
+        with rec.force_kernel(kind):
+            getattr(fn, op)(*_case_inputs(op, 2, B, H, P, dtype, lengths=True))
+    finally:
+        rec.devices = devices
+        for (mod, name), obj in saved.items():
+            setattr(mod, name, obj)
+    distinct = {}
+    for kernel, args, meta in log:
+        sig, constexprs = _signature(kernel, args, meta)
+        options = {k: meta[k] for k in _LAUNCH_OPTIONS if k in meta}
+        key = (kernel.__name__, tuple(sorted(sig.items())), repr(sorted(constexprs.items())), repr(options))
+        distinct[key] = (kernel, sig, constexprs, options)
+    return list(distinct.values())
+
+
+def _resources(cubin):
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()))) if m else {}
+
+
+def compile_kernel(kernel, sig, constexprs, options, arch):
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    t0 = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    info = dict(seconds=time.perf_counter() - t0, smem=compiled.metadata.shared,
+                num_warps=compiled.metadata.num_warps)
+    info.update(_resources(compiled.asm["cubin"]))
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32", "fp64"], choices=list(DTYPES))
+    ap.add_argument("--ops", nargs="+", default=None, help="only these ops (default: all six)")
+    args = ap.parse_args(argv)
+    if rec.interpreting():
+        raise SystemExit("compile_check needs triton's interpreter off (it compiles real kernels)")
+    print("kernel,op,path,B,H,proj,dtype,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds")
+    failures = 0
+    for op, kind, B, H, P in CASES:
+        if args.ops and op not in args.ops:
+            continue
+        for dname in args.dtype:
+            for kernel, sig, constexprs, options in record_launches(op, kind, B, H, P, DTYPES[dname]):
+                for arch in args.arch:
+                    try:
+                        r = compile_kernel(kernel, sig, constexprs, options, arch)
+                    except Exception as e:  # report every failing kernel, then fail at the end
+                        failures += 1
+                        print(f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch},FAILED: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                        continue
+                    print(f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch},{r.get('regs')},"
+                          f"{r.get('local')},{r.get('stack')},{r['smem']},{r['num_warps']},"
+                          f"{r['seconds']:.1f}", flush=True)
+    if failures:
+        raise SystemExit(f"{failures} kernel compilations failed")
+
+
+if __name__ == "__main__":
+    main()
