@@ -161,6 +161,11 @@ def main(argv=None):
             continue
         for dname in args.dtype:
             for kernel, sig, constexprs, options in record_launches(op, kind, B, H, P, DTYPES[dname]):
+                step = [p for p in kernel.params if p.name == "s"]
+                if step and not step[0].do_not_specialize:
+                    failures += 1
+                    print(f"{kernel.__name__}: the step index s must be do_not_specialize (one binary for all "
+                          "steps)", flush=True)
                 for arch in args.arch:
                     try:
                         r = compile_kernel(kernel, sig, constexprs, options, arch)

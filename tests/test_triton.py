@@ -1,0 +1,269 @@
+"""Triton-backend tests beyond the parity suite (which runs it through the modules like every backend).
+
+Here the six ops are called directly: each against the reference op in both kernel paths (the per-step
+kernels and the persistent kernel), with every fresh tensor poisoned with NaN so that an element a kernel
+forgets to write fails; the two paths against each other in fp32/fp16/bf16; empty batches; bad input;
+the plan; torch.library's opcheck and torch.compile; and (slow) every kernel compiled for sm_80/sm_90.
+On a machine without a GPU, tests/conftest.py has switched triton's interpreter on.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn.backends import ops
+from parity import assert_close
+
+pytest.importorskip("triton")
+from fastrnn.backends.triton import recurrence as rec  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastrnn.available_backends(DEVICE), reason=f"the triton backend cannot run on {DEVICE} here"
+)
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+FWD_OUT = {"lstm": ("y", "h_n", "c_n", "gates", "cs"), "gru": ("y", "h_n", "saved"), "rnn": ("y", "h_n")}
+BWD_OUT = {"lstm": ("dgx", "dh0", "dc0", "dw_hr"), "gru": ("dgx", "dgh", "dh0"), "rnn": ("dgx", "dh0")}
+
+
+def family(cell):
+    return cell.split("_")[0]
+
+
+def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=torch.float64, seed=0):
+    """(forward op name, its arguments, a function of the forward outputs -> (backward op name, arguments))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
+
+    Hout = P or H
+    G = GATES[cell]
+    lens = torch.tensor(lengths, dtype=torch.int64, device=DEVICE) if lengths is not None else None
+    # W_hh at 1/sqrt(H) keeps the recurrence away from saturation, so gradients stay informative.
+    gx, w, h0 = r(T, B, G * H), r(G * H, Hout, scale=H**-0.5), r(B, Hout)
+    dy, dh_n = r(T, B, Hout), r(B, Hout)
+    if cell == "lstm":
+        c0, w_hr, dc_n = r(B, H), (r(Hout, H, scale=H**-0.5) if P else None), r(B, H)
+        fwd = (gx, w, h0, c0, w_hr, lens, reverse, True)
+
+        def bwd(out):
+            return "lstm_bwd", (dy, dh_n, dc_n, w, c0, w_hr, out[3], out[4], lens, reverse)
+        return "lstm_fwd", fwd, bwd
+    if cell == "gru":
+        fwd = (gx, w, r(3 * H) if bias else None, h0, lens, reverse, True)
+
+        def bwd(out):
+            return "gru_bwd", (dy, dh_n, w, out[0], h0, out[2], lens, reverse)
+        return "gru_fwd", fwd, bwd
+    relu = cell == "rnn_relu"
+
+    def bwd(out):
+        return "rnn_bwd", (dy, dh_n, w, out[0], lens, reverse, relu)
+    return "rnn_fwd", (gx, w, h0, lens, reverse, relu), bwd
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every tensor the ops allocate with new_empty (outputs and workspaces) starts as NaN."""
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        t = new_empty(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+
+
+def run_both(cell, case, kind):
+    """Forward and backward of the triton ops (kernel path `kind`) and of the reference ops, the backward
+    of both fed the reference forward's saved tensors."""
+    fwd_name, fwd_args, bwd_of = case
+    with rec.force_kernel(kind):
+        out = ops("triton")[fwd_name](*fwd_args)
+    ref = ops("reference")[fwd_name](*fwd_args)
+    bwd_name, bwd_args = bwd_of(ref)
+    with rec.force_kernel(kind):
+        bout = ops("triton")[bwd_name](*bwd_args)
+    bref = ops("reference")[bwd_name](*bwd_args)
+    names = FWD_OUT[family(cell)] + BWD_OUT[family(cell)]
+    return dict(zip(names, tuple(ref) + tuple(bref))), dict(zip(names, tuple(out) + tuple(bout)))
+
+
+LENGTHS5 = [4, 1, 0, 3, 2]  # every kind of row: full, short, empty, and unsorted
+CASES = [
+    pytest.param("lstm", dict(T=4, B=5, H=37, lengths=LENGTHS5), id="lstm-T4-B5-H37-lengths"),
+    pytest.param("lstm", dict(T=4, B=5, H=37, lengths=LENGTHS5, reverse=True), id="lstm-T4-B5-H37-lengths-rev"),
+    pytest.param("lstm", dict(T=3, B=1, H=37, P=19, reverse=True), id="lstm-T3-B1-H37-proj19-rev"),
+    pytest.param("lstm", dict(T=4, B=3, H=37, P=5, lengths=[2, 4, 3]), id="lstm-T4-B3-H37-proj5-lengths"),
+    pytest.param("lstm", dict(T=1, B=2, H=17), id="lstm-T1-B2-H17"),
+    pytest.param("gru", dict(T=4, B=5, H=37, lengths=LENGTHS5, reverse=True), id="gru-T4-B5-H37-lengths-rev"),
+    pytest.param("gru", dict(T=4, B=5, H=37, lengths=LENGTHS5), id="gru-T4-B5-H37-lengths"),
+    pytest.param("gru", dict(T=2, B=1, H=37, bias=False), id="gru-T2-B1-H37-nobias"),
+    pytest.param("rnn_tanh", dict(T=4, B=5, H=37, reverse=True), id="rnn_tanh-T4-B5-H37-rev"),
+    pytest.param("rnn_relu", dict(T=4, B=5, H=37, lengths=LENGTHS5, reverse=True), id="rnn_relu-T4-B5-H37-lengths-rev"),
+]
+KINDS = ["step", "persistent"]
+
+# fp64: the kernels and the reference differ only in summation order (observed <= 3e-15).
+FP64_TOL = dict(atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cell,sizes", CASES)
+def test_ops_match_reference_fp64(cell, sizes, kind, poison):
+    ref, out = run_both(cell, make_case(cell, **sizes), kind)
+    for name in ref:
+        assert_close(f"{kind}:{name}", ref[name], out[name], **FP64_TOL)
+
+
+# The two paths round at the same points (the state to the storage dtype before each GEMM, dgx before the
+# recurrent GEMM), so they differ only by the summation order inside the GEMMs: a rounding flip of one ulp
+# somewhere, carried a few steps. Tolerances: 1e-5 for fp32 (as the parity suite's); 2 ulps at 1 for
+# fp16 (2 * 2^-10) and bf16 (2 * 2^-7).
+PATH_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(PATH_TOL), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cell,sizes", [
+    pytest.param("lstm", dict(T=5, B=3, H=20, P=9, lengths=[5, 2, 4]), id="lstm-proj9-lengths"),
+    pytest.param("lstm", dict(T=5, B=3, H=20, reverse=True), id="lstm-rev"),
+    pytest.param("gru", dict(T=5, B=3, H=20, lengths=[5, 2, 4], reverse=True), id="gru-lengths-rev"),
+    pytest.param("rnn_tanh", dict(T=5, B=3, H=20), id="rnn_tanh"),
+])
+def test_step_and_persistent_paths_agree(cell, sizes, dtype):
+    case = make_case(cell, dtype=dtype, **sizes)
+    ref_step, step = run_both(cell, case, "step")
+    _, persistent = run_both(cell, case, "persistent")
+    for name in step:
+        assert step[name].dtype == dtype, f"{name} is {step[name].dtype}"
+        assert_close(f"persistent-vs-step:{name}", step[name].double(), persistent[name].double(), **PATH_TOL[dtype])
+    if dtype == torch.float32:
+        for name in step:
+            assert_close(f"step-vs-reference:{name}", ref_step[name], step[name], **PATH_TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cell", list(GATES))
+def test_empty_batch_returns_empty_outputs_and_passes_state(cell, kind):
+    fwd_name, fwd_args, bwd_of = make_case(cell, T=3, B=0, H=5, P=2 if cell == "lstm" else 0)
+    with rec.force_kernel(kind):
+        out = ops("triton")[fwd_name](*fwd_args)
+        bwd_name, bwd_args = bwd_of(out)
+        bout = ops("triton")[bwd_name](*bwd_args)
+    ref = ops("reference")[fwd_name](*fwd_args)
+    bref = ops("reference")[bwd_name](*bwd_args)
+    for name, a, b in zip(FWD_OUT[family(cell)] + BWD_OUT[family(cell)], tuple(ref) + tuple(bref), out + bout):
+        assert a.shape == b.shape, f"{name}: {tuple(b.shape)} instead of {tuple(a.shape)}"
+        assert_close(name, a, b, **FP64_TOL)
+
+
+def lstm_args(T=3, B=2, H=5, dtype=torch.float64):
+    return list(make_case("lstm", T=T, B=B, H=H, dtype=dtype)[1])
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.__setitem__(1, a[1][:, :-1]), ValueError, r"lstm_fwd: w_hh has shape \(20, 4\), expected \(20, 5\)"),
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, r"lstm_fwd: gx must be \[T, B, \*\]"),
+    (lambda a: a.__setitem__(0, a[0][..., :-1]), ValueError, r"gx has 19 columns, expected 4\*H"),
+    (lambda a: a.__setitem__(3, a[3].float()), TypeError, r"c0 is torch.float32 .* expected torch.float64"),
+    (lambda a: a.__setitem__(5, torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)), TypeError,
+     "lengths must be int64"),
+    (lambda a: a.__setitem__(5, torch.tensor([3, 1, 2], device=DEVICE)), ValueError, r"lengths has shape \(3,\)"),
+    (lambda a: a.__setitem__(2, a[2][:, :3]), ValueError, "without w_hr, h0 must have H=5 columns"),
+])
+def test_bad_input_is_a_clear_error(change, error, match):
+    args = lstm_args()
+    change(args)
+    with pytest.raises(error, match=match):
+        ops("triton")["lstm_fwd"](*args)
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.zeros(2, 1, 4, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
+        ops("triton")["rnn_fwd"](x, torch.zeros(4, 4, dtype=torch.int32, device=DEVICE),
+                                 torch.zeros(1, 4, dtype=torch.int32, device=DEVICE), None, False, False)
+
+
+@pytest.mark.parametrize("G,H,dtype,persistent", [
+    (4, 64, torch.float16, True),     # 4*64*64*2 B = 32 KiB of W_hh
+    (4, 128, torch.float16, False),   # 128 KiB: spills on sm_90 (compile_check)
+    (4, 64, torch.float32, True),     # 64 KiB, the limit
+    (4, 64, torch.bfloat16, True),    # widened to fp32 on chip: 64 KiB
+    (4, 64, torch.float64, False),    # 128 KiB
+    (3, 37, torch.float32, True),     # H padded to 64: 48 KiB
+    (1, 128, torch.float16, True),    # 32 KiB
+])
+def test_plan_runs_persistent_only_when_the_weights_fit(G, H, dtype, persistent):
+    assert rec.plan(B=8, H=H, Hout=H, G=G, proj=False, dtype=dtype).persistent is persistent
+
+
+def test_tf32_only_behind_torchs_switch():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert rec.plan(8, 64, 64, 4, False, torch.float32).prec == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert rec.plan(8, 64, 64, 4, False, torch.float32).prec == "tf32"
+        assert rec.plan(8, 64, 64, 4, False, torch.float64).prec == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_devices_follow_the_interpreter_and_cuda():
+    assert ("cpu" in rec.devices()) == rec.interpreting()
+    assert ("cuda" in rec.devices()) == torch.cuda.is_available()
+
+
+def test_backend_auto_never_picks_the_interpreter():
+    assert fastrnn.backends.resolve("auto", "cpu") != "triton"
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_opcheck(cell):
+    fwd_name, fwd_args, bwd_of = make_case(cell, T=3, B=2, H=5, P=3 if cell == "lstm" else 0, lengths=[3, 1])
+    torch.library.opcheck(ops("triton")[fwd_name], fwd_args)
+    bwd_name, bwd_args = bwd_of(ops("reference")[fwd_name](*fwd_args))
+    torch.library.opcheck(ops("triton")[bwd_name], bwd_args)
+
+
+def test_compile_sees_one_op_for_every_length():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(gx, w_hh, h0, c0):
+        y, h_n, c_n, _, _ = ops("triton")["lstm_fwd"](gx, w_hh, h0, c0, None, None, False, False)
+        return y.sum() + h_n.sum() + c_n.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+    for T in (3, 5, 8):  # never T == B: duck sizing would tie them and recompile
+        args = lstm_args(T=T)[:4]
+        torch.testing.assert_close(compiled(*args), f(*args), atol=1e-12, rtol=1e-12)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 sequence lengths"
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fastrnn_triton.lstm_fwd.default) == 1, f"the op is not one node: {targets}"
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    """triton.compile of every kernel the launchers choose, for real GPU targets (interpreter off, in a
+    subprocess): bf16 takes the tf32 MMA path, fp64 the fp64 one; also checks do_not_specialize on s."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "fastrnn.backends.triton.compile_check", "--arch", "80", "90", "--dtype", "bf16",
+           "fp64"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.endswith(tuple("0123456789"))]
+    assert len(rows) >= 2 * 2 * 18, f"too few kernels compiled:\n{proc.stdout}"
