@@ -8,19 +8,27 @@
 // type (float for fp32/fp16/bf16, double for fp64). States, weights and GEMM operands are acc_t.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the ATen headers used (not ATen/ATen.h, which declares every op: ~2x the compile time per file).
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "gemm.h"
 #include "vec_math.h"
 
 namespace fastrnn {
@@ -191,22 +199,72 @@ inline void zero_row(D* dst, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The hidden GEMM of one step, C[B, N] = A[B, K] @ R[K, N], all acc_t, into preallocated buffers.
-// R is fixed for the whole call (W_hh^T forward, W_hh backward), A and C are the caller's state/scratch
-// tensors, reused at every step, so a step allocates nothing.
+// The hidden GEMM of one step, C[M, N] (=|+=) A[M, K] @ R[K, N], all acc_t, into preallocated buffers.
+// R is fixed for the whole call (W_hh^T forward, W_hh backward); A and C are the caller's state/scratch
+// tensors, the same at every step, so a step allocates nothing.
+//
+// Two ways, chosen once per call by size: at::mm_out/addmm_out (MKL; best once a product is large enough
+// to hide its ~5-15 us of per-call overhead) and gemm.h's register-blocked kernel straight on the pointers
+// (no dispatch at all; R is made contiguous once per call for it). kSmallGemmMacs is where the two cross
+// (measured on 2 threads, docs/cpu.md). FASTRNN_CPU_GEMM=aten|small forces one (benchmarks and tests).
+
+constexpr int64_t kSmallGemmMacs = int64_t(1) << 20;
+
+enum class GemmPath { kAuto, kAten, kSmall };
+
+inline GemmPath gemm_path_override() {
+  const char* env = std::getenv("FASTRNN_CPU_GEMM");
+  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) {
+    return GemmPath::kAuto;
+  }
+  if (std::string(env) == "aten") {
+    return GemmPath::kAten;
+  }
+  TORCH_CHECK(std::string(env) == "small", "FASTRNN_CPU_GEMM must be auto, aten or small, got '", env, "'");
+  return GemmPath::kSmall;
+}
 
 template <typename acc_t>
 class StepGemm {
  public:
-  // r: [K, N] (any strides; a transposed view of W_hh is fine for the ATen path)
-  explicit StepGemm(at::Tensor r) : r_(std::move(r)) {}
+  // r: [K, N] in the math type, any strides (a transposed view of W_hh is fine); m: the rows of A and C.
+  StepGemm(const at::Tensor& r, int64_t m) : m_(m), k_(r.size(0)), n_(r.size(1)) {
+    const GemmPath path = gemm_path_override();
+    small_ = path == GemmPath::kSmall || (path == GemmPath::kAuto && m_ * k_ * n_ <= kSmallGemmMacs);
+    r_ = small_ ? r.contiguous() : r;
+  }
 
   // c = a @ r
-  void operator()(const at::Tensor& a, at::Tensor& c) const { at::mm_out(c, a, r_); }
+  void operator()(const at::Tensor& a, at::Tensor& c) const { run(a, c, false); }
   // c += a @ r
-  void accumulate(const at::Tensor& a, at::Tensor& c) const { at::addmm_out(c, c, a, r_); }
+  void accumulate(const at::Tensor& a, at::Tensor& c) const { run(a, c, true); }
 
  private:
+  void run(const at::Tensor& a, at::Tensor& c, bool accumulate) const {
+    if (!small_) {
+      if (accumulate) {
+        at::addmm_out(c, c, a, r_);
+      } else {
+        at::mm_out(c, a, r_);
+      }
+      return;
+    }
+    // a [M, K] and c [M, N] are the kernels' contiguous buffers. Columns are split over the threads in
+    // chunks of 64 (a multiple of every tile width); a chunk is M*K*64 multiply-adds, and a parallel region
+    // is only worth it above kMinParallelCycles of work (~8 multiply-adds a cycle on one core).
+    constexpr int64_t chunk = 64;
+    const acc_t* a_p = a.const_data_ptr<acc_t>();
+    const acc_t* r_p = r_.const_data_ptr<acc_t>();
+    acc_t* c_p = c.data_ptr<acc_t>();
+    const int64_t chunks = (n_ + chunk - 1) / chunk;
+    const int64_t grain = std::max<int64_t>(1, kMinParallelCycles * 8 / std::max<int64_t>(1, m_ * k_ * chunk));
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      gemm_columns(a_p, k_, r_p, n_, c_p, n_, m_, k_, begin * chunk, std::min(n_, end * chunk), accumulate);
+    });
+  }
+
+  int64_t m_, k_, n_;
+  bool small_;
   at::Tensor r_;
 };
 
