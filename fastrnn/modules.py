@@ -80,7 +80,7 @@ class _RecurrentMixin(_FastRNNModule):
         is_batched = True
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            x, lengths = functional.unpack(data, batch_sizes)
+            x, host_lengths = functional.unpack(data, batch_sizes)
             batch = x.shape[1]
             check_input = data
         else:
@@ -92,7 +92,7 @@ class _RecurrentMixin(_FastRNNModule):
             if hx is not None:
                 hx = self._check_hidden_dims(hx, is_batched)
             x = input.transpose(0, 1) if self.batch_first else input
-            lengths = None
+            host_lengths = None
             batch = x.shape[1]
             check_input = input
         if hx is None:
@@ -107,8 +107,8 @@ class _RecurrentMixin(_FastRNNModule):
         weights = self._layer_weights()
         x, h0, c0, *flat = _autocast([x, h0, c0, *(w for lw in weights for w in lw)], x.device.type)
         weights = [LayerWeights(*flat[k : k + 5]) for k in range(0, len(flat), 5)]
-        if lengths is not None:
-            lengths = lengths.to(x.device)
+        # The kernels read lengths on the device; packing the output back uses the host copy (no sync).
+        lengths = host_lengths.to(x.device) if host_lengths is not None else None
         with torch.autocast(x.device.type, enabled=False):
             y, h_n, c_n = functional.stacked(
                 self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
@@ -118,7 +118,7 @@ class _RecurrentMixin(_FastRNNModule):
 
         hidden = (h_n, c_n) if lstm else h_n
         if packed:
-            out = PackedSequence(functional.pack(y, lengths.cpu()), batch_sizes, sorted_indices, unsorted_indices)
+            out = PackedSequence(functional.pack(y, host_lengths), batch_sizes, sorted_indices, unsorted_indices)
             return out, self.permute_hidden(hidden, unsorted_indices)
         if self.batch_first:
             y = y.transpose(0, 1)
