@@ -150,3 +150,11 @@ def test_base_run_repeats_this_runs_arguments():
     for field in ("mode", "cases", "device", "backends", "cells", "passes", "threads", "no_memory"):
         assert getattr(child, field) == getattr(args, field), field
     assert child.base is None and child.no_save and child.no_plot
+
+
+def test_report_reprints_the_latest_run_as_markdown(smoke_rows, capsys):
+    rows, results = smoke_rows
+    assert cli.main(["report", str(results), "--markdown"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)  # header, alignment rule, one line per row
+    assert table[1].startswith("| ---") and table[1].rstrip(" |").endswith(":")

@@ -1,4 +1,5 @@
-"""The command line: `python -m fastrnn bench` (timings), `check` (parity), `plot` (PNG from the rows)."""
+"""The command line: `python -m fastrnn bench` (timings), `check` (parity), `plot` (PNG from the rows),
+`report` (a run's table again, as text or Markdown)."""
 
 import argparse
 import json
@@ -143,12 +144,13 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     bench_parser(commands.add_parser("bench", help="time every backend against torch.nn"))
     check_parser(commands.add_parser("check", help="parity of every backend against torch.nn"))
-    from . import plot
+    from . import plot, report
 
     plot.add_arguments(commands.add_parser("plot", help="draw PNG plots from the JSON rows"))
+    report.add_arguments(commands.add_parser("report", help="print a run's table again from the JSON rows"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
     if args.command == "check":
         return run_check(args)
-    return plot.run(args)
+    return plot.run(args) if args.command == "plot" else report.run(args)

@@ -81,14 +81,6 @@ def draw(rows, out, base_rows=None):
     return Path(out)
 
 
-def runs(rows):
-    """{run_id: rows}, in the order the runs were made."""
-    by_run = {}
-    for row in sorted(rows, key=lambda r: (r["date"], r["run_id"])):
-        by_run.setdefault(row["run_id"], []).append(row)
-    return by_run
-
-
 def add_arguments(parser):
     parser.description = (
         "Draws PNG plots from the benchmark's JSON rows: by default the latest run of each device "
@@ -107,15 +99,8 @@ def run(args):
         print("matplotlib is not installed: pip install matplotlib")
         return 1
     paths = args.paths or [report.DEFAULT_RESULTS_DIR]
-    by_run = runs(report.read_rows(paths))
-    if args.run:
-        chosen = [args.run]
-    else:
-        latest = {}
-        for run_id, group in by_run.items():
-            if not group[0]["label"]:
-                latest[group[0]["device"]] = run_id
-        chosen = list(latest.values())
+    by_run = report.runs(report.read_rows(paths))
+    chosen = [args.run] if args.run else report.latest_runs(by_run)
     if not chosen:
         print(f"no benchmark rows in {', '.join(map(str, paths))}")
         return 1

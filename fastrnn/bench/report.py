@@ -103,8 +103,8 @@ def header(rows):
     return lines
 
 
-def table(rows):
-    """The results as an aligned text table, one line per case, pass and backend."""
+def table(rows, markdown=False):
+    """The results as an aligned text (or Markdown) table, one line per case, pass and backend."""
     columns = ["case", "pass", "backend", "p50 ms", "p20-p80 ms", "peak MiB", "vs torch.nn", "roofline"]
     lines = []
     previous = (None, None)
@@ -121,17 +121,21 @@ def table(rows):
             f"{format_seconds(row['p20_s'])}-{format_seconds(row['p80_s'])}", _mib(row["peak_bytes"]),
             _ratio(row["speedup"]), _percent(row["roofline"]),
         ])
-    return _align([columns] + lines)
+    return _align([columns] + lines, markdown)
 
 
-def _align(lines):
+def _align(lines, markdown=False):
+    """Text columns (the first three) flush left, numbers flush right; Markdown says the same with its
+    alignment row."""
     widths = [max(len(line[k]) for line in lines) for k in range(len(lines[0]))]
-    # Text columns flush left, numbers flush right.
     left = {0, 1, 2}
     out = []
     for line in lines:
         cells = [c.ljust(w) if k in left else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths))]
-        out.append("  ".join(cells).rstrip())
+        out.append("| " + " | ".join(cells) + " |" if markdown else "  ".join(cells).rstrip())
+    if markdown:
+        rule = ["-" * w if k in left else "-" * (w - 1) + ":" for k, w in enumerate(widths)]
+        out.insert(1, "| " + " | ".join(rule) + " |")
     return out
 
 
@@ -167,6 +171,44 @@ def append_rows(rows, results_dir):
             for row in group:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
     return list(paths)
+
+
+def runs(rows):
+    """{run_id: rows}, in the order the runs were made."""
+    by_run = {}
+    for row in sorted(rows, key=lambda r: (r["date"], r["run_id"])):
+        by_run.setdefault(row["run_id"], []).append(row)
+    return by_run
+
+
+def latest_runs(by_run):
+    """The id of the latest run on each device (not counting the rows of --base revisions)."""
+    latest = {}
+    for run_id, group in by_run.items():
+        if not group[0]["label"]:
+            latest[group[0]["device"]] = run_id
+    return list(latest.values())
+
+
+def add_arguments(parser):
+    parser.description = "Prints the table of a benchmark run again from its JSON rows (the latest by default)."
+    parser.add_argument("paths", nargs="*", help="result .jsonl files or directories (default: bench/results)")
+    parser.add_argument("--run", help="the run id (default: the latest of each device)")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/benchmarks.md)")
+
+
+def run(args):
+    paths = args.paths or [DEFAULT_RESULTS_DIR]
+    by_run = runs(read_rows(paths))
+    chosen = [args.run] if args.run else latest_runs(by_run)
+    missing = [r for r in chosen if r not in by_run]
+    if not chosen or missing:
+        print(f"no run {missing or ''} in {', '.join(map(str, paths))}")
+        return 1
+    for run_id in chosen:
+        for line in header(by_run[run_id]) + [""] + table(by_run[run_id], markdown=args.markdown) + [""]:
+            print(line)
+    return 0
 
 
 def read_rows(paths):
