@@ -1,0 +1,278 @@
+"""The compiled extension fastrnn._C: its schemas, torch.library.opcheck of every op, its CPU kernels
+against the reference ops in every dtype, its input checks, and the CMake build of the same library.
+
+The module-level import fails when fastrnn._C is not built (scripts/env.sh builds it): a missing build is an
+error here, not a skip, since the parity suite would silently run without the `cpu` backend.
+"""
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastrnn.backends import native, ops, schemas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = ops("reference")
+
+
+def test_schemas_equal_the_python_ones():
+    for name, schema in schemas.SCHEMAS.items():
+        assert str(getattr(torch.ops.fastrnn, name).default._schema) == f"fastrnn::{name}{schema}", name
+
+
+def test_registered_backend_and_auto():
+    assert "cpu" in native.devices()
+    import fastrnn
+
+    assert "cpu" in fastrnn.available_backends("cpu")
+    assert fastrnn.backends.resolve("auto", "cpu") == "cpu"
+
+
+# ----- inputs -----------------------------------------------------------------------------------------
+
+
+def rand(*shape, dtype):
+    # Scaled so that pre-activations stay in the sensitive range of sigmoid/tanh.
+    return (torch.randn(*shape, dtype=torch.float64) * 0.5).to(dtype)
+
+
+def weight(rows, cols, dtype):
+    """Like torch's init (scale 1/sqrt(fan_in)). Weights of scale 0.5 at H=70 make the recurrence chaotic
+    (spectral radius ~4): fp32 itself then drifts 2e-5 from fp64 in 7 steps, on the reference backend too."""
+    return (torch.randn(rows, cols, dtype=torch.float64) * cols**-0.5).to(dtype)
+
+
+def lengths_for(B, T, kind):
+    """None, or int64 [B] with values in [0, T]: one full-length row, the rest random (0 included)."""
+    if kind is None:
+        return None
+    lengths = torch.randint(0, T + 1, (B,))
+    if B:
+        lengths[0] = T
+    return lengths
+
+
+def lstm_args(T, B, H, proj, dtype, lengths, reverse):
+    Hout = proj or H
+    fwd = (
+        rand(T, B, 4 * H, dtype=dtype),
+        weight(4 * H, Hout, dtype),
+        rand(B, Hout, dtype=dtype),
+        rand(B, H, dtype=dtype),
+        weight(Hout, H, dtype) if proj else None,
+        lengths,
+        reverse,
+    )
+    gx, w_hh, h0, c0, w_hr = fwd[:5]
+    _, _, _, gates, cs = REF["lstm_fwd"](*fwd, True)
+    bwd = (rand(T, B, Hout, dtype=dtype), rand(B, Hout, dtype=dtype), rand(B, H, dtype=dtype), w_hh, c0, w_hr,
+           gates, cs, lengths, reverse)
+    return fwd, bwd
+
+
+def gru_args(T, B, H, bias, dtype, lengths, reverse):
+    gx, w_hh, h0 = rand(T, B, 3 * H, dtype=dtype), weight(3 * H, H, dtype), rand(B, H, dtype=dtype)
+    b_hh = rand(3 * H, dtype=dtype) if bias else None
+    fwd = (gx, w_hh, b_hh, h0, lengths, reverse)
+    y, _, saved = REF["gru_fwd"](*fwd, True)
+    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, h0, saved, lengths, reverse)
+    return fwd, bwd
+
+
+def rnn_args(T, B, H, relu, dtype, lengths, reverse):
+    gx, w_hh, h0 = rand(T, B, H, dtype=dtype), weight(H, H, dtype), rand(B, H, dtype=dtype)
+    fwd = (gx, w_hh, h0, lengths, reverse, relu)
+    y, _ = REF["rnn_fwd"](*fwd)
+    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, lengths, reverse, relu)
+    return fwd, bwd
+
+
+# ----- opcheck ----------------------------------------------------------------------------------------
+
+OPCHECK = [
+    pytest.param(dtype, T, B, lengths, reverse, id=f"{str(dtype)[6:]}-T{T}-B{B}-{lengths or 'full'}-{'rev' if reverse else 'fwd'}")
+    for dtype, (T, B), lengths, reverse in itertools.product(
+        (torch.float64, torch.float32), ((3, 2), (1, 3)), (None, "var"), (False, True)
+    )
+]
+
+
+@pytest.mark.parametrize("dtype,T,B,lengths,reverse", OPCHECK)
+def test_opcheck(dtype, T, B, lengths, reverse):
+    lengths = lengths_for(B, T, lengths)
+    for proj in (0, 2):
+        fwd, bwd = lstm_args(T, B, 3, proj, dtype, lengths, reverse)
+        for save in (True, False):
+            torch.library.opcheck(torch.ops.fastrnn.lstm_fwd.default, fwd + (save,))
+        torch.library.opcheck(torch.ops.fastrnn.lstm_bwd.default, bwd)
+    for bias in (True, False):
+        fwd, bwd = gru_args(T, B, 3, bias, dtype, lengths, reverse)
+        for save in (True, False):
+            torch.library.opcheck(torch.ops.fastrnn.gru_fwd.default, fwd + (save,))
+        torch.library.opcheck(torch.ops.fastrnn.gru_bwd.default, bwd)
+    for relu in (False, True):
+        fwd, bwd = rnn_args(T, B, 3, relu, dtype, lengths, reverse)
+        torch.library.opcheck(torch.ops.fastrnn.rnn_fwd.default, fwd)
+        torch.library.opcheck(torch.ops.fastrnn.rnn_bwd.default, bwd)
+
+
+# ----- the kernels against the reference ops ----------------------------------------------------------
+
+# fp64: summation order only. fp32: ~1e-6 seen at T=9, H=70. fp16/bf16: both sides round the same fp32
+# results to storage, so they differ by an ulp of the storage type where a rounding boundary falls between
+# two fp32 values (bf16: 2^-8 = 3.9e-3 relative, fp16: 2^-11 = 4.9e-4), and such one-ulp differences in the
+# saved gates feed the later steps. The bounds are relative to the largest magnitude of each output.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(name, out, ref, tol):
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != {ref.dtype}"
+    if ref.numel() == 0:
+        return
+    assert not out.isnan().any(), f"{name}: NaN"
+    err = (out.double() - ref.double()).abs()
+    scale = max(1.0, ref.double().abs().max().item())
+    worst = err.argmax().item()
+    assert err.max().item() <= tol * scale, (
+        f"{name}: max error {err.max().item():.3g} > {tol:.1g} x {scale:.3g} at flat index {worst} "
+        f"(got {out.flatten()[worst].item():.6g}, reference {ref.flatten()[worst].item():.6g})"
+    )
+
+
+def compare(op, args, names, tol):
+    out, ref = getattr(torch.ops.fastrnn, op)(*args), REF[op](*args)
+    for name, o, r in zip(names, out, ref):
+        assert_close(f"{op} {name}", o, r, tol)
+
+
+KERNEL_CASES = [
+    pytest.param(dtype, T, B, H, lengths, reverse,
+                 id=f"{str(dtype)[6:]}-T{T}-B{B}-H{H}-{lengths or 'full'}-{'rev' if reverse else 'fwd'}")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for (T, B, H), lengths, reverse in itertools.product(
+        ((1, 1, 13), (9, 5, 70), (4, 0, 8), (6, 3, 8)), (None, "var"), (False, True)
+    )
+]
+
+
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", KERNEL_CASES)
+def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
+    tol = TOL[dtype]
+    lengths = lengths_for(B, T, lengths)
+    for proj in (0, 5):
+        fwd, bwd = lstm_args(T, B, H, proj, dtype, lengths, reverse)
+        for save in (True, False):
+            compare("lstm_fwd", fwd + (save,), ("y", "h_n", "c_n", "gates", "cs"), tol)
+        compare("lstm_bwd", bwd, ("dgx", "dh0", "dc0", "dw_hr"), tol)
+    for bias in (True, False):
+        fwd, bwd = gru_args(T, B, H, bias, dtype, lengths, reverse)
+        for save in (True, False):
+            compare("gru_fwd", fwd + (save,), ("y", "h_n", "saved"), tol)
+        compare("gru_bwd", bwd, ("dgx", "dgh", "dh0"), tol)
+    for relu in (False, True):
+        fwd, bwd = rnn_args(T, B, H, relu, dtype, lengths, reverse)
+        compare("rnn_fwd", fwd, ("y", "h_n"), tol)
+        compare("rnn_bwd", bwd, ("dgx", "dh0"), tol)
+
+
+def test_saturation_is_finite():
+    """Pre-activations of +-1e4 saturate every gate to 0/1 and tanh to +-1: no inf/inf, no NaN."""
+    T, B, H = 3, 2, 16
+    gx = torch.full((T, B, 4 * H), 1e4)
+    gx[:, 1] = -1e4
+    y, h_n, c_n, gates, cs = torch.ops.fastrnn.lstm_fwd(gx, torch.zeros(4 * H, H), torch.zeros(B, H),
+                                                        torch.zeros(B, H), None, None, False, True)
+    assert torch.isfinite(y).all() and torch.isfinite(gates).all()
+    assert set(gates.unique().tolist()) <= {0.0, 1.0, -1.0}
+    y, _ = torch.ops.fastrnn.rnn_fwd(gx[..., :H].contiguous(), torch.zeros(H, H), torch.zeros(B, H), None, False, False)
+    assert y[:, 0].eq(1).all() and y[:, 1].eq(-1).all()
+
+
+def test_outputs_are_fresh():
+    """No output aliases an input, even when the math type equals the storage type (fp32: no conversion)."""
+    fwd, bwd = rnn_args(2, 3, 4, False, torch.float32, None, False)
+    y, h_n = torch.ops.fastrnn.rnn_fwd(*fwd)
+    assert h_n.data_ptr() != fwd[2].data_ptr()
+    dgx, dh0 = torch.ops.fastrnn.rnn_bwd(*bwd)
+    assert dh0.data_ptr() != bwd[1].data_ptr()
+
+
+# ----- bad input --------------------------------------------------------------------------------------
+
+
+def test_bad_input_gives_clear_errors():
+    fwd, _ = rnn_args(3, 2, 4, False, torch.float32, None, False)
+    gx, w_hh, h0 = fwd[:3]
+    rnn = torch.ops.fastrnn.rnn_fwd
+    with pytest.raises(RuntimeError, match=r"fastrnn::rnn_fwd: h0 \[B, H\] must have dtype Float"):
+        rnn(gx, w_hh, h0.double(), None, False, False)
+    with pytest.raises(RuntimeError, match=r"w_hh \[H, H\] must have shape \[4, 4\], got \[4, 5\]"):
+        rnn(gx, torch.zeros(4, 5), h0, None, False, False)
+    with pytest.raises(RuntimeError, match="gx must be 3-D"):
+        rnn(gx[0], w_hh, h0, None, False, False)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        rnn(gx, w_hh.t(), h0, None, False, False)
+    with pytest.raises(RuntimeError, match="gx must be float32, float64, float16 or bfloat16, got Int"):
+        rnn(gx.int(), w_hh.int(), h0.int(), None, False, False)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 4 is outside \[0, T = 3\]"):
+        rnn(gx, w_hh, h0, torch.tensor([3, 4]), False, False)
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = -1 is outside"):
+        rnn(gx, w_hh, h0, torch.tensor([-1, 2]), False, False)
+    with pytest.raises(RuntimeError, match="lengths must be int64, got Int"):
+        rnn(gx, w_hh, h0, torch.tensor([3, 2], dtype=torch.int32), False, False)
+    with pytest.raises(RuntimeError, match=r"lengths must have shape \[2\]"):
+        rnn(gx, w_hh, h0, torch.tensor([3, 2, 1]), False, False)
+    fwd, _ = lstm_args(3, 2, 4, 0, torch.float32, None, False)
+    with pytest.raises(RuntimeError, match=r"fastrnn::lstm_fwd: without w_hr, h0 \[B, Hout\] must have Hout = H = 4"):
+        torch.ops.fastrnn.lstm_fwd(fwd[0], torch.zeros(16, 2), torch.zeros(2, 2), fwd[3], None, None, False, True)
+    with pytest.raises(RuntimeError, match=r"gx \[T, B, 4H\] must have shape \[3, 2, 20\]"):
+        torch.ops.fastrnn.lstm_fwd(fwd[0], fwd[1], fwd[2], torch.zeros(2, 5), None, None, False, True)
+
+
+# ----- the CMake build --------------------------------------------------------------------------------
+
+CMAKE_CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    torch.ops.load_library(sys.argv[1])
+    from fastrnn.backends import ops
+    ref = ops("reference")
+    x = torch.randn(4, 3, 4 * 5, dtype=torch.float64)
+    w, h0, c0 = torch.randn(20, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), True, True)
+    for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
+        torch.testing.assert_close(out, want)
+    print("cmake library OK")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build(tmp_path):
+    """Builds the op library with CMake (find_package(Torch)) into a temp dir and runs an op from it.
+
+    A Debug build (-O0) compiles about twice as fast and proves the same thing; it is loaded in a fresh
+    process because this one already registered the fastrnn namespace from fastrnn._C.
+    """
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(
+        ["cmake", "-S", ROOT, "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Debug",
+         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"] + generator,
+        check=True, capture_output=True, text=True,
+    )
+    jobs = os.environ.get("MAX_JOBS", "2")
+    build = subprocess.run(["cmake", "--build", str(tmp_path), "--parallel", jobs], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    library = tmp_path / "libfastrnn_ops.so"
+    assert library.exists(), os.listdir(tmp_path)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", CMAKE_CHECK, str(library)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "cmake library OK" in run.stdout, run.stdout + run.stderr
