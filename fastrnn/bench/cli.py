@@ -97,7 +97,7 @@ def run_bench(args):
     for line in report.header(rows) + [""] + report.table(rows):
         print(line)
     if base_rows:
-        print(f"\nagainst {args.base} (p50; base/this > 1 means this commit is faster):")
+        print(f"\nagainst {args.base} (p50; base/this > 1: this commit is faster; torch.nn's own ratio is the noise):")
         for line in report.comparison(base_rows, rows):
             print(line)
     if not args.no_save:

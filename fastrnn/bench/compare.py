@@ -60,10 +60,15 @@ def _export(revision, directory):
     shutil.copy2(PACKAGE_DIR / "__main__.py", base_package / "__main__.py")
 
 
-def _extension(revision, directory):
-    """Puts the base's compiled extension in place: this tree's when the sources match, else a build."""
+# The backends that live in the compiled extension.
+_COMPILED_BACKENDS = {"cpu", "cuda"}
+
+
+def _extension(revision, directory, backends):
+    """Puts the base's compiled extension in place: this tree's when the sources match, else a build
+    (skipped when the run asks only for backends outside the extension)."""
     directory = Path(directory)
-    if not (directory / "setup.py").exists():
+    if not (directory / "setup.py").exists() or (backends and not _COMPILED_BACKENDS & set(backends)):
         return
     present = [p for p in _EXTENSION_SOURCES if (REPO_DIR / p).exists()]
     same_sources = _git("diff", "--quiet", revision, "--", *present).returncode == 0
@@ -94,7 +99,7 @@ def run_base(revision, args, set_name):
     commit = resolved.stdout.decode().strip()
     with tempfile.TemporaryDirectory(prefix="fastrnn-base-") as directory:
         _export(commit, directory)
-        _extension(commit, directory)
+        _extension(commit, directory, args.backends)
         out = Path(directory) / "base-rows.json"
         argv = child_argv(args, set_name) + ["--label", f"base {commit}", "--json-out", str(out)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))}
