@@ -149,6 +149,25 @@ def test_step_and_persistent_paths_agree(cell, sizes, dtype):
             assert_close(f"step-vs-reference:{name}", ref_step[name], step[name], **PATH_TOL[dtype])
 
 
+# The overflow is the point of the test; numpy (the interpreter) warns about it, a GPU does not.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_saturated_gates_stay_finite_and_exact(cell, dtype):
+    """Pre-activations of +-200 overflow exp() in every activation: the result must be exactly 0, 1 or -1,
+    never NaN (inf/inf), in both paths."""
+    fwd_name, fwd_args, _ = make_case(cell, T=3, B=2, H=20, dtype=dtype)
+    gx = fwd_args[0]
+    fwd_args = (torch.where(gx > 0, 200.0, -200.0).to(dtype),) + fwd_args[1:]
+    ref = ops("reference")[fwd_name](*fwd_args)
+    for kind in KINDS:
+        with rec.force_kernel(kind):
+            out = ops("triton")[fwd_name](*fwd_args)
+        for name, a, b in zip(FWD_OUT[family(cell)], ref, out):
+            assert torch.isfinite(b).all(), f"{kind}:{name} has non-finite values"
+            assert_close(f"{kind}:{name}", a.double(), b.double(), **PATH_TOL[dtype])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cell", list(GATES))
 def test_empty_batch_returns_empty_outputs_and_passes_state(cell, kind):
@@ -194,15 +213,22 @@ def test_unsupported_dtype_is_a_clear_error():
 
 @pytest.mark.parametrize("G,H,dtype,persistent", [
     (4, 64, torch.float16, True),     # 4*64*64*2 B = 32 KiB of W_hh
-    (4, 128, torch.float16, False),   # 128 KiB: spills on sm_90 (compile_check)
-    (4, 64, torch.float32, True),     # 64 KiB, the limit
-    (4, 64, torch.bfloat16, True),    # widened to fp32 on chip: 64 KiB
+    (4, 128, torch.float16, False),   # 128 KiB: spills on sm_80/sm_90 (compile_check)
+    (4, 64, torch.bfloat16, True),    # widened to fp32 on chip: 64 KiB, the limit
+    (4, 32, torch.float32, True),     # 16 KiB, the limit for an fp32 GEMM without TF32 (FMAs)
+    (4, 64, torch.float32, False),    # 64 KiB of FMA operands
+    (4, 32, torch.float64, True),     # 32 KiB
     (4, 64, torch.float64, False),    # 128 KiB
-    (3, 37, torch.float32, True),     # H padded to 64: 48 KiB
+    (3, 37, torch.float16, True),     # H padded to 64: 24 KiB
     (1, 128, torch.float16, True),    # 32 KiB
 ])
 def test_plan_runs_persistent_only_when_the_weights_fit(G, H, dtype, persistent):
-    assert rec.plan(B=8, H=H, Hout=H, G=G, proj=False, dtype=dtype).persistent is persistent
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert rec.plan(B=8, H=H, Hout=H, G=G, proj=False, dtype=dtype).persistent is persistent
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_tf32_only_behind_torchs_switch():
@@ -211,7 +237,9 @@ def test_tf32_only_behind_torchs_switch():
         torch.set_float32_matmul_precision("highest")
         assert rec.plan(8, 64, 64, 4, False, torch.float32).prec == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert rec.plan(8, 64, 64, 4, False, torch.float32).prec == "tf32"
+        tf32 = rec.plan(8, 64, 64, 4, False, torch.float32)
+        assert tf32.prec == "tf32"
+        assert tf32.persistent, "with TF32 an fp32 GEMM is an MMA and gets the 64 KiB budget"
         assert rec.plan(8, 64, 64, 4, False, torch.float64).prec == "ieee"
     finally:
         torch.set_float32_matmul_precision(before)

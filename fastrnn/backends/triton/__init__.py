@@ -8,7 +8,7 @@ Importing this module raises ImportError without triton, which removes the backe
 
 from ..schemas import define_ops
 from . import gru, lstm, rnn
-from .recurrence import PERSISTENT_MAX_BYTES, devices, force_kernel
+from .recurrence import devices, force_kernel
 
 OPS = define_ops(
     "fastrnn_triton",
@@ -22,4 +22,4 @@ OPS = define_ops(
     },
 )
 
-__all__ = ["OPS", "PERSISTENT_MAX_BYTES", "devices", "force_kernel"]
+__all__ = ["OPS", "devices", "force_kernel"]

@@ -88,14 +88,23 @@ def _case_inputs(op, T, B, H, P, dtype, lengths):
     return (r(T, B, H), r(B, H), r(H, H), r(T, B, H), lens, False, False)
 
 
-# (op, kind, B, H, proj): the step path at the fastrnns size, the persistent path at the largest hidden
-# size its register budget admits in fp16 (rec.PERSISTENT_MAX_BYTES).
-CASES = [
-    (op, kind, 64, h, p)
-    for op in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "rnn_fwd", "rnn_bwd")
-    for kind, h in (("step", 512), ("persistent", 128 if op.startswith("rnn") else 64))
-    for p in ((0, h // 2) if op.startswith("lstm") else (0,))
-]
+OPS = ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "rnn_fwd", "rnn_bwd")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def cases(op, dtype):
+    """(kind, B, H, proj) to compile for `op`: the step path at the fastrnns size (B=64, H=512), and the
+    persistent path at the largest power-of-two H that rec.plan runs persistent in this dtype; LSTM with
+    and without proj_size = H/2."""
+    cell = op.split("_")[0]
+    out = []
+    for proj in (False, True) if cell == "lstm" else (False,):
+        out.append(("step", 64, 512, 256 if proj else 0))
+        fits = [h for h in (16, 32, 64, 128, 256)
+                if rec.plan(64, h, h // 2 if proj else h, GATES[cell], proj, dtype).persistent]
+        if fits:
+            out.append(("persistent", 64, fits[-1], fits[-1] // 2 if proj else 0))
+    return out
 
 
 def record_launches(op, kind, B, H, P, dtype):
@@ -156,29 +165,34 @@ def main(argv=None):
         raise SystemExit("compile_check needs triton's interpreter off (it compiles real kernels)")
     print("kernel,op,path,B,H,proj,dtype,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds")
     failures = 0
-    for op, kind, B, H, P in CASES:
-        if args.ops and op not in args.ops:
-            continue
+    for op in args.ops or OPS:
         for dname in args.dtype:
-            for kernel, sig, constexprs, options in record_launches(op, kind, B, H, P, DTYPES[dname]):
-                step = [p for p in kernel.params if p.name == "s"]
-                if step and not step[0].do_not_specialize:
-                    failures += 1
-                    print(f"{kernel.__name__}: the step index s must be do_not_specialize (one binary for all "
-                          "steps)", flush=True)
-                for arch in args.arch:
-                    try:
-                        r = compile_kernel(kernel, sig, constexprs, options, arch)
-                    except Exception as e:  # report every failing kernel, then fail at the end
-                        failures += 1
-                        print(f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch},FAILED: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
-                        continue
-                    print(f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch},{r.get('regs')},"
-                          f"{r.get('local')},{r.get('stack')},{r['smem']},{r['num_warps']},"
-                          f"{r['seconds']:.1f}", flush=True)
+            for kind, B, H, P in cases(op, DTYPES[dname]):
+                failures += compile_op(op, kind, B, H, P, dname, args.arch)
     if failures:
         raise SystemExit(f"{failures} kernel compilations failed")
+
+
+def compile_op(op, kind, B, H, P, dname, archs):
+    """Compiles and reports every kernel of one launcher call; returns the number of failures."""
+    failures = 0
+    for kernel, sig, constexprs, options in record_launches(op, kind, B, H, P, DTYPES[dname]):
+        step = [p for p in kernel.params if p.name == "s"]
+        if step and not step[0].do_not_specialize:
+            failures += 1
+            print(f"{kernel.__name__}: the step index s must be do_not_specialize (one binary for all steps)",
+                  flush=True)
+        for arch in archs:
+            row = f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch}"
+            try:
+                r = compile_kernel(kernel, sig, constexprs, options, arch)
+            except Exception as e:  # report every failing kernel, then fail at the end
+                failures += 1
+                print(f"{row},FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
+                continue
+            print(f"{row},{r.get('regs')},{r.get('local')},{r.get('stack')},{r['smem']},{r['num_warps']},"
+                  f"{r['seconds']:.1f}", flush=True)
+    return failures
 
 
 if __name__ == "__main__":

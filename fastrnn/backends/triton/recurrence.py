@@ -33,12 +33,12 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # On |x| only, so exp never overflows (e <= 1) and the quotient has no inf/inf. The absolute error
-    # is one ulp of 1 near x = 0 (6e-8 in fp32, 1e-16 in fp64); libdevice's tanh has no interpreter
-    # implementation, so it cannot be used by kernels that must also be tested on the CPU.
-    e = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -y, y)
+    # 2 sigmoid(2x) - 1: exp(-2x) may overflow to inf (x < -44 in fp32), which gives exactly -1, never
+    # inf/inf. The absolute error is about one ulp of 1 near x = 0 (6e-8 in fp32, 1e-16 in fp64).
+    # libdevice's tanh has no interpreter implementation, so kernels tested on the CPU cannot use it; the
+    # form (1 - e)/(1 + e) with e = exp(-2|x|) crashed LLVM's SLP vectorizer on sm_90 in the fp32 LSTM
+    # persistent kernel (triton 3.9, compile_check), this one compiles on sm_80 and sm_90.
+    return 2.0 * sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -205,13 +205,20 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
 # ----------------------------------------------------------------------------------------------------
 # Host side
 
-# The persistent kernel keeps the whole of W_hh (and W_hr) in registers for all T steps; above this many
-# bytes it would spill (a program has 64K 32-bit registers at most, shared with the state and the tiles;
-# 64 KiB of weights is a quarter of an SM's register file). Not yet tuned on a GPU: see docs/triton.md.
+# Limits and sizes set from compile-time resource reports (compile_check: registers and spills for sm_80
+# and sm_90), not from timings; no GPU has run these kernels yet (docs/triton.md).
+# The persistent kernels hold all of W_hh (and W_hr) on chip for the T steps (in shared memory: the
+# compiler hoists its allocation out of the loop). At 128 KiB (fp16 LSTM, H=128) they spilled 328-344 B
+# of registers on sm_80/sm_90; at 64 KiB they do not. An fp32 GEMM without TF32 is not an MMA: tl.dot
+# unrolls it into FMAs over the whole K, which spilled 80-5088 B at 64 KiB and not at 16 KiB.
 PERSISTENT_MAX_BYTES = 64 * 1024
+PERSISTENT_MAX_BYTES_FMA = 16 * 1024
+PERSISTENT_WARPS = 8  # 4 warps spilled 48-648 B in the fp16 persistent kernels; 8 do not
+# Step kernels: BB=64 with 4 warps spilled 296-440 B (LSTM fp16, sm_90); BB <= 32 does not. fp32 and
+# fp64 use 16 rows: their FMA-bound GEMM wants more programs (docs/triton.md, cost model).
 STEP_BB_MAX = 32
+STEP_BB_MAX_FMA = 16
 STEP_WARPS = 4
-PERSISTENT_WARPS = 8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _forced = None
@@ -276,18 +283,23 @@ class Plan:
 def plan(B, H, Hout, G, proj, dtype):
     """Step kernels or the persistent kernel, and the block sizes, from the shapes."""
     HP, OP = pow2(H), pow2(Hout)
+    # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    fma = dtype == torch.float64 or (dtype == torch.float32 and not tf32)
     # bf16 weights are widened to fp32 for the MMA (see mma), so they take 4 bytes on chip.
     elsize = 4 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).element_size()
     resident = (G * HP * OP + (HP * OP if proj else 0)) * elsize
-    persistent = _forced == "persistent" if _forced else resident <= PERSISTENT_MAX_BYTES
-    # tl.dot needs M >= 16; up to 64 rows share each weight tile that a program streams.
-    BB = 16 if persistent else min(STEP_BB_MAX, pow2(B))
-    # 32 units x 4 gates per tile: at H=512 that is 16 tiles per batch block, enough programs to spread
-    # the per-step GEMM over the SMs for B >= 64; BK=32 keeps the streamed tiles at 4 x 32 x 32.
+    if _forced:
+        persistent = _forced == "persistent"
+    else:
+        persistent = resident <= (PERSISTENT_MAX_BYTES_FMA if dtype == torch.float32 and not tf32
+                                  else PERSISTENT_MAX_BYTES)
+    # tl.dot needs M >= 16.
+    BB = 16 if persistent else min(STEP_BB_MAX_FMA if fma else STEP_BB_MAX, pow2(B))
+    # 32 units x G gates per tile: at H=512 that is 16 tiles per batch block; BK=32 keeps the streamed
+    # weight tiles at G x 32 x 32.
     BN, BK = 32, 32
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
-    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     warps = PERSISTENT_WARPS if persistent else STEP_WARPS
     return Plan(persistent, BB, BN, BK, HP, OP, acc, "tf32" if tf32 else "ieee", warps)
 
