@@ -84,9 +84,25 @@ def _extension(revision, directory, backends):
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=directory,
                            capture_output=True, text=True)
     if build.returncode != 0:
-        tail = "\n".join((build.stdout + build.stderr).splitlines()[-20:])
+        log = (build.stdout + build.stderr).splitlines()
+        # The compiler's own error lines say why; the Python traceback after them does not.
+        reasons = list(dict.fromkeys(line for line in log if "error:" in line.lower()))[:10] or log[-20:]
         print(f"fastrnn bench --base: the build of {revision} failed; its compiled backends will be missing "
-              f"from the comparison:\n{tail}", file=sys.stderr)
+              f"from the comparison:\n" + "\n".join(reasons), file=sys.stderr)
+
+
+# The child's entry point. An editable install (pip install -e, as scripts/env.sh does) adds an import
+# finder that maps fastrnn to this working tree; it would supply fastrnn._C to the base whenever the base
+# has none of its own, and the base would silently time this tree's kernels. The child drops that
+# finder and checks that fastrnn comes from the base directory (its working directory).
+_CHILD = (
+    "import os, runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable___fastrnn' not in getattr(f, '__module__', '')]; "
+    "import fastrnn; "
+    "here = os.path.realpath(os.path.dirname(os.path.dirname(fastrnn.__file__))); "
+    "assert here == os.path.realpath(os.getcwd()), f'the base run imported fastrnn from {here}'; "
+    "runpy.run_module('fastrnn', run_name='__main__', alter_sys=True)"
+)
 
 
 def run_base(revision, args, set_name):
@@ -104,7 +120,7 @@ def run_base(revision, args, set_name):
         argv = child_argv(args, set_name) + ["--label", f"base {commit}", "--json-out", str(out)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))}
         print(f"fastrnn bench --base: running {commit}", file=sys.stderr)
-        child = subprocess.run([sys.executable, "-m", "fastrnn", *argv], cwd=directory, env=env)
+        child = subprocess.run([sys.executable, "-c", _CHILD, *argv], cwd=directory, env=env)
         if child.returncode != 0 or not out.exists():
             sys.exit(f"fastrnn bench --base: the run of {commit} failed (exit status {child.returncode})")
         rows = json.loads(out.read_text())
