@@ -30,10 +30,31 @@ def device_backends():
     return pairs
 
 
+def _marks(device):
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
 def backend_params():
+    return [pytest.param(d, b, id=f"{b}-{d}", marks=_marks(d)) for d, b in device_backends()]
+
+
+def interpreted(device, backend):
+    """Triton kernels on CPU tensors run in Triton's interpreter (numpy per program instance, ~1000x slower
+    than the reference backend: 20+ minutes for the whole suite on these 2 cores). They get the small cases
+    (T <= 7, H <= 8: every form and feature, every cell) and not the long or wide ones; on a GPU the very
+    same kernels run every case."""
+    return backend == "triton" and device == "cpu"
+
+
+def case_params(cases, interpreter_cases=None):
+    """pytest params (case, device, backend): every case on every backend; an interpreted backend gets
+    `interpreter_cases` (default: the cases with T <= 7 and H <= 8)."""
+    if interpreter_cases is None:
+        interpreter_cases = [c for c in cases if c.T <= 7 and c.H <= 8]
     return [
-        pytest.param(d, b, id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+        pytest.param(c, d, b, id=f"{c.id}-{b}-{d}", marks=_marks(d))
         for d, b in device_backends()
+        for c in (interpreter_cases if interpreted(d, b) else cases)
     ]
 
 
