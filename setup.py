@@ -55,7 +55,10 @@ def _extension():
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     bindings = os.path.join("csrc", "cuda", "bindings.cpp")
     # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which gcc ignores (hundreds of lines).
-    cxx = ["-O3", "-Wno-unknown-pragmas", "-DFASTRNN_PYTHON_MODULE"] + _cpu_flags()
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers (AT_PARALLEL_OPENMP);
+    # compiled without it, every parallel_for silently runs on one thread. The library then needs libgomp.so.1,
+    # which torch has already loaded (torch/lib ships it), so there is one OpenMP runtime and one thread pool.
+    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp", "-DFASTRNN_PYTHON_MODULE"] + _cpu_flags()
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -69,8 +72,9 @@ def _extension():
             "fastrnn._C",
             sources + cuda_sources + [bindings],
             extra_compile_args={"cxx": cxx + ["-DFASTRNN_WITH_CUDA"], "nvcc": ["-O3", "-DFASTRNN_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
         )
-    return CppExtension("fastrnn._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("fastrnn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -1,16 +1,18 @@
-// A register-blocked GEMM for the small hidden products of one recurrence step, C[M, N] (+)= A[M, K] @ R[K, N]
-// (row-major, acc_t = float or double), called straight on raw pointers.
+// The hidden product of one recurrence step for small and medium sizes, C[M, N] = A[M, K] @ R[K, N]
+// (acc_t = float or double), on packed weights and straight on raw pointers.
 //
-// Legend: M rows (the batch B), N columns (G*H forward, Hout backward), K inner (Hout forward, G*H
-// backward); MR x NV: a tile of MR rows and NV vectors of columns held in registers.
+// Legend: M rows (the batch B), K inner (Hout forward, G*H backward), N = groups * width columns
+// (forward: G gates of H units; backward: 1 group of Hout), P = panel width (2 vectors: 16 floats,
+// 8 doubles), MR rows of a register tile.
 //
-// Why it exists: at B=1, H=128 a step's product is 65K multiply-adds, ~2 us of math, while at::mm_out costs
-// ~5-15 us of dispatch and BLAS set-up per call (measured in docs/cpu.md); StepGemm (recurrence.h) picks
-// this kernel below a size threshold and at::mm_out (MKL) above it.
+// Why it exists: at B=1, H=128 a step's product is 65K multiply-adds, ~3 us of math, while at::mm_out costs
+// ~5-15 us of dispatch and BLAS set-up per call; and the tile of one block of units for every gate can go
+// straight into that block's cell update (recurrence.h, the fused step) with no [B, G*H] round trip.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -18,101 +20,112 @@
 namespace fastrnn {
 namespace cpu {
 
-// One MR x (NV vectors) tile over the whole K: the accumulators stay in registers (MR * NV <= 8 of the 16
-// AVX2 registers), each k loads NV vectors of R once and broadcasts MR values of A.
-template <typename acc_t, int MR, int NV>
-inline void gemm_tile(const acc_t* a, int64_t lda, const acc_t* r, int64_t ldr, acc_t* c, int64_t ldc, int64_t K,
-                      bool accumulate) {
+template <typename acc_t>
+constexpr int64_t panel_width() {
+  return 2 * at::vec::Vectorized<acc_t>::size();
+}
+
+// R [K, N] packed as panels [groups][blocks][K][P], blocks = ceil(width / P), columns past `width` zero.
+// A panel is K*P contiguous values (8 KB at K = 128), streamed linearly by the tile. Unpacked, a tile would
+// stride through R by N: at N = 512 floats that stride is 2 KB, which maps every row of the panel to the
+// same two of the 64 L1 sets, so the panel could never stay in L1.
+template <typename acc_t>
+struct Panels {
+  static constexpr int64_t P = panel_width<acc_t>();
+  int64_t K = 0, groups = 0, width = 0, blocks = 0;
+  at::Tensor data;
+
+  Panels() = default;
+
+  // r: [K, groups * width] in acc_t, any strides (a transposed view of W_hh is fine).
+  Panels(const at::Tensor& r, int64_t groups_) : K(r.size(0)), groups(groups_), width(r.size(1) / groups_) {
+    blocks = (width + P - 1) / P;
+    data = at::empty({groups * blocks * K * P}, r.options());
+    const acc_t* src = r.const_data_ptr<acc_t>();
+    const int64_t s0 = r.stride(0), s1 = r.stride(1);
+    acc_t* dst = data.data_ptr<acc_t>();
+    // k outer, j inner: the writes are sequential, and the reads walk `valid` columns of R side by side
+    // (for the transposed view of W_hh, `valid` rows of W_hh, each read sequentially).
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        acc_t* p = dst + (g * blocks + blk) * K * P;
+        const acc_t* col0 = src + (g * width + blk * P) * s1;
+        const int64_t valid = std::min(P, width - blk * P);
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < valid; ++j) {
+            p[k * P + j] = col0[k * s0 + j * s1];
+          }
+          for (int64_t j = valid; j < P; ++j) {
+            p[k * P + j] = acc_t(0);
+          }
+        }
+      }
+    }
+  }
+
+  const acc_t* panel(int64_t g, int64_t blk) const { return data.const_data_ptr<acc_t>() + (g * blocks + blk) * K * P; }
+};
+
+// out[MR][P] = a[MR rows, K] @ panel[K][P]. The accumulators stay in registers: MR x 2 vectors, and for
+// MR <= 2 a second set over odd k, so that at least 4 independent FMA chains hide the 4-cycle FMA latency
+// (a single row is then bound by streaming the panel from L2, ~1 vector a cycle). The two sets are
+// separate arrays: one [2][MR][2] array indexed by the unrolled k made gcc 13 keep it on the stack
+// (a store and reload per FMA: 4x slower at MR = 1).
+template <typename acc_t, int MR>
+inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t VS = Vec::size();
-  Vec acc[MR][NV];
+  constexpr int64_t P = 2 * VS;
+  constexpr bool kSplitK = MR <= 2;
+  Vec lo[MR], hi[MR], lo2[MR], hi2[MR];
   for (int m = 0; m < MR; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      acc[m][v] = accumulate ? Vec::loadu(c + m * ldc + v * VS) : Vec(acc_t(0));
+    lo[m] = hi[m] = lo2[m] = hi2[m] = Vec(acc_t(0));
+  }
+  int64_t k = 0;
+  if constexpr (kSplitK) {
+    for (; k + 2 <= K; k += 2) {
+      const acc_t* p = panel + k * P;
+      const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS), r2 = Vec::loadu(p + P), r3 = Vec::loadu(p + P + VS);
+      for (int m = 0; m < MR; ++m) {
+        const Vec a0(a[m * lda + k]), a1(a[m * lda + k + 1]);
+        lo[m] = at::vec::fmadd(a0, r0, lo[m]);
+        hi[m] = at::vec::fmadd(a0, r1, hi[m]);
+        lo2[m] = at::vec::fmadd(a1, r2, lo2[m]);
+        hi2[m] = at::vec::fmadd(a1, r3, hi2[m]);
+      }
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t* r_k = r + k * ldr;
-    Vec rv[NV];
-    for (int v = 0; v < NV; ++v) {
-      rv[v] = Vec::loadu(r_k + v * VS);
-    }
+  for (; k < K; ++k) {
+    const acc_t* p = panel + k * P;
+    const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS);
     for (int m = 0; m < MR; ++m) {
-      const Vec a_mk(a[m * lda + k]);
-      for (int v = 0; v < NV; ++v) {
-        acc[m][v] = at::vec::fmadd(a_mk, rv[v], acc[m][v]);
-      }
+      const Vec a0(a[m * lda + k]);
+      lo[m] = at::vec::fmadd(a0, r0, lo[m]);
+      hi[m] = at::vec::fmadd(a0, r1, hi[m]);
     }
   }
   for (int m = 0; m < MR; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      acc[m][v].store(c + m * ldc + v * VS);
-    }
+    (lo[m] + lo2[m]).store(out + m * P);
+    (hi[m] + hi2[m]).store(out + m * P + VS);
   }
 }
 
-// Columns [n0, n0 + n) (n < one vector) of MR rows, one scalar at a time: the ragged right edge.
-template <typename acc_t, int MR>
-inline void gemm_edge(const acc_t* a, int64_t lda, const acc_t* r, int64_t ldr, acc_t* c, int64_t ldc, int64_t K,
-                      int64_t n, bool accumulate) {
-  for (int m = 0; m < MR; ++m) {
-    for (int64_t j = 0; j < n; ++j) {
-      acc_t s = accumulate ? c[m * ldc + j] : acc_t(0);
-      for (int64_t k = 0; k < K; ++k) {
-        s += a[m * lda + k] * r[k * ldr + j];
-      }
-      c[m * ldc + j] = s;
-    }
-  }
-}
-
-// All M rows of the NV-vector-wide column panel at R + n, C + n: rows 4 at a time, then the last 1-3.
-// Rows are the inner loop so that the panel of R (K x NV vectors, 8 KB at K = 128, NV = 2) stays in L1.
-template <typename acc_t, int NV>
-inline void gemm_panel(const acc_t* a, int64_t lda, const acc_t* r, int64_t ldr, acc_t* c, int64_t ldc, int64_t M,
-                       int64_t K, bool accumulate) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    gemm_tile<acc_t, 4, NV>(a + m * lda, lda, r, ldr, c + m * ldc, ldc, K, accumulate);
-  }
-  switch (M - m) {
+// Rows [m0, m0 + mr) (mr in 1..4) of one panel.
+template <typename acc_t>
+inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, int64_t mr, acc_t* out) {
+  switch (mr) {
+    case 4:
+      panel_tile<acc_t, 4>(a, lda, panel, K, out);
+      break;
     case 3:
-      gemm_tile<acc_t, 3, NV>(a + m * lda, lda, r, ldr, c + m * ldc, ldc, K, accumulate);
+      panel_tile<acc_t, 3>(a, lda, panel, K, out);
       break;
     case 2:
-      gemm_tile<acc_t, 2, NV>(a + m * lda, lda, r, ldr, c + m * ldc, ldc, K, accumulate);
-      break;
-    case 1:
-      gemm_tile<acc_t, 1, NV>(a + m * lda, lda, r, ldr, c + m * ldc, ldc, K, accumulate);
+      panel_tile<acc_t, 2>(a, lda, panel, K, out);
       break;
     default:
+      panel_tile<acc_t, 1>(a, lda, panel, K, out);
       break;
-  }
-}
-
-// Columns [n0, n1) of C for all M rows, on the calling thread: panels of NV = 2 vectors (4 x 2 tiles,
-// 8 accumulators), or NV = 4 for a single row (bound by loading R, one vector per multiply-add, so four
-// independent chains suffice), then single vectors, then the scalar edge.
-template <typename acc_t>
-inline void gemm_columns(const acc_t* a, int64_t lda, const acc_t* r, int64_t ldr, acc_t* c, int64_t ldc,
-                         int64_t M, int64_t K, int64_t n0, int64_t n1, bool accumulate) {
-  constexpr int64_t VS = at::vec::Vectorized<acc_t>::size();
-  int64_t n = n0;
-  if (M == 1) {
-    for (; n + 4 * VS <= n1; n += 4 * VS) {
-      gemm_tile<acc_t, 1, 4>(a, lda, r + n, ldr, c + n, ldc, K, accumulate);
-    }
-  }
-  for (; n + 2 * VS <= n1; n += 2 * VS) {
-    gemm_panel<acc_t, 2>(a, lda, r + n, ldr, c + n, ldc, M, K, accumulate);
-  }
-  for (; n + VS <= n1; n += VS) {
-    gemm_panel<acc_t, 1>(a, lda, r + n, ldr, c + n, ldc, M, K, accumulate);
-  }
-  if (n < n1) {
-    for (int64_t m = 0; m < M; ++m) {
-      gemm_edge<acc_t, 1>(a + m * lda, lda, r + n, ldr, c + m * ldc + n, ldc, K, n1 - n, accumulate);
-    }
   }
 }
 

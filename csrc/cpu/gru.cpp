@@ -1,10 +1,9 @@
 // GRU recurrence on the CPU: fastrnn::gru_fwd and fastrnn::gru_bwd of docs/contract.md.
 //
 // Legend: T steps, B batch, H hidden, G = 3H (gates r, z, n, gate-major); gh = h_{t-1} W_hh^T + b_hh.
-// Per step: one hidden GEMM (StepGemm, into a preallocated [B, 3H] buffer), then one fused, vectorised
-// pointwise pass over (b, unit) with the cell of csrc/cells/gru.h. Backward: the pointwise pass writes
-// dh z (the part of dh_{t-1} that skips W_hh) into the next-gradient buffer and the GEMM accumulates
-// dgh_t W_hh onto it (beta = 1), so a step is one pass and one GEMM.
+// The loops are recurrence.h's (forward_loop, backward_loop: the hidden product, fused with the cell
+// for small sizes); this file has the GRU's pointwise step with the cell of csrc/cells/gru.h. Backward,
+// the cell also writes dh z, the part of dh_{t-1} that skips W_hh, which the loop adds to dgh_t W_hh.
 #include <torch/library.h>
 
 #include "../cells/gru.h"
@@ -14,7 +13,7 @@ namespace fastrnn {
 namespace cpu {
 namespace {
 
-// Rough cycles per unit of the pointwise pass (3 transcendentals), see kMinParallelCycles.
+// Rough cycles per unit of the pointwise step (3 transcendentals), to size the parallel grain.
 constexpr int64_t kGruUnitCost = 8;
 
 template <typename scalar_t>
@@ -24,58 +23,63 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1), G = 3 * H;
 
-  at::Tensor h = acc_copy<acc_t>(h0);                      // [B, H] h_{t-1}, then h_t
-  at::Tensor a = at::empty({B, G}, acc_options<acc_t>());  // [B, 3H] h_{t-1} W_hh^T
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh).t());
+  at::Tensor h = acc_copy<acc_t>(h0);                             // [B, H] h_{t-1}: what the product reads
+  at::Tensor h_next = at::empty({B, H}, acc_options<acc_t>());    // [B, H] h_t
+  at::Tensor hid = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] h_{t-1} W_hh^T when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 3, B);
   const at::Tensor bias = b_hh.has_value() ? to_acc<acc_t>(*b_hh) : at::Tensor();
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
-  const acc_t* a_p = a.const_data_ptr<acc_t>();
   const acc_t* bias_p = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  acc_t* h_p = h.data_ptr<acc_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* saved_p = save ? saved.data_ptr<scalar_t>() : nullptr;
+  const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
+  acc_t* next_p = h_next.data_ptr<acc_t>();
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = fwd_time(s, T, reverse);
-    hidden_gemm(h, a);
-    for_rows_units(B, H, kGruUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* y_b = row(y_p, t, B, b, H);
-      scalar_t* saved_b = save ? row(saved_p, t, B, b, 4 * H) : nullptr;
-      if (!active(len, t, b)) {  // state carried: y_t = 0, saved 0
-        zero_row<acc_t>(y_b + j0, j1 - j0);
-        if (save) {
-          for (int64_t k = 0; k < 4; ++k) {
-            zero_row<acc_t>(saved_b + k * H + j0, j1 - j0);
-          }
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
+    const acc_t* h_b = row(h_p, b, H);
+    acc_t* next_b = row(next_p, b, H);
+    scalar_t* y_b = row(y_p, t, B, b, H);
+    scalar_t* saved_b = save ? row(saved_p, t, B, b, 4 * H) : nullptr;
+    if (!active(len, t, b)) {  // state carried: y_t = 0, saved 0
+      copy_row<acc_t>(next_b + j0, h_b + j0, j1 - j0);
+      zero_row<acc_t>(y_b + j0, j1 - j0);
+      if (save) {
+        for (int64_t k = 0; k < 4; ++k) {
+          zero_row<acc_t>(saved_b + k * H + j0, j1 - j0);
         }
-        return;
       }
-      const scalar_t* gx_b = row(gx_p, t, B, b, G);
-      const acc_t* a_b = row(a_p, b, G);
-      acc_t* h_b = row(h_p, b, H);
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        V ghr = load<V>(a_b + j), ghz = load<V>(a_b + H + j), ghn = load<V>(a_b + 2 * H + j);
-        if (bias_p != nullptr) {
-          ghr = ghr + load<V>(bias_p + j);
-          ghz = ghz + load<V>(bias_p + H + j);
-          ghn = ghn + load<V>(bias_p + 2 * H + j);
-        }
-        V r, z, n, h_new;
-        cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
-                            load<V>(h_b + j), r, z, n, h_new);
-        store(h_b + j, h_new);
-        store(y_b + j, h_new);
-        if (save) {
-          store(saved_b + j, r);
-          store(saved_b + H + j, z);
-          store(saved_b + 2 * H + j, n);
-          store(saved_b + 3 * H + j, ghn);
-        }
-      });
+      return;
+    }
+    const scalar_t* gx_b = row(gx_p, t, B, b, G);
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const acc_t* a = hid_b + (j - j0);
+      V ghr = load<V>(a), ghz = load<V>(a + gs), ghn = load<V>(a + 2 * gs);
+      if (bias_p != nullptr) {
+        ghr = ghr + load<V>(bias_p + j);
+        ghz = ghz + load<V>(bias_p + H + j);
+        ghn = ghn + load<V>(bias_p + 2 * H + j);
+      }
+      V r, z, n, h_new;
+      cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
+                          load<V>(h_b + j), r, z, n, h_new);
+      store(next_b + j, h_new);
+      store(y_b + j, h_new);
+      if (save) {
+        store(saved_b + j, r);
+        store(saved_b + H + j, z);
+        store(saved_b + 2 * H + j, n);
+        store(saved_b + 3 * H + j, ghn);
+      }
     });
-  }
+  };
+  auto after = [&](int64_t) {  // h_t becomes the state the next product reads
+    std::swap(h, h_next);
+    h_p = h.const_data_ptr<acc_t>();
+    next_p = h_next.data_ptr<acc_t>();
+  };
+  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kGruUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
 }
 
@@ -86,10 +90,12 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2), G = 3 * H;
 
-  at::Tensor dh = acc_copy<acc_t>(dh_n);                       // [B, H] recurrent gradient into h_t
-  at::Tensor dh_next = at::empty({B, H}, acc_options<acc_t>());  // [B, H] dh z, then + dgh_t W_hh
+  at::Tensor dh = acc_copy<acc_t>(dh_n);                         // [B, H] recurrent gradient into h_t
+  at::Tensor direct = at::empty({B, H}, acc_options<acc_t>());   // [B, H] dh z: the part skipping W_hh
   at::Tensor da = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] dgh_t in the math type
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh));
+  at::Tensor da_prev = at::empty({B, G}, acc_options<acc_t>());  // the other buffer when fused
+  at::Tensor prod = at::empty({B, H}, acc_options<acc_t>());     // [B, H] dgh_t W_hh when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B);
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
   const scalar_t* y_p = y.const_data_ptr<scalar_t>();
@@ -97,56 +103,50 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   const scalar_t* saved_p = saved.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
-  acc_t* da_p = da.data_ptr<acc_t>();
+  const acc_t* dh_p = dh.const_data_ptr<acc_t>();
+  acc_t* direct_p = direct.data_ptr<acc_t>();
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = bwd_time(s, T, reverse);
-    const acc_t* dh_p = dh.const_data_ptr<acc_t>();
-    acc_t* next_p = dh_next.data_ptr<acc_t>();
-    for_rows_units(B, H, kGruUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* dgx_b = row(dgx_p, t, B, b, G);
-      scalar_t* dgh_b = row(dgh_p, t, B, b, G);
-      acc_t* da_b = row(da_p, b, G);
-      const acc_t* dh_b = row(dh_p, b, H);
-      acc_t* next_b = row(next_p, b, H);
-      if (!active(len, t, b)) {  // no gradient into this step; dh passes through (da = 0 adds nothing)
-        for (int64_t k = 0; k < 3; ++k) {
-          zero_row<acc_t>(dgx_b + k * H + j0, j1 - j0);
-          zero_row<acc_t>(dgh_b + k * H + j0, j1 - j0);
-          zero_row<acc_t>(da_b + k * H + j0, j1 - j0);
-        }
-        copy_row<acc_t>(next_b + j0, dh_b + j0, j1 - j0);
-        return;
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
+    scalar_t* dgx_b = row(dgx_p, t, B, b, G);
+    scalar_t* dgh_b = row(dgh_p, t, B, b, G);
+    if (!active(len, t, b)) {  // no gradient into this step; dh passes through
+      for (int64_t k = 0; k < 3; ++k) {
+        zero_row<acc_t>(dgx_b + k * H + j0, j1 - j0);
+        zero_row<acc_t>(dgh_b + k * H + j0, j1 - j0);
+        zero_row<acc_t>(da_b + k * H + j0, j1 - j0);
       }
-      // h_{t-1} from the outputs (contract): forward y[t-1] (active whenever t is); reverse y[t+1] while
-      // t+1 is inside the sequence; h0 at the sequence's first step.
-      const int64_t tp = reverse ? t + 1 : t - 1;
-      const bool from_y = reverse ? (tp < T && (len == nullptr || tp < len[b])) : tp >= 0;
-      const scalar_t* h_prev_b = from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
-      const scalar_t* saved_b = row(saved_p, t, B, b, 4 * H);
-      const scalar_t* dy_b = row(dy_p, t, B, b, H);
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        const V r = load<V>(saved_b + j), z = load<V>(saved_b + H + j), n = load<V>(saved_b + 2 * H + j),
-                ghn = load<V>(saved_b + 3 * H + j);
-        V dar, daz, dan, dghn, dh_direct;
-        cells::gru_bwd_cell(load<V>(dh_b + j) + load<V>(dy_b + j), r, z, n, ghn, load<V>(h_prev_b + j), dar, daz,
-                            dan, dghn, dh_direct);
-        store(dgx_b + j, dar);
-        store(dgx_b + H + j, daz);
-        store(dgx_b + 2 * H + j, dan);
-        store(dgh_b + j, dar);
-        store(dgh_b + H + j, daz);
-        store(dgh_b + 2 * H + j, dghn);
-        store(da_b + j, dar);
-        store(da_b + H + j, daz);
-        store(da_b + 2 * H + j, dghn);
-        store(next_b + j, dh_direct);
-      });
+      return;
+    }
+    // h_{t-1} from the outputs (contract): forward y[t-1] (active whenever t is); reverse y[t+1] while
+    // t+1 is inside the sequence; h0 at the sequence's first step.
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const bool from_y = reverse ? (tp < T && (len == nullptr || tp < len[b])) : tp >= 0;
+    const scalar_t* h_prev_b = from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
+    const scalar_t* saved_b = row(saved_p, t, B, b, 4 * H);
+    const scalar_t* dy_b = row(dy_p, t, B, b, H);
+    const acc_t* dh_b = row(dh_p, b, H);
+    acc_t* direct_b = row(direct_p, b, H);
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const V r = load<V>(saved_b + j), z = load<V>(saved_b + H + j), n = load<V>(saved_b + 2 * H + j),
+              ghn = load<V>(saved_b + 3 * H + j);
+      V dar, daz, dan, dghn, dh_direct;
+      cells::gru_bwd_cell(load<V>(dh_b + j) + load<V>(dy_b + j), r, z, n, ghn, load<V>(h_prev_b + j), dar, daz,
+                          dan, dghn, dh_direct);
+      store(dgx_b + j, dar);
+      store(dgx_b + H + j, daz);
+      store(dgx_b + 2 * H + j, dan);
+      store(dgh_b + j, dar);
+      store(dgh_b + H + j, daz);
+      store(dgh_b + 2 * H + j, dghn);
+      store(da_b + j, dar);
+      store(da_b + H + j, daz);
+      store(da_b + 2 * H + j, dghn);
+      store(direct_b + j, dh_direct);
     });
-    hidden_gemm.accumulate(da, dh_next);
-    std::swap(dh, dh_next);
-  }
+  };
+  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, direct, len, T, B, H, reverse, kGruUnitCost,
+                       cell, [](int64_t) {});
   dh0 = dh.to(dh_n.scalar_type());
 }
 

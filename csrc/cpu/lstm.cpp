@@ -1,10 +1,10 @@
 // LSTM recurrence on the CPU: fastrnn::lstm_fwd and fastrnn::lstm_bwd of docs/contract.md.
 //
 // Legend: T steps, B batch, H hidden, Hout = proj_size or H, G = 4H (gates i, f, g, o, gate-major).
-// Per step: one hidden GEMM (StepGemm, into a preallocated [B, 4H] buffer), then one fused, vectorised
-// pointwise pass over (b, unit) that adds gx_t, applies the cell (csrc/cells/lstm.h) and writes the state,
-// y_t and the saved gates/c. With a projection, one more GEMM per step (m_t W_hr^T forward, dh_t W_hr
-// backward); dW_hr is one GEMM over all T*B rows at the end.
+// The loops are recurrence.h's (forward_loop, backward_loop: the hidden product, fused with the cell
+// for small sizes); this file has the LSTM's pointwise step: add gx_t, apply the cell of
+// csrc/cells/lstm.h on whole vectors, write the state, y_t and the saved gates/c. With a projection, one
+// more product per step (m_t W_hr^T forward, dh_t W_hr backward); dW_hr is one GEMM over all T*B rows.
 #include <torch/library.h>
 
 #include "../cells/lstm.h"
@@ -14,8 +14,8 @@ namespace fastrnn {
 namespace cpu {
 namespace {
 
-// Rough cycles per unit of the pointwise pass (5 transcendentals per unit forward, one vector of 8 units
-// at ~20 cycles each), used only to decide whether a step's pointwise work is worth a parallel region.
+// Rough cycles per unit of the pointwise step (5 transcendentals per unit forward, a vector of 8 units at
+// ~20 cycles each), used only to size the parallel grain (recurrence.h).
 constexpr int64_t kLstmUnitCost = 12;
 
 template <typename scalar_t>
@@ -26,84 +26,92 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   const int64_t T = gx.size(0), B = gx.size(1), H = c0.size(1), Hout = h0.size(1), G = 4 * H;
   const bool proj = w_hr.has_value();
 
-  at::Tensor h = acc_copy<acc_t>(h0);                  // [B, Hout] h_{t-1}, then h_t
-  at::Tensor c = acc_copy<acc_t>(c0);                  // [B, H]
-  at::Tensor a = at::empty({B, G}, acc_options<acc_t>());  // [B, 4H] h_{t-1} W_hh^T
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh).t());
+  at::Tensor h = acc_copy<acc_t>(h0);                         // [B, Hout] h_{t-1}: what the product reads
+  at::Tensor h_next = at::empty({B, Hout}, acc_options<acc_t>());  // [B, Hout] h_t (projection: m W_hr^T)
+  at::Tensor c = acc_copy<acc_t>(c0);                         // [B, H], updated in place (unit-local)
+  at::Tensor hid = at::empty({B, G}, acc_options<acc_t>());   // [B, 4H] h_{t-1} W_hh^T when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 4, B);
   // With a projection the cell writes m_t to `m` (zeroed: rows of inactive sequences go through the
-  // projection GEMM unused, and must not hold garbage NaNs/denormals), and h_t = m_t W_hr^T to `h_new`.
-  at::Tensor m = proj ? at::zeros({B, H}, acc_options<acc_t>()) : h;
-  at::Tensor h_new = proj ? at::empty({B, Hout}, acc_options<acc_t>()) : at::Tensor();
-  const std::optional<StepGemm<acc_t>> proj_gemm =
-      proj ? std::optional<StepGemm<acc_t>>(StepGemm<acc_t>(to_acc<acc_t>(*w_hr).t())) : std::nullopt;
+  // projection unused and must not hold garbage NaNs/denormals), then h_t = m_t W_hr^T.
+  at::Tensor m = proj ? at::zeros({B, H}, acc_options<acc_t>()) : at::Tensor();
+  std::optional<HiddenGemm<acc_t>> proj_gemm;
+  if (proj) {
+    proj_gemm.emplace(to_acc<acc_t>(*w_hr).t(), 1, B);
+  }
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* gates_p = save ? gates.data_ptr<scalar_t>() : nullptr;
   scalar_t* cs_p = save ? cs.data_ptr<scalar_t>() : nullptr;
-  const acc_t* a_p = a.const_data_ptr<acc_t>();
   acc_t* c_p = c.data_ptr<acc_t>();
-  acc_t* m_p = m.data_ptr<acc_t>();
+  const acc_t* h_p = h.const_data_ptr<acc_t>();                   // swapped with out_p by `after`
+  acc_t* out_p = proj ? m.data_ptr<acc_t>() : h_next.data_ptr<acc_t>();  // where the cell writes m_t
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = fwd_time(s, T, reverse);
-    hidden_gemm(h, a);
-    for_rows_units(B, H, kLstmUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      const bool on = active(len, t, b);
-      const scalar_t* gx_b = row(gx_p, t, B, b, G);
-      const acc_t* a_b = row(a_p, b, G);
-      acc_t* c_b = row(c_p, b, H);
-      acc_t* m_b = row(m_p, b, H);
-      scalar_t* y_b = row(y_p, t, B, b, Hout);
-      scalar_t* gates_b = save ? row(gates_p, t, B, b, G) : nullptr;
-      scalar_t* cs_b = save ? row(cs_p, t, B, b, H) : nullptr;
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        if (!on) {  // state carried: y_t = 0, gates 0, cs_t = the carried c
-          if (!proj) {
-            store(y_b + j, V(0));
-          }
-          if (save) {
-            for (int64_t k = 0; k < 4; ++k) {
-              store(gates_b + k * H + j, V(0));
-            }
-            store(cs_b + j, load<V>(c_b + j));
-          }
-          return;
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
+    const scalar_t* gx_b = row(gx_p, t, B, b, G);
+    acc_t* c_b = row(c_p, b, H);
+    acc_t* out_b = row(out_p, b, H);
+    scalar_t* y_b = row(y_p, t, B, b, Hout);
+    scalar_t* gates_b = save ? row(gates_p, t, B, b, G) : nullptr;
+    scalar_t* cs_b = save ? row(cs_p, t, B, b, H) : nullptr;
+    if (!active(len, t, b)) {  // state carried: y_t = 0, gates 0, cs_t = the carried c
+      if (!proj) {
+        copy_row<acc_t>(out_b + j0, row(h_p, b, Hout) + j0, j1 - j0);
+        zero_row<acc_t>(y_b + j0, j1 - j0);
+      }
+      if (save) {
+        for (int64_t k = 0; k < 4; ++k) {
+          zero_row<acc_t>(gates_b + k * H + j0, j1 - j0);
         }
-        V i, f, g, o, c_new, m_new;
-        cells::lstm_fwd_cell(load<V>(gx_b + j) + load<V>(a_b + j), load<V>(gx_b + H + j) + load<V>(a_b + H + j),
-                             load<V>(gx_b + 2 * H + j) + load<V>(a_b + 2 * H + j),
-                             load<V>(gx_b + 3 * H + j) + load<V>(a_b + 3 * H + j), load<V>(c_b + j), i, f, g, o,
-                             c_new, m_new);
-        store(c_b + j, c_new);
-        store(m_b + j, m_new);
-        if (!proj) {
-          store(y_b + j, m_new);
-        }
-        if (save) {
-          store(gates_b + j, i);
-          store(gates_b + H + j, f);
-          store(gates_b + 2 * H + j, g);
-          store(gates_b + 3 * H + j, o);
-          store(cs_b + j, c_new);
-        }
-      });
+        copy_row<acc_t>(cs_b + j0, c_b + j0, j1 - j0);
+      }
+      return;
+    }
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const acc_t* a = hid_b + (j - j0);
+      V i, f, g, o, c_new, m_new;
+      cells::lstm_fwd_cell(load<V>(gx_b + j) + load<V>(a), load<V>(gx_b + H + j) + load<V>(a + gs),
+                           load<V>(gx_b + 2 * H + j) + load<V>(a + 2 * gs),
+                           load<V>(gx_b + 3 * H + j) + load<V>(a + 3 * gs), load<V>(c_b + j), i, f, g, o, c_new,
+                           m_new);
+      store(c_b + j, c_new);
+      store(out_b + j, m_new);
+      if (!proj) {
+        store(y_b + j, m_new);
+      }
+      if (save) {
+        store(gates_b + j, i);
+        store(gates_b + H + j, f);
+        store(gates_b + 2 * H + j, g);
+        store(gates_b + 3 * H + j, o);
+        store(cs_b + j, c_new);
+      }
     });
-    if (proj) {  // h_t = m_t W_hr^T for the active rows; y_t = h_t there, 0 elsewhere
-      (*proj_gemm)(m, h_new);
-      take_active_rows<acc_t>(h, h_new, len, t);
-      const acc_t* h_p = h.const_data_ptr<acc_t>();
-      for (const auto b : c10::irange(B)) {
-        scalar_t* y_b = row(y_p, t, B, b, Hout);
-        if (active(len, t, b)) {
-          copy_row<acc_t>(y_b, row(h_p, b, Hout), Hout);
-        } else {
-          zero_row<acc_t>(y_b, Hout);
-        }
+  };
+  auto after = [&](int64_t t) {
+    if (!proj) {  // h_t becomes the state the next product reads
+      std::swap(h, h_next);
+      h_p = h.const_data_ptr<acc_t>();
+      out_p = h_next.data_ptr<acc_t>();
+      return;
+    }
+    // h_t = m_t W_hr^T on the active rows (the others keep h_{t-1}); y_t = h_t there, 0 elsewhere.
+    proj_gemm->product(m, h_next);
+    const acc_t* src = h_next.const_data_ptr<acc_t>();
+    acc_t* dst = h.data_ptr<acc_t>();
+    for (const auto b : c10::irange(B)) {
+      scalar_t* y_b = row(y_p, t, B, b, Hout);
+      if (active(len, t, b)) {
+        copy_row<acc_t>(row(dst, b, Hout), row(src, b, Hout), Hout);
+        copy_row<acc_t>(y_b, row(src, b, Hout), Hout);
+      } else {
+        zero_row<acc_t>(y_b, Hout);
       }
     }
-  }
+  };
+  // The cell writes m_t / h_t to out_p, never to the state h the product reads: fusing is safe.
+  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kLstmUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
   c_n = c.to(c0.scalar_type());
 }
@@ -119,19 +127,20 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
 
   at::Tensor dh = acc_copy<acc_t>(dh_n);  // [B, Hout] recurrent gradient into h_t (from step t+1)
   at::Tensor dc = acc_copy<acc_t>(dc_n);  // [B, H] recurrent gradient into c_t
-  at::Tensor da = at::empty({B, G}, acc_options<acc_t>());       // [B, 4H] dgx_t in the math type
-  at::Tensor dh_new = at::empty({B, Hout}, acc_options<acc_t>());  // [B, Hout] da W_hh
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh));
+  at::Tensor da = at::empty({B, G}, acc_options<acc_t>());        // [B, 4H] dgx_t in the math type
+  at::Tensor da_prev = at::empty({B, G}, acc_options<acc_t>());   // the other buffer when fused
+  at::Tensor prod = at::empty({B, Hout}, acc_options<acc_t>());   // [B, Hout] da W_hh when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B);
   // Projection: dh_t (= dh + dy_t) is kept for every step in dh_all, dm = dh_t W_hr per step, and
   // dW_hr = sum_t dh_t^T m_t is one GEMM at the end with m_t = o tanh(c_t) gathered in m_all.
   at::Tensor dh_all, m_all, dht, dm;
-  std::optional<StepGemm<acc_t>> proj_gemm;
+  std::optional<HiddenGemm<acc_t>> proj_gemm;
   if (proj) {
     dh_all = at::empty({T, B, Hout}, acc_options<acc_t>());
     m_all = at::empty({T, B, H}, acc_options<acc_t>());
     dht = at::empty({B, Hout}, acc_options<acc_t>());
     dm = at::empty({B, H}, acc_options<acc_t>());
-    proj_gemm.emplace(to_acc<acc_t>(*w_hr));
+    proj_gemm.emplace(to_acc<acc_t>(*w_hr), 1, B);
   }
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
@@ -139,82 +148,79 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
   const scalar_t* gates_p = gates.const_data_ptr<scalar_t>();
   const scalar_t* cs_p = cs.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
-  acc_t* da_p = da.data_ptr<acc_t>();
+  const acc_t* dh_p = dh.const_data_ptr<acc_t>();
   acc_t* dc_p = dc.data_ptr<acc_t>();
-  acc_t* dh_all_p = proj ? dh_all.data_ptr<acc_t>() : nullptr;
   acc_t* m_all_p = proj ? m_all.data_ptr<acc_t>() : nullptr;
   const acc_t* dm_p = proj ? dm.const_data_ptr<acc_t>() : nullptr;
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = bwd_time(s, T, reverse);
-    const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in processing order
-    const bool first = tp < 0 || tp >= T;
-    const acc_t* dh_p = dh.const_data_ptr<acc_t>();
-    if (proj) {
-      acc_t* dht_p = dht.data_ptr<acc_t>();
-      for (const auto b : c10::irange(B)) {
-        acc_t* dht_b = row(dht_p, b, Hout);
-        if (active(len, t, b)) {
-          const acc_t* dh_b = row(dh_p, b, Hout);
-          const scalar_t* dy_b = row(dy_p, t, B, b, Hout);
-          vec_loop<acc_t>(0, Hout, [&](auto v, int64_t j) {
-            using V = decltype(v);
-            store(dht_b + j, load<V>(dh_b + j) + load<V>(dy_b + j));
-          });
-        } else {
-          zero_row<acc_t>(dht_b, Hout);
-        }
-        copy_row<acc_t>(row(dh_all_p, t, B, b, Hout), dht_b, Hout);
-      }
-      (*proj_gemm)(dht, dm);
+  auto before = [&](int64_t t) {
+    if (!proj) {
+      return;
     }
-    for_rows_units(B, H, kLstmUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      const bool on = active(len, t, b);
-      scalar_t* dgx_b = row(dgx_p, t, B, b, G);
-      acc_t* da_b = row(da_p, b, G);
-      acc_t* m_b = proj ? row(m_all_p, t, B, b, H) : nullptr;
-      if (!on) {  // no gradient into this step; dh and dc pass through unchanged
-        for (int64_t k = 0; k < 4; ++k) {
-          zero_row<acc_t>(dgx_b + k * H + j0, j1 - j0);
-          zero_row<acc_t>(da_b + k * H + j0, j1 - j0);
-        }
-        if (proj) {
-          zero_row<acc_t>(m_b + j0, j1 - j0);
-        }
-        return;
+    acc_t* dht_p = dht.data_ptr<acc_t>();
+    acc_t* dh_all_p = dh_all.data_ptr<acc_t>();
+    for (const auto b : c10::irange(B)) {
+      acc_t* dht_b = row(dht_p, b, Hout);
+      if (active(len, t, b)) {
+        const acc_t* dh_b = row(dh_p, b, Hout);
+        const scalar_t* dy_b = row(dy_p, t, B, b, Hout);
+        vec_loop<acc_t>(0, Hout, [&](auto v, int64_t j) {
+          using V = decltype(v);
+          store(dht_b + j, load<V>(dh_b + j) + load<V>(dy_b + j));
+        });
+      } else {
+        zero_row<acc_t>(dht_b, Hout);
       }
-      const scalar_t* gates_b = row(gates_p, t, B, b, G);
-      const scalar_t* c_b = row(cs_p, t, B, b, H);
-      const scalar_t* c_prev_b = first ? row(c0_p, b, H) : row(cs_p, tp, B, b, H);
-      const scalar_t* dy_b = row(dy_p, t, B, b, Hout);
-      const acc_t* dh_b = row(dh_p, b, Hout);
-      const acc_t* dm_b = proj ? row(dm_p, b, H) : nullptr;
-      acc_t* dc_b = row(dc_p, b, H);
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        const V dm_j = proj ? load<V>(dm_b + j) : load<V>(dh_b + j) + load<V>(dy_b + j);
-        const V i = load<V>(gates_b + j), f = load<V>(gates_b + H + j), g = load<V>(gates_b + 2 * H + j),
-                o = load<V>(gates_b + 3 * H + j), c_t = load<V>(c_b + j);
-        V dai, daf, dag, dao, dc_prev;
-        cells::lstm_bwd_cell(dm_j, load<V>(dc_b + j), i, f, g, o, c_t, load<V>(c_prev_b + j), dai, daf, dag, dao,
-                             dc_prev);
-        store(dc_b + j, dc_prev);
-        store(dgx_b + j, dai);
-        store(dgx_b + H + j, daf);
-        store(dgx_b + 2 * H + j, dag);
-        store(dgx_b + 3 * H + j, dao);
-        store(da_b + j, dai);
-        store(da_b + H + j, daf);
-        store(da_b + 2 * H + j, dag);
-        store(da_b + 3 * H + j, dao);
-        if (proj) {
-          store(m_b + j, o * cells::tanh(c_t));
-        }
-      });
+      copy_row<acc_t>(row(dh_all_p, t, B, b, Hout), dht_b, Hout);
+    }
+    proj_gemm->product(dht, dm);
+  };
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
+    scalar_t* dgx_b = row(dgx_p, t, B, b, G);
+    acc_t* m_b = proj ? row(m_all_p, t, B, b, H) : nullptr;
+    if (!active(len, t, b)) {  // no gradient into this step; dh and dc pass through unchanged
+      for (int64_t k = 0; k < 4; ++k) {
+        zero_row<acc_t>(dgx_b + k * H + j0, j1 - j0);
+        zero_row<acc_t>(da_b + k * H + j0, j1 - j0);
+      }
+      if (proj) {
+        zero_row<acc_t>(m_b + j0, j1 - j0);
+      }
+      return;
+    }
+    const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in forward order
+    const scalar_t* gates_b = row(gates_p, t, B, b, G);
+    const scalar_t* c_b = row(cs_p, t, B, b, H);
+    const scalar_t* c_prev_b = tp < 0 || tp >= T ? row(c0_p, b, H) : row(cs_p, tp, B, b, H);
+    const scalar_t* dy_b = row(dy_p, t, B, b, Hout);
+    const acc_t* dh_b = row(dh_p, b, Hout);
+    const acc_t* dm_b = proj ? row(dm_p, b, H) : nullptr;
+    acc_t* dc_b = row(dc_p, b, H);
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const V dm_j = proj ? load<V>(dm_b + j) : load<V>(dh_b + j) + load<V>(dy_b + j);
+      const V i = load<V>(gates_b + j), f = load<V>(gates_b + H + j), g = load<V>(gates_b + 2 * H + j),
+              o = load<V>(gates_b + 3 * H + j), c_t = load<V>(c_b + j);
+      V dai, daf, dag, dao, dc_prev;
+      cells::lstm_bwd_cell(dm_j, load<V>(dc_b + j), i, f, g, o, c_t, load<V>(c_prev_b + j), dai, daf, dag, dao,
+                           dc_prev);
+      store(dc_b + j, dc_prev);
+      store(dgx_b + j, dai);
+      store(dgx_b + H + j, daf);
+      store(dgx_b + 2 * H + j, dag);
+      store(dgx_b + 3 * H + j, dao);
+      store(da_b + j, dai);
+      store(da_b + H + j, daf);
+      store(da_b + 2 * H + j, dag);
+      store(da_b + 3 * H + j, dao);
+      if (proj) {
+        store(m_b + j, o * cells::tanh(c_t));
+      }
     });
-    hidden_gemm(da, dh_new);
-    take_active_rows<acc_t>(dh, dh_new, len, t);  // inactive rows pass their gradient through
-  }
+  };
+  // With a projection the cell needs dm = dh_t W_hr of the whole row first (before): not fusable.
+  backward_loop<acc_t>(gemm, /*fuse=*/!proj, dh, da, da_prev, prod, at::Tensor(), len, T, B, H, reverse,
+                       kLstmUnitCost, cell, before);
   dh0 = dh.to(dh_n.scalar_type());
   dc0 = dc.to(dc_n.scalar_type());
   dw_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), m_all.view({T * B, H})).to(w_hr->scalar_type())

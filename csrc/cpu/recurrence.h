@@ -199,89 +199,204 @@ inline void zero_row(D* dst, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The hidden GEMM of one step, C[M, N] (=|+=) A[M, K] @ R[K, N], all acc_t, into preallocated buffers.
-// R is fixed for the whole call (W_hh^T forward, W_hh backward); A and C are the caller's state/scratch
-// tensors, the same at every step, so a step allocates nothing.
+// The hidden product of one step, C[B, N] = A[B, K] @ R[K, N] in acc_t, R fixed for the whole call
+// (W_hh^T forward, W_hh backward, W_hr^T / W_hr with a projection), A and C the caller's buffers, the
+// same at every step, so a step allocates nothing.
 //
-// Two ways, chosen once per call by size: at::mm_out/addmm_out (MKL; best once a product is large enough
-// to hide its ~5-15 us of per-call overhead) and gemm.h's register-blocked kernel straight on the pointers
-// (no dispatch at all; R is made contiguous once per call for it). kSmallGemmMacs is where the two cross
-// (measured on 2 threads, docs/cpu.md). FASTRNN_CPU_GEMM=aten|small forces one (benchmarks and tests).
+// Two ways, chosen once per call: the packed panels of gemm.h (no dispatch, and the recurrence loops
+// below fuse them with the cell update), and at::mm_out (MKL). Single-threaded on this machine (Zen 3,
+// min of 200 runs) the packed tile does 18 GMAC/s at [1,128]x[128,512] where MKL does 9 (its per-call
+// overhead), 42 vs 23 at B=8, and 33-46 vs 33-42 from B=32 to B=256 (docs/cpu.md). MKL is kept for A
+// (the [B, K] operand, re-read from L2 for every 16-column panel) past kPackedMaxA elements, 512 KB in
+// fp32: the L2 of one core. FASTRNN_CPU_GEMM=aten|packed forces one (benchmarks and tests).
 
-constexpr int64_t kSmallGemmMacs = int64_t(1) << 20;
+constexpr int64_t kPackedMaxA = int64_t(1) << 17;
 
-enum class GemmPath { kAuto, kAten, kSmall };
+enum class GemmPath { kAuto, kAten, kPacked };
 
 inline GemmPath gemm_path_override() {
   const char* env = std::getenv("FASTRNN_CPU_GEMM");
-  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) {
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") {
     return GemmPath::kAuto;
   }
-  if (std::string(env) == "aten") {
+  if (v == "aten") {
     return GemmPath::kAten;
   }
-  TORCH_CHECK(std::string(env) == "small", "FASTRNN_CPU_GEMM must be auto, aten or small, got '", env, "'");
-  return GemmPath::kSmall;
+  TORCH_CHECK(v == "packed", "FASTRNN_CPU_GEMM must be auto, aten or packed, got '", v, "'");
+  return GemmPath::kPacked;
 }
 
+// Rough cycles per multiply-add of a packed tile on one core (~50% of the 16 fp32 FMA lanes a cycle).
+constexpr int64_t kMacsPerCycle = 8;
+
 template <typename acc_t>
-class StepGemm {
+class HiddenGemm {
  public:
-  // r: [K, N] in the math type, any strides (a transposed view of W_hh is fine); m: the rows of A and C.
-  StepGemm(const at::Tensor& r, int64_t m) : m_(m), k_(r.size(0)), n_(r.size(1)) {
+  static constexpr int64_t P = panel_width<acc_t>();
+
+  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch).
+  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows) : rows_(rows), groups_(groups), n_(r.size(1)) {
     const GemmPath path = gemm_path_override();
-    small_ = path == GemmPath::kSmall || (path == GemmPath::kAuto && m_ * k_ * n_ <= kSmallGemmMacs);
-    r_ = small_ ? r.contiguous() : r;
+    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && rows * r.size(0) <= kPackedMaxA);
+    if (packed_) {
+      panels_ = Panels<acc_t>(r, groups);
+    } else {
+      r_ = r;
+    }
   }
 
-  // c = a @ r
-  void operator()(const at::Tensor& a, at::Tensor& c) const { run(a, c, false); }
-  // c += a @ r
-  void accumulate(const at::Tensor& a, at::Tensor& c) const { run(a, c, true); }
+  bool packed() const { return packed_; }
+  int64_t blocks() const { return panels_.blocks; }
 
- private:
-  void run(const at::Tensor& a, at::Tensor& c, bool accumulate) const {
-    if (!small_) {
-      if (accumulate) {
-        at::addmm_out(c, c, a, r_);
-      } else {
-        at::mm_out(c, a, r_);
+  // For every (row block of <= 4 rows, block of P columns of each group): the product of those rows and
+  // columns of every group into tiles[g * 4 * P + m * P + (j - j0)], then fn(m0, mr, j0, j1, tiles, 4 * P)
+  // with [j0, j1) the block's columns within a group. a == nullptr: no product (fn alone). Column blocks
+  // are split over the threads; a thread owns its columns for every row and group. cost: rough cycles per
+  // (row, column) of fn, to size the parallel grain. Packed path only.
+  template <typename F>
+  void by_blocks(const acc_t* a, int64_t cost, const F& fn) const {
+    const int64_t K = panels_.K, width = panels_.width, blocks = panels_.blocks;
+    const int64_t block_cycles = rows_ * P * ((a != nullptr ? K * groups_ / kMacsPerCycle : 0) + cost);
+    const int64_t grain = std::max<int64_t>(1, kMinParallelCycles / std::max<int64_t>(1, block_cycles));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t tiles[4 * 4 * P];  // [groups <= 4][rows <= 4][P]
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
+        for (int64_t m0 = 0; m0 < rows_; m0 += 4) {
+          const int64_t mr = std::min<int64_t>(4, rows_ - m0);
+          if (a != nullptr) {
+            for (int64_t g = 0; g < groups_; ++g) {
+              panel_rows(a + m0 * K, K, panels_.panel(g, blk), K, mr, tiles + g * 4 * P);
+            }
+          }
+          fn(m0, mr, j0, j1, static_cast<const acc_t*>(tiles), 4 * P);
+        }
       }
-      return;
-    }
-    // a [M, K] and c [M, N] are the kernels' contiguous buffers. Columns are split over the threads in
-    // chunks of 64 (a multiple of every tile width); a chunk is M*K*64 multiply-adds, and a parallel region
-    // is only worth it above kMinParallelCycles of work (~8 multiply-adds a cycle on one core).
-    constexpr int64_t chunk = 64;
-    const acc_t* a_p = a.const_data_ptr<acc_t>();
-    const acc_t* r_p = r_.const_data_ptr<acc_t>();
-    acc_t* c_p = c.data_ptr<acc_t>();
-    const int64_t chunks = (n_ + chunk - 1) / chunk;
-    const int64_t grain = std::max<int64_t>(1, kMinParallelCycles * 8 / std::max<int64_t>(1, m_ * k_ * chunk));
-    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-      gemm_columns(a_p, k_, r_p, n_, c_p, n_, m_, k_, begin * chunk, std::min(n_, end * chunk), accumulate);
     });
   }
 
-  int64_t m_, k_, n_;
-  bool small_;
+  // c = a @ r (a [rows, K], c [rows, N] contiguous).
+  void product(const at::Tensor& a, at::Tensor& c) const {
+    if (!packed_) {
+      at::mm_out(c, a, r_);
+      return;
+    }
+    const int64_t width = panels_.width;
+    acc_t* c_p = c.data_ptr<acc_t>();
+    by_blocks(a.const_data_ptr<acc_t>(), 0, [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles,
+                                                 int64_t gstride) {
+      for (int64_t g = 0; g < groups_; ++g) {
+        for (int64_t m = 0; m < mr; ++m) {
+          std::copy(tiles + g * gstride + m * P, tiles + g * gstride + m * P + (j1 - j0),
+                    c_p + (m0 + m) * n_ + g * width + j0);
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t rows_, groups_, n_;
+  bool packed_;
   at::Tensor r_;
+  Panels<acc_t> panels_;
 };
 
-// After a step whose new state (or recurrent gradient) went to `fresh`: the rows active at step t take it,
-// the others keep `state`. Without lengths every row is active and the buffers are just swapped.
-template <typename acc_t>
-inline void take_active_rows(at::Tensor& state, at::Tensor& fresh, const int64_t* len, int64_t t) {
-  if (len == nullptr) {
-    std::swap(state, fresh);
+// ---------------------------------------------------------------------------------------------------
+// The recurrence loops, written once for every cell. A cell supplies its pointwise step as a lambda over
+// one row b and a block [j0, j1) of units (csrc/cpu/{lstm,gru,rnn}.cpp).
+//
+// Forward, step t (in processing order): hid = h_{t-1} W_hh^T, then
+//   cell(t, b, j0, j1, hid_b, gstride), hid_b[g * gstride + j - j0] = hid[b, g*H + j],
+// which reads the state `x` (what the product multiplies: h_{t-1}) and writes the next state; after(t)
+// then makes the next state current (a buffer swap, or the projection). With packed weights and
+// fuse = true, a step is ONE parallel region: each thread computes its block of units for every gate and
+// applies the cell to it straight from L1 (no [B, G*H] buffer, no second region for the gates); so the
+// cell must write only its own units of the next state and leave `x` alone (double buffering).
+// Otherwise: the product into `hid` [B, G*H] (MKL or packed), then the cell over (b, unit block).
+
+template <typename acc_t, typename Cell, typename After>
+void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, const at::Tensor& x, at::Tensor& hid, int64_t T,
+                  int64_t B, int64_t H, bool reverse, int64_t cost, const Cell& cell, const After& after) {
+  const int64_t GH = hid.size(1);
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = fwd_time(s, T, reverse);
+    if (fuse && gemm.packed()) {
+      gemm.by_blocks(x.const_data_ptr<acc_t>(), cost,
+                     [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t gstride) {
+                       for (int64_t m = 0; m < mr; ++m) {
+                         cell(t, m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P, gstride);
+                       }
+                     });
+    } else {
+      gemm.product(x, hid);
+      const acc_t* hid_p = hid.const_data_ptr<acc_t>();
+      for_rows_units(B, H, cost, [&](int64_t b, int64_t j0, int64_t j1) { cell(t, b, j0, j1, hid_p + b * GH + j0, H); });
+    }
+    after(t);
+  }
+}
+
+// Backward, step t (in backward processing order): cell(t, b, j0, j1, da_b) reads the recurrent gradient
+// dh [B, Hout] (into h_t) and writes the pre-activation gradients of its units into da_b, row b of `da`
+// [B, G*H] (zero at an inactive step); then dh for the step before t is, on the rows active at t, da W_hh (+ direct[b], the
+// part that skips W_hh: GRU's dh z, written by the cell), and unchanged on the others.
+// With packed weights and fuse = true, the product of step t and the cell of the next step share ONE
+// parallel region: the thread that computes dh's units [j0, j1) applies the next cell to the same units
+// right away (da is double-buffered: the cell writes `da` while the product reads the previous step's).
+// before(t) runs first at each step (the projection's dm = dh W_hr); fuse requires that it does nothing.
+
+template <typename acc_t, typename Cell, typename Before>
+void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at::Tensor& da, at::Tensor& da_prev,
+                   at::Tensor& prod, const at::Tensor& direct, const int64_t* len, int64_t T, int64_t B, int64_t H,
+                   bool reverse, int64_t cost, const Cell& cell, const Before& before) {
+  const int64_t K = dh.size(1), GH = da.size(1);  // columns of dh (Hout) and of da (G*H)
+  acc_t* dh_p = dh.data_ptr<acc_t>();
+  const acc_t* direct_p = direct.defined() ? direct.const_data_ptr<acc_t>() : nullptr;
+  // dh[b, j0:j1) = src[0:j1-j0) (+ direct[b, j0:j1)) for a row active at t.
+  auto take = [&](int64_t b, int64_t j0, int64_t j1, const acc_t* src) {
+    acc_t* dst = row(dh_p, b, K) + j0;
+    if (direct_p == nullptr) {
+      std::copy(src, src + (j1 - j0), dst);
+      return;
+    }
+    const acc_t* d = row(direct_p, b, K) + j0;
+    vec_loop<acc_t>(0, j1 - j0, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      store(dst + j, load<V>(src + j) + load<V>(d + j));
+    });
+  };
+  if (fuse && gemm.packed()) {
+    for (int64_t s = 0; s <= T; ++s) {
+      const int64_t t_prev = s > 0 ? bwd_time(s - 1, T, reverse) : -1;
+      const int64_t t = s < T ? bwd_time(s, T, reverse) : -1;
+      std::swap(da, da_prev);  // da_prev: the previous step's gradients (what this product reads)
+      acc_t* da_p = da.data_ptr<acc_t>();
+      gemm.by_blocks(s > 0 ? da_prev.const_data_ptr<acc_t>() : nullptr, cost,
+                     [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t) {
+                       for (int64_t m = 0; m < mr; ++m) {
+                         if (s > 0 && active(len, t_prev, m0 + m)) {
+                           take(m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P);
+                         }
+                         if (s < T) {
+                           cell(t, m0 + m, j0, j1, row(da_p, m0 + m, GH));
+                         }
+                       }
+                     });
+    }
     return;
   }
-  const int64_t B = state.size(0), n = state.size(1);
-  const acc_t* src = fresh.const_data_ptr<acc_t>();
-  acc_t* dst = state.data_ptr<acc_t>();
-  for (const auto b : c10::irange(B)) {
-    if (active(len, t, b)) {
-      copy_row<acc_t>(row(dst, b, n), row(src, b, n), n);
+  for (const auto s : c10::irange(T)) {
+    const int64_t t = bwd_time(s, T, reverse);
+    before(t);
+    acc_t* da_p = da.data_ptr<acc_t>();
+    for_rows_units(B, H, cost, [&](int64_t b, int64_t j0, int64_t j1) { cell(t, b, j0, j1, row(da_p, b, GH)); });
+    gemm.product(da, prod);
+    const acc_t* prod_p = prod.const_data_ptr<acc_t>();
+    for (const auto b : c10::irange(B)) {
+      if (active(len, t, b)) {
+        take(b, 0, K, row(prod_p, b, K));
+      }
     }
   }
 }

@@ -1,8 +1,9 @@
 // Elman RNN recurrence on the CPU: fastrnn::rnn_fwd and fastrnn::rnn_bwd of docs/contract.md.
 //
 // Legend: T steps, B batch, H hidden; a = gx_t + h_{t-1} W_hh^T (both biases folded into gx).
-// Per step: one hidden GEMM (StepGemm, into a preallocated [B, H] buffer) and one fused, vectorised
-// pointwise pass with the cell of csrc/cells/rnn.h (tanh or relu, a template constant).
+// The loops are recurrence.h's (forward_loop, backward_loop: the hidden product, fused with the cell
+// for small sizes); this file has the pointwise step with the cell of csrc/cells/rnn.h (tanh or relu, a
+// template constant).
 #include <torch/library.h>
 
 #include "../cells/rnn.h"
@@ -12,7 +13,7 @@ namespace fastrnn {
 namespace cpu {
 namespace {
 
-// Rough cycles per unit of the pointwise pass (one tanh), see kMinParallelCycles.
+// Rough cycles per unit of the pointwise step (one tanh), to size the parallel grain.
 constexpr int64_t kRnnUnitCost = 4;
 
 template <typename scalar_t, bool Relu>
@@ -21,35 +22,38 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
 
-  at::Tensor h = acc_copy<acc_t>(h0);                      // [B, H] h_{t-1}, then h_t
-  at::Tensor a = at::empty({B, H}, acc_options<acc_t>());  // [B, H] h_{t-1} W_hh^T
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh).t());
+  at::Tensor h = acc_copy<acc_t>(h0);                           // [B, H] h_{t-1}: what the product reads
+  at::Tensor h_next = at::empty({B, H}, acc_options<acc_t>());  // [B, H] h_t
+  at::Tensor hid = at::empty({B, H}, acc_options<acc_t>());     // [B, H] h_{t-1} W_hh^T when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 1, B);
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
-  const acc_t* a_p = a.const_data_ptr<acc_t>();
-  acc_t* h_p = h.data_ptr<acc_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
+  const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
+  acc_t* next_p = h_next.data_ptr<acc_t>();
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = fwd_time(s, T, reverse);
-    hidden_gemm(h, a);
-    for_rows_units(B, H, kRnnUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* y_b = row(y_p, t, B, b, H);
-      if (!active(len, t, b)) {  // state carried, y_t = 0
-        zero_row<acc_t>(y_b + j0, j1 - j0);
-        return;
-      }
-      const scalar_t* gx_b = row(gx_p, t, B, b, H);
-      const acc_t* a_b = row(a_p, b, H);
-      acc_t* h_b = row(h_p, b, H);
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        const V h_new = cells::rnn_fwd_cell<Relu>(load<V>(gx_b + j) + load<V>(a_b + j));
-        store(h_b + j, h_new);
-        store(y_b + j, h_new);
-      });
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t) {
+    acc_t* next_b = row(next_p, b, H);
+    scalar_t* y_b = row(y_p, t, B, b, H);
+    if (!active(len, t, b)) {  // state carried, y_t = 0
+      copy_row<acc_t>(next_b + j0, row(h_p, b, H) + j0, j1 - j0);
+      zero_row<acc_t>(y_b + j0, j1 - j0);
+      return;
+    }
+    const scalar_t* gx_b = row(gx_p, t, B, b, H);
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const V h_new = cells::rnn_fwd_cell<Relu>(load<V>(gx_b + j) + load<V>(hid_b + (j - j0)));
+      store(next_b + j, h_new);
+      store(y_b + j, h_new);
     });
-  }
+  };
+  auto after = [&](int64_t) {  // h_t becomes the state the next product reads
+    std::swap(h, h_next);
+    h_p = h.const_data_ptr<acc_t>();
+    next_p = h_next.data_ptr<acc_t>();
+  };
+  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kRnnUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
 }
 
@@ -60,39 +64,35 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
 
   at::Tensor dh = acc_copy<acc_t>(dh_n);                        // [B, H] recurrent gradient into h_t
-  at::Tensor dh_new = at::empty({B, H}, acc_options<acc_t>());  // [B, H] da W_hh
   at::Tensor da = at::empty({B, H}, acc_options<acc_t>());      // [B, H] dgx_t in the math type
-  const StepGemm<acc_t> hidden_gemm(to_acc<acc_t>(w_hh));
+  at::Tensor da_prev = at::empty({B, H}, acc_options<acc_t>());  // the other buffer when fused
+  at::Tensor prod = at::empty({B, H}, acc_options<acc_t>());    // [B, H] da W_hh when not fused
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B);
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
   const scalar_t* y_p = y.const_data_ptr<scalar_t>();
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
-  acc_t* da_p = da.data_ptr<acc_t>();
+  const acc_t* dh_p = dh.const_data_ptr<acc_t>();
 
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = bwd_time(s, T, reverse);
-    const acc_t* dh_p = dh.const_data_ptr<acc_t>();
-    for_rows_units(B, H, kRnnUnitCost, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* dgx_b = row(dgx_p, t, B, b, H);
-      acc_t* da_b = row(da_p, b, H);
-      if (!active(len, t, b)) {  // no gradient into this step; dh passes through (take_active_rows)
-        zero_row<acc_t>(dgx_b + j0, j1 - j0);
-        zero_row<acc_t>(da_b + j0, j1 - j0);
-        return;
-      }
-      const acc_t* dh_b = row(dh_p, b, H);
-      const scalar_t* dy_b = row(dy_p, t, B, b, H);
-      const scalar_t* y_b = row(y_p, t, B, b, H);
-      vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
-        using V = decltype(v);
-        const V d = cells::rnn_bwd_cell<Relu>(load<V>(dh_b + j) + load<V>(dy_b + j), load<V>(y_b + j));
-        store(dgx_b + j, d);
-        store(da_b + j, d);
-      });
+  auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
+    scalar_t* dgx_b = row(dgx_p, t, B, b, H);
+    if (!active(len, t, b)) {  // no gradient into this step; dh passes through
+      zero_row<acc_t>(dgx_b + j0, j1 - j0);
+      zero_row<acc_t>(da_b + j0, j1 - j0);
+      return;
+    }
+    const acc_t* dh_b = row(dh_p, b, H);
+    const scalar_t* dy_b = row(dy_p, t, B, b, H);
+    const scalar_t* y_b = row(y_p, t, B, b, H);
+    vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
+      using V = decltype(v);
+      const V d = cells::rnn_bwd_cell<Relu>(load<V>(dh_b + j) + load<V>(dy_b + j), load<V>(y_b + j));
+      store(dgx_b + j, d);
+      store(da_b + j, d);
     });
-    hidden_gemm(da, dh_new);
-    take_active_rows<acc_t>(dh, dh_new, len, t);
-  }
+  };
+  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, at::Tensor(), len, T, B, H, reverse,
+                       kRnnUnitCost, cell, [](int64_t) {});
   dh0 = dh.to(dh_n.scalar_type());
 }
 
