@@ -34,6 +34,32 @@ def test_registered_backend_and_auto():
     assert fastrnn.backends.resolve("auto", "cpu") == "cpu"
 
 
+FALLBACK_CHECK = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.modules["fastrnn._C"] = None  # as if the extension were not built
+    import torch, fastrnn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = fastrnn.LSTM(4, 5)
+        m(torch.randn(3, 2, 4))
+        m(torch.randn(3, 2, 4))
+    assert "cpu" not in fastrnn.available_backends("cpu")
+    assert fastrnn.backends.resolve("auto", "cpu") == "reference"
+    messages = [str(w.message) for w in caught if "fastrnn._C" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "pip install --no-build-isolation -e ." in messages[0], messages[0]
+    print("fallback OK")
+    """
+)
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", FALLBACK_CHECK], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "fallback OK" in run.stdout, run.stdout + run.stderr
+
+
 # ----- inputs -----------------------------------------------------------------------------------------
 
 
