@@ -156,7 +156,7 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, y_ptr, h0_ptr,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights and state in registers
+# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights on chip, state in registers
 
 
 @triton.jit

@@ -6,7 +6,7 @@ Legend
   KP, SP: padded reduction lengths   HP, OP: H and Hout padded to a power of two (persistent kernels)
 
 Forward: a step kernel per step (tile = BB rows x BN units, all four gates of those units) or one
-persistent launch (a program owns BB rows and all units, W_hh held in registers). With proj_size the
+persistent launch (a program owns BB rows and all units, W_hh held on chip). With proj_size the
 step path needs a second kernel per step, h_t = m_t W_hr^T, because every unit of h_t needs every unit
 of m_t; the persistent kernel does both. Backward mirrors it (docs/triton.md).
 """
@@ -226,7 +226,7 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, dh_ptr, dhs_ptr, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights and state in registers
+# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights on chip, state in registers
 
 
 @triton.jit

@@ -7,7 +7,7 @@ Legend
   KP, SP: K and a K segment padded to a multiple of BK (step kernels) or to a power of two (persistent)
 
 Device side: time/activity helpers, the two GEMM shapes of the recurrence (streamed from packed weights
-by the step kernels, or on weights held in registers by the persistent kernels), the overflow-free
+by the step kernels, or on weights held on chip by the persistent kernels), the overflow-free
 activations, and the state-carry store. Host side: validation, the plan (step or persistent, block
 sizes), weight packing and the loop that launches a step kernel once per step.
 

@@ -103,7 +103,7 @@ def rnn_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, y_ptr, dh_ptr, T, B, H,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights and state in registers
+# Persistent kernels: grid (cdiv(B, BB),), one launch for all T steps, weights on chip, state in registers
 
 
 @triton.jit
