@@ -213,9 +213,10 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
 # unrolls it into FMAs over the whole K, which spilled 80-5088 B at 64 KiB and not at 16 KiB.
 PERSISTENT_MAX_BYTES = 64 * 1024
 PERSISTENT_MAX_BYTES_FMA = 16 * 1024
-PERSISTENT_WARPS = 8  # 4 warps spilled 48-648 B in the fp16 persistent kernels; 8 do not
+PERSISTENT_WARPS = 8  # 4 warps spilled 48-648 B in the fp16 persistent kernels; 8 leave at most 8 B
 # Step kernels: BB=64 with 4 warps spilled 296-440 B (LSTM fp16, sm_90); BB <= 32 does not. fp32 and
-# fp64 use 16 rows: their FMA-bound GEMM wants more programs (docs/triton.md, cost model).
+# fp64 use 16 rows: an fp32 GEMM without TF32 runs on FMAs and fp64 MMAs at that same rate (67 TFLOP/s
+# on H100 vs 989 for fp16), so they want more programs (docs/triton.md, cost model).
 STEP_BB_MAX = 32
 STEP_BB_MAX_FMA = 16
 STEP_WARPS = 4
@@ -285,17 +286,17 @@ def plan(B, H, Hout, G, proj, dtype):
     HP, OP = pow2(H), pow2(Hout)
     # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    fma = dtype == torch.float64 or (dtype == torch.float32 and not tf32)
+    slow_math = dtype == torch.float64 or (dtype == torch.float32 and not tf32)
     # bf16 weights are widened to fp32 for the MMA (see mma), so they take 4 bytes on chip.
-    elsize = 4 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).element_size()
+    elsize = 4 if dtype == torch.bfloat16 else dtype.itemsize
     resident = (G * HP * OP + (HP * OP if proj else 0)) * elsize
     if _forced:
         persistent = _forced == "persistent"
     else:
-        persistent = resident <= (PERSISTENT_MAX_BYTES_FMA if dtype == torch.float32 and not tf32
-                                  else PERSISTENT_MAX_BYTES)
+        fma = dtype == torch.float32 and not tf32
+        persistent = resident <= (PERSISTENT_MAX_BYTES_FMA if fma else PERSISTENT_MAX_BYTES)
     # tl.dot needs M >= 16.
-    BB = 16 if persistent else min(STEP_BB_MAX_FMA if fma else STEP_BB_MAX, pow2(B))
+    BB = 16 if persistent else min(STEP_BB_MAX_FMA if slow_math else STEP_BB_MAX, pow2(B))
     # 32 units x G gates per tile: at H=512 that is 16 tiles per batch block; BK=32 keeps the streamed
     # weight tiles at G x 32 x 32.
     BN, BK = 32, 32
