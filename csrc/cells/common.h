@@ -30,7 +30,8 @@ struct Math;
 
 template <>
 struct Math<float> {
-  static FASTRNN_HD float exp(float x) { return ::expf(x); }
+  // e^-|x|, in (0, 1]: the only exponential the cells need (it cannot overflow)
+  static FASTRNN_HD float exp_neg_abs(float x) { return ::expf(-::fabsf(x)); }
   // libm/CUDA tanhf saturate to +-1 for large |x| (no inf/inf), unlike (1-e^-2x)/(1+e^-2x).
   static FASTRNN_HD float tanh(float x) { return ::tanhf(x); }
   static FASTRNN_HD float abs(float x) { return ::fabsf(x); }
@@ -44,7 +45,7 @@ struct Math<float> {
 
 template <>
 struct Math<double> {
-  static FASTRNN_HD double exp(double x) { return ::exp(x); }
+  static FASTRNN_HD double exp_neg_abs(double x) { return ::exp(-::fabs(x)); }
   static FASTRNN_HD double tanh(double x) { return ::tanh(x); }
   static FASTRNN_HD double abs(double x) { return ::fabs(x); }
   static FASTRNN_HD double where_nonneg(double x, double a, double b) { return x >= 0. ? a : b; }
@@ -57,7 +58,7 @@ struct Math<double> {
 // x >= 0: 1 / (1 + e); x < 0: e / (1 + e).
 template <typename V>
 FASTRNN_HD V sigmoid(const V& x) {
-  const V e = Math<V>::exp(V(0) - Math<V>::abs(x));
+  const V e = Math<V>::exp_neg_abs(x);
   const V s = V(1) / (V(1) + e);
   return Math<V>::where_nonneg(x, s, e * s);
 }

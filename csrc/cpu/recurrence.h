@@ -1,6 +1,6 @@
 // The recurrence skeleton shared by the CPU kernels of every cell (lstm.cpp, gru.cpp, rnn.cpp): input
 // checks, the step order and the active-step rule, storage <-> math type conversion, the vectorised
-// pointwise loop and the per-step hidden GEMM into preallocated buffers.
+// pointwise loop, the per-step hidden product (HiddenGemm) and the forward and backward loops.
 //
 // Legend: T steps, B batch, H hidden, Hout = proj_size or H, G gates (LSTM 4, GRU 3, RNN 1),
 // N = G*H (columns of one step's hidden GEMM), K its inner size (Hout forward; G*H backward).
@@ -15,7 +15,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -26,7 +25,6 @@
 #include <optional>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "gemm.h"
 #include "vec_math.h"
@@ -131,8 +129,9 @@ inline void vec_loop(int64_t j0, int64_t j1, const F& fn) {
 
 // The pointwise part of a step: fn(b, j0, j1) for every row b in [0, B) and block [j0, j1) of the H
 // units, split over torch's intra-op threads when there is enough work. cost: rough cycles per unit.
-// A parallel region costs ~2-5 us to fork and join on this 2-core machine, so a step smaller than
-// kMinParallelCycles (~10 us of work) stays on one thread.
+// A parallel region costs ~1.3 us to fork and join on this 2-core machine when it is idle, and much
+// more when another process holds a core (the OpenMP threads spin-wait for each other), so work under
+// kMinParallelCycles (~10 us) stays on one thread.
 constexpr int64_t kUnitBlock = 64;  // a multiple of every Vectorized size, so only the last block has a tail
 constexpr int64_t kMinParallelCycles = 24000;
 
