@@ -40,7 +40,8 @@ def _rel(paths):
 
 
 def _cpu_flags():
-    capability = os.environ.get("FASTRNN_CPU_CAPABILITY", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
+    default = "avx2" if platform.machine() in ("x86_64", "AMD64") else "default"
+    capability = os.environ.get("FASTRNN_CPU_CAPABILITY", default)
     if capability == "avx2":
         # ATen's at::vec picks its 256-bit implementation from CPU_CAPABILITY_AVX2, as torch's own
         # kernels do; the library then needs an AVX2+FMA CPU (fastrnn/backends/native.py checks).

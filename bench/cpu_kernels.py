@@ -7,7 +7,8 @@ x and every parameter requiring grad), for torch.nn and for fastrnn with the sam
 torch.get_num_threads() threads (2 by default here, --threads). Runs alternate torch.nn / fastrnn so
 that load from other processes on the machine falls on both; each number is the median of --repeats
 runs after warm-up. The roofline is the case's GEMM FLOPs over this machine's measured GEMM rate
-(one large fp32 at::mm, median), i.e. the time if every FLOP ran at BLAS speed and the gates were free.
+(one large fp32 at::mm, fastest of the repeats), i.e. the time if every FLOP ran at that speed and the
+gates were free.
 
 T: steps  B: batch  I: input size  H: hidden size  G: gates (LSTM 4, GRU 3, RNN 1)
 """
@@ -25,7 +26,11 @@ import fastrnn
 
 SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-MODULES = {"lstm": (torch.nn.LSTM, fastrnn.LSTM), "gru": (torch.nn.GRU, fastrnn.GRU), "rnn": (torch.nn.RNN, fastrnn.RNN)}
+MODULES = {
+    "lstm": (torch.nn.LSTM, fastrnn.LSTM),
+    "gru": (torch.nn.GRU, fastrnn.GRU),
+    "rnn": (torch.nn.RNN, fastrnn.RNN),
+}
 
 
 def gemm_flops(cell, T, B, I, H, backward):
@@ -37,7 +42,8 @@ def gemm_flops(cell, T, B, I, H, backward):
 
 
 def measured_gemm_rate(repeats):
-    """FLOP/s of one large fp32 GEMM, [6400, 512] x [512, 2048] (the input GEMM of the largest case)."""
+    """FLOP/s of one large fp32 GEMM, [6400, 512] x [512, 2048] (the input GEMM of the largest case), from
+    its fastest run: the machine's capability, which load from other processes can only lower."""
     a, w = torch.randn(6400, 512), torch.randn(2048, 512)
     out = torch.empty(6400, 2048)
     torch.mm(a, w.t(), out=out)
@@ -46,7 +52,7 @@ def measured_gemm_rate(repeats):
         t0 = time.perf_counter()
         torch.mm(a, w.t(), out=out)
         times.append(time.perf_counter() - t0)
-    return 2 * 6400 * 512 * 2048 / statistics.median(times)
+    return 2 * 6400 * 512 * 2048 / min(times)
 
 
 def run_pair(cell, T, B, I, H, backward, repeats, warmup):
@@ -108,7 +114,7 @@ def main():
     rate = measured_gemm_rate(args.repeats)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} commit {commit}, {model}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, GEMM {rate / 1e9:.0f} GFLOP/s (fp32 6400x512x2048), "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, load average {open('/proc/loadavg').read().split()[0]}")
     print("| cell | T, B, I, H | pass | torch.nn ms | fastrnn ms | ratio | roofline ms | fastrnn % of roofline |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
@@ -118,10 +124,12 @@ def main():
                 t_ref, t_fast = run_pair(cell, T, B, I, H, backward, args.repeats, args.warmup)
                 roof = gemm_flops(cell, T, B, I, H, backward) / rate
                 row = dict(cell=cell, T=T, B=B, I=I, H=H, pass_="fwd+bwd" if backward else "fwd",
-                           torch_ms=t_ref * 1e3, fastrnn_ms=t_fast * 1e3, ratio=t_ref / t_fast, roofline_ms=roof * 1e3)
+                           torch_ms=t_ref * 1e3, fastrnn_ms=t_fast * 1e3, ratio=t_ref / t_fast,
+                           roofline_ms=roof * 1e3)
                 rows.append(row)
-                print(f"| {cell} | {T}, {B}, {I}, {H} | {row['pass_']} | {row['torch_ms']:.2f} | {row['fastrnn_ms']:.2f} "
-                      f"| {row['ratio']:.2f} | {row['roofline_ms']:.2f} | {100 * roof / t_fast:.0f}% |", flush=True)
+                print(f"| {cell} | {T}, {B}, {I}, {H} | {row['pass_']} | {row['torch_ms']:.2f} "
+                      f"| {row['fastrnn_ms']:.2f} | {row['ratio']:.2f} | {row['roofline_ms']:.2f} "
+                      f"| {100 * roof / t_fast:.0f}% |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=model, commit=commit, torch=torch.__version__, threads=torch.get_num_threads(),

@@ -122,7 +122,8 @@ def rnn_args(T, B, H, relu, dtype, lengths, reverse):
 # ----- opcheck ----------------------------------------------------------------------------------------
 
 OPCHECK = [
-    pytest.param(dtype, T, B, lengths, reverse, id=f"{str(dtype)[6:]}-T{T}-B{B}-{lengths or 'full'}-{'rev' if reverse else 'fwd'}")
+    pytest.param(dtype, T, B, lengths, reverse,
+                 id=f"{str(dtype)[6:]}-T{T}-B{B}-{lengths or 'full'}-{'rev' if reverse else 'fwd'}")
     for dtype, (T, B), lengths, reverse in itertools.product(
         (torch.float64, torch.float32), ((3, 2), (1, 3)), (None, "var"), (False, True)
     )
@@ -239,8 +240,8 @@ def max_ulps(out, x64_result):
 
 
 def test_tanh_and_sigmoid_accuracy():
-    """The vectorised fp32 tanh and sigmoid (on the inline exp of csrc/cpu/vec_math.h), seen through the ops with zero
-    weights and state: rnn_fwd's y = tanh(gx), lstm_fwd's saved input gate = sigmoid(gx_i). The points are
+    """The vectorised fp32 tanh and sigmoid (on the inline exp of csrc/cpu/vec_math.h), seen through the ops
+    with zero weights and state: rnn_fwd's y = tanh(gx), lstm_fwd's saved input gate = sigmoid(gx_i). The points are
     laid out as [1, B, H] with H = 37 (4 vectors and a 5-element scalar tail), so both paths see every
     region. Bound: 4 ulps (measured: 1.5 for tanh, 1.6 for sigmoid; torch.tanh, Sleef, is at 0.5)."""
     x = activation_sweep()
@@ -307,7 +308,7 @@ CMAKE_CHECK = textwrap.dedent(
     from fastrnn.backends import ops
     ref = ops("reference")
     x = torch.randn(4, 3, 4 * 5, dtype=torch.float64)
-    w, h0, c0 = torch.randn(20, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    w, h0, c0 = (torch.randn(*s, dtype=torch.float64) for s in ((20, 5), (3, 5), (3, 5)))
     args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), True, True)
     for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
         torch.testing.assert_close(out, want)

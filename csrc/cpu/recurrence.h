@@ -330,7 +330,8 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, const at::Tensor& x,
     } else {
       gemm.product(x, hid);
       const acc_t* hid_p = hid.const_data_ptr<acc_t>();
-      for_rows_units(B, H, cost, [&](int64_t b, int64_t j0, int64_t j1) { cell(t, b, j0, j1, hid_p + b * GH + j0, H); });
+      for_rows_units(B, H, cost,
+                     [&](int64_t b, int64_t j0, int64_t j1) { cell(t, b, j0, j1, hid_p + b * GH + j0, H); });
     }
     after(t);
   }
@@ -338,8 +339,9 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, const at::Tensor& x,
 
 // Backward, step t (in backward processing order): cell(t, b, j0, j1, da_b) reads the recurrent gradient
 // dh [B, Hout] (into h_t) and writes the pre-activation gradients of its units into da_b, row b of `da`
-// [B, G*H] (zero at an inactive step); then dh for the step before t is, on the rows active at t, da W_hh (+ direct[b], the
-// part that skips W_hh: GRU's dh z, written by the cell), and unchanged on the others.
+// [B, G*H] (zero at an inactive step); then dh for the step before t is, on the rows active at t,
+// da W_hh (+ direct[b], the part that skips W_hh: GRU's dh z, written by the cell), and unchanged on the
+// others.
 // With packed weights and fuse = true, the product of step t and the cell of the next step share ONE
 // parallel region: the thread that computes dh's units [j0, j1) applies the next cell to the same units
 // right away (da is double-buffered: the cell writes `da` while the product reads the previous step's).
