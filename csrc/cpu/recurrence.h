@@ -205,11 +205,14 @@ inline void zero_row(D* dst, int64_t n) {
 // Two ways, chosen once per call: the packed panels of gemm.h (no dispatch, and the recurrence loops
 // below fuse them with the cell update), and at::mm_out (MKL). Single-threaded on this machine (Zen 3,
 // min of 200 runs) the packed tile does 18 GMAC/s at [1,128]x[128,512] where MKL does 9 (its per-call
-// overhead), 42 vs 23 at B=8, and 33-46 vs 33-42 from B=32 to B=256 (docs/cpu.md). MKL is kept for A
-// (the [B, K] operand, re-read from L2 for every 16-column panel) past kPackedMaxA elements, 512 KB in
-// fp32: the L2 of one core. FASTRNN_CPU_GEMM=aten|packed forces one (benchmarks and tests).
+// overhead), 42 vs 23 at B=8, and 33-46 vs 33-42 from B=32 to B=256; on 2 threads the fused LSTM forward
+// step at B=64, H=512 takes 1.05 ms packed and 2.1 ms with MKL plus a separate gate pass (docs/cpu.md).
+// The tile streams a K x 16 panel per 4 rows and re-reads A [B, K] per panel, so it wants the panel in
+// L1 (K * 64 bytes <= 32 KB: K <= 512 in fp32) or A in L1; past both, as in the LSTM backward at B=32,
+// H=256 (K = 4H = 1024: 224 vs 201 us a step with MKL) or B=64, H=512 (1717 vs 1400 us), MKL is faster.
+// FASTRNN_CPU_GEMM=aten|packed forces one (benchmarks and tests).
 
-constexpr int64_t kPackedMaxA = int64_t(1) << 17;
+constexpr int64_t kL1Bytes = 32 * 1024;
 
 enum class GemmPath { kAuto, kAten, kPacked };
 
@@ -237,7 +240,9 @@ class HiddenGemm {
   // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch).
   HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows) : rows_(rows), groups_(groups), n_(r.size(1)) {
     const GemmPath path = gemm_path_override();
-    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && rows * r.size(0) <= kPackedMaxA);
+    const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
+    const bool fits = K * P * bytes <= kL1Bytes || rows * K * bytes <= kL1Bytes;
+    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && fits);
     if (packed_) {
       panels_ = Panels<acc_t>(r, groups);
     } else {
