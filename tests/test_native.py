@@ -191,6 +191,30 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", KERNEL_CASES)
 def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
+    check_kernels(dtype, T, B, H, lengths, reverse)
+
+
+@pytest.mark.parametrize("path", ["aten", "packed"])
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
+    pytest.param(torch.float32, 6, 5, 70, "var", True, id="fp32-T6-B5-H70-var-rev"),
+    pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
+    pytest.param(torch.bfloat16, 4, 6, 40, None, True, id="bf16-T4-B6-H40-full-rev"),
+])
+def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
+    """The step product forced through MKL (at::mm_out + a separate gate pass) and through the packed,
+    fused path (csrc/cpu/recurrence.h, HiddenGemm): at these sizes `auto` would always pick packed."""
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    check_kernels(dtype, T, B, H, lengths, reverse)
+
+
+def test_gemm_path_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", "mkl")
+    fwd, _ = rnn_args(2, 2, 4, False, torch.float32, None, False)
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_GEMM must be auto, aten or packed, got 'mkl'"):
+        torch.ops.fastrnn.rnn_fwd(*fwd)
+
+
+def check_kernels(dtype, T, B, H, lengths, reverse):
     tol = TOL[dtype]
     lengths = lengths_for(B, T, lengths)
     for proj in (0, 5):
