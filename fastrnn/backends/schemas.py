@@ -1,7 +1,7 @@
 """The recurrence op schemas and their fake (meta) kernels, written once for every backend.
 
 docs/contract.md defines what each op computes. The compiled extension declares the same strings in
-csrc/ops.cpp (tests/test_ops.py checks that they agree); Python backends register them under their own
+csrc/ops.cpp (tests/test_native.py checks that they agree); Python backends register them under their own
 namespace with `define_ops`.
 """
 
