@@ -50,6 +50,7 @@ def test_compile_fullgraph_one_graph_for_all_lengths(cell, device, backend):
             model.zero_grad()
             expected = reference(x)
             expected.backward()
+            # fp32 on both sides: the fp32 parity tolerance of test_parity.py (FP32_TOL).
             torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
             for g, p in zip(grads, reference.parameters()):
                 torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
