@@ -158,3 +158,17 @@ def test_report_reprints_the_latest_run_as_markdown(smoke_rows, capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)  # header, alignment rule, one line per row
     assert table[1].startswith("| ---") and table[1].rstrip(" |").endswith(":")
+
+
+def test_a_backend_that_raises_becomes_an_error_row_and_fails_the_run(monkeypatch, tmp_path):
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(reference.OPS, "gru_fwd", broken)
+    status = cli.main(["bench", "--cases", "smoke", "--cells", "gru", "--device", "cpu", "--backends", "reference",
+                       "--passes", "fwd", "--results", str(tmp_path), "--no-plot", "--no-memory"])
+    assert status == 1
+    (path,) = tmp_path.glob("*.jsonl")
+    rows = {r["backend"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert "kernel exploded" in rows["reference"]["error"] and rows["reference"].get("p50_s") is None
+    assert rows["torch.nn"]["p50_s"] > 0, "torch.nn is still measured"

@@ -40,8 +40,8 @@ class Progress:
             self.stream.write("\r\033[K" + self._line())
             self.stream.flush()
 
-    def advance(self):
-        self.done += 1
+    def advance(self, steps=1):
+        self.done += steps
         if self.interactive:
             self.stream.write("\r\033[K" + self._line())
         else:

@@ -15,7 +15,7 @@ import fastrnn
 
 from . import roofline
 from .machine import environment
-from .timing import measure, peak_memory, percentile
+from .timing import call_once, measure_interleaved, peak_memory, percentile
 
 TORCH_NN = "torch.nn"
 _TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
@@ -121,11 +121,9 @@ def _run_case(case, device, backends, passes, repeats, progress, measure_memory,
     x, grad_y = make_inputs(case, device)
     rows = []
     for pass_name in passes:
-        results = {}
-        for name, module in modules.items():
-            progress.start(f"{case.name} {pass_name} {name}")
-            results[name] = _measure_one(module, x, grad_y, pass_name, device, repeats, measure_memory)
-            progress.advance()
+        progress.start(f"{case.name} {pass_name}: {', '.join(modules)}")
+        results = _measure_pass(modules, x, grad_y, pass_name, device, repeats, measure_memory)
+        progress.advance(len(modules))
         baseline_p50 = results[TORCH_NN].get("p50_s")
         case_flops = roofline.flops(case, pass_name)
         for name, result in results.items():
@@ -139,16 +137,24 @@ def _run_case(case, device, backends, passes, repeats, progress, measure_memory,
     return rows
 
 
-def _measure_one(module, x, grad_y, pass_name, device, repeats, measure_memory):
-    """Times of one module and pass; a backend that raises becomes a row with the error (shown in the
-    table and counted in the exit status), so the other backends are still measured."""
-    try:
+def _measure_pass(modules, x, grad_y, pass_name, device, repeats, measure_memory):
+    """{name: result fields} for one pass of every module, timed round-robin (measure_interleaved).
+    A backend that raises on its first call becomes a row with the error (shown in the table and
+    counted in the exit status), and the others are still measured."""
+    results, runnable = {}, {}
+    for name, module in modules.items():
         call, reset = calls(module, x, grad_y, pass_name)
-        times = measure(call, device, repeats, reset)
-        peak = peak_memory(call, device, reset) if measure_memory else None
-    except Exception as e:  # reported in the row, the table and the exit status
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {
-        "p20_s": percentile(times, 20), "p50_s": percentile(times, 50), "p80_s": percentile(times, 80),
-        "reps": len(times), "peak_bytes": peak,
-    }
+        try:
+            call_once(call, reset)  # also the first warm-up call
+        except Exception as e:  # reported in the row, the table and the exit status
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        runnable[name] = (call, reset)
+    times = measure_interleaved(runnable, device, repeats)
+    for name, (call, reset) in runnable.items():
+        results[name] = {
+            "p20_s": percentile(times[name], 20), "p50_s": percentile(times[name], 50),
+            "p80_s": percentile(times[name], 80), "reps": len(times[name]),
+            "peak_bytes": peak_memory(call, device, reset) if measure_memory else None,
+        }
+    return {name: results[name] for name in modules}

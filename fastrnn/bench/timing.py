@@ -25,9 +25,10 @@ class Repeats:
     budget_s: float
 
 
-# --quick: 1 warm-up call and about half a second per measurement keeps the 72 measurements of the
-# CPU set near 2 minutes on 2 cores (the largest, LSTM T100-B64 fwd+bwd, takes ~0.8 s a call there,
-# so it gets the minimum of 3); --full: 5 s per measurement and at least 10 calls.
+# The runner makes one untimed call of each module before these (it also finds a backend that cannot
+# run), so --quick warms up with 2 calls. --quick: about half a second per module and pass keeps the 72
+# measurements of the CPU set near 75 s on 2 quiet cores (the largest, LSTM T100-B64 fwd+bwd, takes
+# ~0.75 s a call there, so it gets the minimum of 3); --full: 5 s per module and pass, at least 10 calls.
 QUICK = Repeats(warmup=1, min_reps=3, max_reps=50, budget_s=0.5)
 FULL = Repeats(warmup=3, min_reps=10, max_reps=500, budget_s=5.0)
 SMOKE = Repeats(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
@@ -38,33 +39,56 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, repeats, reset=None):
-    """Seconds per call of `fn()` (a list, one per timed call). `reset()` runs before every call, untimed
-    (e.g. dropping .grad so that backward does not time an accumulation)."""
-    device = torch.device(device)
-    for _ in range(repeats.warmup):
-        if reset is not None:
-            reset()
+def call_once(fn, reset=None):
+    if reset is not None:
+        reset()
+    fn()
+
+
+def _timed_call(fn, reset, device):
+    if reset is not None:
+        reset()
+    if device.type == "cuda":
+        # Events time the GPU work alone; synchronising after each call keeps the host from running
+        # ahead, so the next call's events do not also time launch queueing.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_interleaved(calls, device, repeats):
+    """{name: seconds of each timed call} for several {name: (fn, reset)}, timed round-robin: each round
+    calls every fn once, so a change in machine speed during the measurement (on a shared 2-core VM two
+    back-to-back runs differed by up to 1.8x in p50 when each module was timed in a block of its own)
+    slows all of them alike and their ratios, the speedups, stay fair. `reset()` runs before each call,
+    untimed (e.g. dropping .grad so that backward does not time an accumulation). Rounds go on until
+    there are min_reps, then until max_reps or budget_s per fn of timed calls in all."""
+    device = torch.device(device)
+    for fn, reset in calls.values():
+        for _ in range(repeats.warmup):
+            call_once(fn, reset)
     _synchronize(device)
-    times = []
-    while len(times) < repeats.min_reps or (len(times) < repeats.max_reps and sum(times) < repeats.budget_s):
-        if reset is not None:
-            reset()
-        if device.type == "cuda":
-            # Events time the GPU work alone; synchronising after each call keeps the host from running
-            # ahead, so the next call's events do not also time launch queueing.
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+    times = {name: [] for name in calls}
+    budget = repeats.budget_s * len(calls)
+    rounds, spent = 0, 0.0
+    while rounds < repeats.min_reps or (rounds < repeats.max_reps and spent < budget):
+        for name, (fn, reset) in calls.items():
+            seconds = _timed_call(fn, reset, device)
+            times[name].append(seconds)
+            spent += seconds
+        rounds += 1
     return times
+
+
+def measure(fn, device, repeats, reset=None):
+    """Seconds of each timed call of `fn()` alone (see measure_interleaved)."""
+    return measure_interleaved({"": (fn, reset)}, device, repeats)[""]
 
 
 def percentile(values, q):
