@@ -41,10 +41,38 @@ def needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# The recurrence of one layer and one direction. A forward that will not be differentiated calls the op
+# straight (inference: nothing saved); only one that will goes through the autograd.Function, whose
+# apply() alone costs 6-17 us a call, a visible share of a whole B=1, H=128 layer.
+
+
+def lstm(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend):
+    """y, h_n, c_n."""
+    if needs_saving(gx, w_hh, h0, c0, w_hr):
+        return LSTMFunction.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend)
+    y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, False)
+    return y, h_n, c_n
+
+
+def gru(gx, w_hh, b_hh, h0, lengths, reverse, backend):
+    """y, h_n."""
+    if needs_saving(gx, w_hh, b_hh, h0):
+        return GRUFunction.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend)
+    y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, False)
+    return y, h_n
+
+
+def rnn(gx, w_hh, h0, lengths, reverse, relu, backend):
+    """y, h_n (the op saves nothing beyond y)."""
+    if needs_saving(gx, w_hh, h0):
+        return RNNFunction.apply(gx, w_hh, h0, lengths, reverse, relu, backend)
+    return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
+
+
 class LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, w_hh, h0, c0, w_hr, lengths, reverse, save, backend):
-        y, h_n, c_n, gates, cs = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, save)
+    def forward(ctx, gx, w_hh, h0, c0, w_hr, lengths, reverse, backend):
+        y, h_n, c_n, gates, cs = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, True)
         ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, y, gates, cs)
         ctx.reverse, ctx.backend = reverse, backend
         return y, h_n, c_n
@@ -57,13 +85,13 @@ class LSTMFunction(torch.autograd.Function):
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None, None
+        return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None
 
 
 class GRUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, w_hh, b_hh, h0, lengths, reverse, save, backend):
-        y, h_n, saved = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, save)
+    def forward(ctx, gx, w_hh, b_hh, h0, lengths, reverse, backend):
+        y, h_n, saved = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, True)
         ctx.save_for_backward(w_hh, h0, lengths, y, saved)
         ctx.reverse, ctx.backend, ctx.has_bias = reverse, backend, b_hh is not None
         return y, h_n
@@ -77,7 +105,7 @@ class GRUFunction(torch.autograd.Function):
         )
         dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
         db_hh = dgh.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dgx, dw_hh, db_hh, dh0, None, None, None, None
+        return dgx, dw_hh, db_hh, dh0, None, None, None
 
 
 class RNNFunction(torch.autograd.Function):

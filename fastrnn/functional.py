@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .autograd import GRUFunction, LSTMFunction, RNNFunction, needs_saving
+from . import autograd
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -37,15 +37,13 @@ def recurrence(cell, x, h0, c0, weights, lengths, reverse, backend):
     """
     if cell == "gru":
         gx = F.linear(x, weights.w_ih, weights.b_ih).contiguous()
-        save = needs_saving(gx, weights.w_hh, weights.b_hh, h0)
-        y, h_n = GRUFunction.apply(gx, weights.w_hh, weights.b_hh, h0, lengths, reverse, save, backend)
+        y, h_n = autograd.gru(gx, weights.w_hh, weights.b_hh, h0, lengths, reverse, backend)
         return y, h_n, None
     bias = None if weights.b_ih is None else weights.b_ih + weights.b_hh
     gx = F.linear(x, weights.w_ih, bias).contiguous()
     if cell == "lstm":
-        save = needs_saving(gx, weights.w_hh, h0, c0, weights.w_hr)
-        return LSTMFunction.apply(gx, weights.w_hh, h0, c0, weights.w_hr, lengths, reverse, save, backend)
-    y, h_n = RNNFunction.apply(gx, weights.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
+        return autograd.lstm(gx, weights.w_hh, h0, c0, weights.w_hr, lengths, reverse, backend)
+    y, h_n = autograd.rnn(gx, weights.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
     return y, h_n, None
 
 
@@ -75,7 +73,12 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+    return layer_input, _stack(h_n), (_stack(c_n) if c0 is not None else None)
+
+
+def _stack(states):
+    # One layer and direction (the common case) needs no copy: the op's h_n is already a fresh tensor.
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
 def unpack(data, batch_sizes):

@@ -10,6 +10,7 @@ torch.compile: Dynamo refuses every nn.LSTM/GRU/RNN instance, subclasses include
 inspects recurrent layers by type keeps working) and ask compile users to set that flag; see docs/design.md.
 """
 
+import contextlib
 import copy
 
 import torch
@@ -31,12 +32,15 @@ def _check_backend(backend):
 
 
 def _autocast(tensors, device_type):
-    """Under autocast, run in the autocast dtype, as torch.nn's recurrent layers do on CUDA. The caller then
-    runs the layers with autocast off, so the fp32 math inside the ops is not lowered a second time."""
+    """Under autocast, run in the autocast dtype, as torch.nn's recurrent layers do on CUDA: returns the
+    tensors cast to it and a context that turns autocast off around the layers, so the fp32 math inside
+    the ops is not lowered a second time. Otherwise the tensors as they are and a no-op context (entering
+    torch.autocast costs ~6 us, a visible share of a small layer)."""
     if not torch.is_autocast_enabled(device_type):
-        return tensors
+        return tensors, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return cast, torch.autocast(device_type, enabled=False)
 
 
 class _FastRNNModule:
@@ -105,11 +109,11 @@ class _RecurrentMixin(_FastRNNModule):
         _check_state_dtype(x, h0, c0)
 
         weights = self._layer_weights()
-        x, h0, c0, *flat = _autocast([x, h0, c0, *(w for lw in weights for w in lw)], x.device.type)
+        (x, h0, c0, *flat), no_autocast = _autocast([x, h0, c0, *(w for lw in weights for w in lw)], x.device.type)
         weights = [LayerWeights(*flat[k : k + 5]) for k in range(0, len(flat), 5)]
         # The kernels read lengths on the device; packing the output back uses the host copy (no sync).
         lengths = host_lengths.to(x.device) if host_lengths is not None else None
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast:
             y, h_n, c_n = functional.stacked(
                 self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
                 num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
@@ -229,10 +233,11 @@ class _CellMixin(_FastRNNModule):
             if not is_batched:
                 states = [s.unsqueeze(0) for s in states]
         self._check_step_args(input, states)
-        tensors = _autocast([input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh],
-                            input.device.type)
+        tensors, no_autocast = _autocast(
+            [input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], input.device.type
+        )
         x, states, weights = tensors[0], tensors[1 : 1 + len(states)], tensors[1 + len(states) :]
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast:
             h, c = functional.cell_step(self._cell_name(), x, states[0], states[1] if len(states) > 1 else None,
                                         *weights, self.backend)
         if not is_batched:

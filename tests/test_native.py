@@ -199,6 +199,9 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     pytest.param(torch.float32, 6, 5, 70, "var", True, id="fp32-T6-B5-H70-var-rev"),
     pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
     pytest.param(torch.bfloat16, 4, 6, 40, None, True, id="bf16-T4-B6-H40-full-rev"),
+    # Past the packed product's 64-row chunk and 256-deep K slice (recurrence.h, by_blocks).
+    pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
+    pytest.param(torch.float64, 2, 65, 257, None, True, id="fp64-T2-B65-H257-full-rev"),
 ])
 def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
     """The step product forced through MKL (at::mm_out + a separate gate pass) and through the packed,

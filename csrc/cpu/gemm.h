@@ -75,20 +75,22 @@ struct Panels {
   const acc_t* panel(int64_t g, int64_t blk) const { return data.const_data_ptr<acc_t>() + (g * blocks + blk) * K * P; }
 };
 
-// out[MR][P] = a[MR rows, K] @ panel[K][P]. The accumulators stay in registers: MR x 2 vectors, and for
-// MR <= 2 a second set over odd k, so that at least 4 independent FMA chains hide the 4-cycle FMA latency
-// (a single row is then bound by streaming the panel from L2, ~1 vector a cycle). The two sets are
-// separate arrays: one [2][MR][2] array indexed by the unrolled k made gcc 13 keep it on the stack
-// (a store and reload per FMA: 4x slower at MR = 1).
+// out[MR][P] = a[MR rows, K] @ panel[K][P], or += with `accumulate` (the later K blocks of a product).
+// The accumulators stay in registers: MR x 2 vectors, and for MR <= 2 a second set over odd k, so that
+// at least 4 independent FMA chains hide the 4-cycle FMA latency (a single row is then bound by streaming
+// the panel from L2, ~1 vector a cycle). The two sets are separate arrays: one [2][MR][2] array indexed
+// by the unrolled k made gcc 13 keep it on the stack (a store and reload per FMA: 4x slower at MR = 1).
 template <typename acc_t, int MR>
-inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* out) {
+inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* out, bool accumulate) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t VS = Vec::size();
   constexpr int64_t P = 2 * VS;
   constexpr bool kSplitK = MR <= 2;
   Vec lo[MR], hi[MR], lo2[MR], hi2[MR];
   for (int m = 0; m < MR; ++m) {
-    lo[m] = hi[m] = lo2[m] = hi2[m] = Vec(acc_t(0));
+    lo[m] = accumulate ? Vec::loadu(out + m * P) : Vec(acc_t(0));
+    hi[m] = accumulate ? Vec::loadu(out + m * P + VS) : Vec(acc_t(0));
+    lo2[m] = hi2[m] = Vec(acc_t(0));
   }
   int64_t k = 0;
   if constexpr (kSplitK) {
@@ -121,19 +123,20 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
 
 // Rows [m0, m0 + mr) (mr in 1..4) of one panel.
 template <typename acc_t>
-inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, int64_t mr, acc_t* out) {
+inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, int64_t mr, acc_t* out,
+                       bool accumulate) {
   switch (mr) {
     case 4:
-      panel_tile<acc_t, 4>(a, lda, panel, K, out);
+      panel_tile<acc_t, 4>(a, lda, panel, K, out, accumulate);
       break;
     case 3:
-      panel_tile<acc_t, 3>(a, lda, panel, K, out);
+      panel_tile<acc_t, 3>(a, lda, panel, K, out, accumulate);
       break;
     case 2:
-      panel_tile<acc_t, 2>(a, lda, panel, K, out);
+      panel_tile<acc_t, 2>(a, lda, panel, K, out, accumulate);
       break;
     default:
-      panel_tile<acc_t, 1>(a, lda, panel, K, out);
+      panel_tile<acc_t, 1>(a, lda, panel, K, out, accumulate);
       break;
   }
 }

@@ -205,11 +205,14 @@ inline void zero_row(D* dst, int64_t n) {
 // Two ways, chosen once per call: the packed panels of gemm.h (no dispatch, and the recurrence loops
 // below fuse them with the cell update), and at::mm_out (MKL). Single-threaded on this machine (Zen 3,
 // min of 200 runs) the packed tile does 18 GMAC/s at [1,128]x[128,512] where MKL does 9 (its per-call
-// overhead), 42 vs 23 at B=8, and 33-46 vs 33-42 from B=32 to B=256; on 2 threads the fused LSTM forward
-// step at B=64, H=512 takes 1.05 ms packed and 2.1 ms with MKL plus a separate gate pass (docs/cpu.md).
-// The tile streams a K x 16 panel per 4 rows and re-reads A [B, K] per panel, so it wants the panel in
-// L1 (K * 64 bytes <= 32 KB: K <= 512 in fp32) or A in L1; past both, as in the LSTM backward at B=32,
-// H=256 (K = 4H = 1024: 224 vs 201 us a step with MKL) or B=64, H=512 (1717 vs 1400 us), MKL is faster.
+// overhead) and 42 vs 23 at B=8. From B=32 up, the choice was measured on whole steps (2 threads,
+// interleaved runs, us a step, packed with the K-sliced order of by_blocks vs MKL + a separate cell pass):
+// products of several gate groups (the LSTM and GRU forward) are faster packed and fused: LSTM B=64,
+// H=512 1368 vs 1447, B=32, H=256 208 vs 242; GRU 1016 vs 1140 and 163 vs 204. Products of one group at
+// that batch (the RNN forward; every backward, K = G*H) are as fast or faster with MKL: RNN forward
+// B=64, H=512 371 vs 341; backward LSTM B=64, H=512 1534 vs 1287, GRU 1325 vs 986, RNN 339 vs 291 and at
+// B=32, H=256 82 vs 57. So: packed for several groups, or when A [B, K] fits L1 (small batch, where the
+// MKL call's overhead dominates: LSTM backward at B=8, H=128 takes 26 us packed, 37 with MKL).
 // FASTRNN_CPU_GEMM=aten|packed forces one (benchmarks and tests).
 
 constexpr int64_t kL1Bytes = 32 * 1024;
@@ -241,8 +244,8 @@ class HiddenGemm {
   HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows) : rows_(rows), groups_(groups), n_(r.size(1)) {
     const GemmPath path = gemm_path_override();
     const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
-    const bool fits = K * P * bytes <= kL1Bytes || rows * K * bytes <= kL1Bytes;
-    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && fits);
+    const bool packed_wins = groups > 1 || rows * K * bytes < kL1Bytes;
+    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && packed_wins);
     if (packed_) {
       panels_ = Panels<acc_t>(r, groups);
     } else {
@@ -253,28 +256,49 @@ class HiddenGemm {
   bool packed() const { return packed_; }
   int64_t blocks() const { return panels_.blocks; }
 
-  // For every (row block of <= 4 rows, block of P columns of each group): the product of those rows and
-  // columns of every group into tiles[g * 4 * P + m * P + (j - j0)], then fn(m0, mr, j0, j1, tiles, 4 * P)
-  // with [j0, j1) the block's columns within a group. a == nullptr: no product (fn alone). Column blocks
-  // are split over the threads; a thread owns its columns for every row and group. cost: rough cycles per
-  // (row, column) of fn, to size the parallel grain. Packed path only.
+  // For every (chunk of <= kChunkRows rows, block of P columns of each group): the product of those rows
+  // and columns of every group into tiles[g * kChunkRows * P + m * P + (j - j0)], then
+  // fn(m0, mr, j0, j1, tiles, kChunkRows * P) with [m0, m0 + mr) the chunk's rows and [j0, j1) the
+  // block's columns within a group. a == nullptr: no product (fn alone). Column blocks are split over the
+  // threads; a thread owns its columns for every row and group. cost: rough cycles per (row, column) of
+  // fn, to size the parallel grain. Packed path only.
+  //
+  // Loop order: K is taken in slices of kSliceK, whose kSliceK x P panel slice (16 KB) stays in L1 while
+  // the 4-row tiles of up to sub_rows rows multiply it; sub_rows shrinks with the number of groups so that
+  // those rows' slice of A stays in L1 across the groups too. The first version took each 4-row tile
+  // through the whole K x P panel of every group in turn, streaming every panel from L2 again for every
+  // 4 rows; against it (2 threads, interleaved runs, us a step) this order takes the LSTM forward at
+  // B=64, H=512 from 1638 to 1368, at B=32, H=256 from 247 to 208, the RNN forward at B=32, H=256 from
+  // 107 to 58 and at B=64, H=512 from 710 to 371.
+  static constexpr int64_t kChunkRows = 64;
+  static constexpr int64_t kSliceK = 16 * 1024 / (P * static_cast<int64_t>(sizeof(acc_t)));
+
   template <typename F>
   void by_blocks(const acc_t* a, int64_t cost, const F& fn) const {
     const int64_t K = panels_.K, width = panels_.width, blocks = panels_.blocks;
     const int64_t block_cycles = rows_ * P * ((a != nullptr ? K * groups_ / kMacsPerCycle : 0) + cost);
     const int64_t grain = std::max<int64_t>(1, kMinParallelCycles / std::max<int64_t>(1, block_cycles));
+    const int64_t sub_rows = std::max<int64_t>(4, kChunkRows / groups_ / 4 * 4);
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      alignas(64) acc_t tiles[4 * 4 * P];  // [groups <= 4][rows <= 4][P]
+      alignas(64) acc_t tiles[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
-        for (int64_t m0 = 0; m0 < rows_; m0 += 4) {
-          const int64_t mr = std::min<int64_t>(4, rows_ - m0);
-          if (a != nullptr) {
-            for (int64_t g = 0; g < groups_; ++g) {
-              panel_rows(a + m0 * K, K, panels_.panel(g, blk), K, mr, tiles + g * 4 * P);
+        for (int64_t m0 = 0; m0 < rows_; m0 += kChunkRows) {
+          const int64_t mr = std::min(kChunkRows, rows_ - m0);
+          for (int64_t r0 = 0; a != nullptr && r0 < mr; r0 += sub_rows) {
+            const int64_t r1 = std::min(mr, r0 + sub_rows);
+            for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
+              const int64_t kc = std::min(kSliceK, K - k0);
+              for (int64_t g = 0; g < groups_; ++g) {
+                const acc_t* slice = panels_.panel(g, blk) + k0 * P;
+                for (int64_t m = r0; m < r1; m += 4) {
+                  panel_rows(a + (m0 + m) * K + k0, K, slice, kc, std::min<int64_t>(4, r1 - m),
+                             tiles + (g * kChunkRows + m) * P, /*accumulate=*/k0 > 0);
+                }
+              }
             }
           }
-          fn(m0, mr, j0, j1, static_cast<const acc_t*>(tiles), 4 * P);
+          fn(m0, mr, j0, j1, static_cast<const acc_t*>(tiles), kChunkRows * P);
         }
       }
     });

@@ -25,6 +25,9 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 BACKENDS = tuple(_MODULES)
 _loaded = {}
 _warned = set()
+# (name, device type) -> the backend resolve() chose: what a backend can run on does not change within a
+# process, and the modules call resolve() on every forward (a few us each, visible at small sizes).
+_resolved = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,7 +72,14 @@ def available_backends(device_type=None):
 
 def resolve(name, device):
     """The concrete backend for `name` ('auto' or a backend name) on `device`; raises if it cannot run there."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (name, device_type)
+    if key not in _resolved:
+        _resolved[key] = _resolve(name, device_type)
+    return _resolved[key]
+
+
+def _resolve(name, device_type):
     if name == "auto":
         for candidate in AUTO_ORDER.get(device_type, ("reference",)):
             try:
@@ -78,7 +88,7 @@ def resolve(name, device):
             except BackendUnavailable as e:
                 if candidate not in _warned:
                     _warned.add(candidate)
-                    warnings.warn(f"{e}; backend='auto' uses the next one", stacklevel=3)
+                    warnings.warn(f"{e}; backend='auto' uses the next one", stacklevel=4)
         raise AssertionError("the reference backend runs everywhere")
     if not _runs_on(name, device_type):
         raise ValueError(
