@@ -108,6 +108,23 @@ def test_convert_swaps_in_place_and_shares_parameters():
     assert isinstance(fastrnn.convert(nn.GRU(2, 3)), fastrnn.GRU)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_uses_the_parameters_in_place_now(cell):
+    """torch.func.functional_call and a reassigned Parameter: forward reads the module's parameters as they
+    are at the call, like torch.nn (whose forward refreshes its _flat_weights)."""
+    kw = dict(num_layers=2, **_kwargs(cell))
+    ours, theirs = FASTRNN_CLASSES[cell](3, 4, **kw), TORCH_CLASSES[cell](3, 4, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3)
+    swapped = {name: torch.randn_like(p) for name, p in theirs.named_parameters()}
+    expected = torch.func.functional_call(theirs, swapped, (x,))[0]
+    torch.testing.assert_close(torch.func.functional_call(ours, swapped, (x,))[0], expected)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])  # and back to its own parameters afterwards
+    for m in (ours, theirs):
+        m.weight_hh_l1 = nn.Parameter(swapped["weight_hh_l1"])
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("form", ["batched", "unbatched", "nohx"])

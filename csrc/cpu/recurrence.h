@@ -129,11 +129,15 @@ inline void vec_loop(int64_t j0, int64_t j1, const F& fn) {
 
 // The pointwise part of a step: fn(b, j0, j1) for every row b in [0, B) and block [j0, j1) of the H
 // units, split over torch's intra-op threads when there is enough work. cost: rough cycles per unit.
-// A parallel region costs ~1.3 us to fork and join on this 2-core machine when it is idle, and much
-// more when another process holds a core (the OpenMP threads spin-wait for each other), so work under
-// kMinParallelCycles (~10 us) stays on one thread.
+// A parallel region costs ~1.0-1.4 us (~3000-4000 cycles) to fork and join on this 2-core machine when
+// it is idle (an empty at::parallel_for, 20000 calls), and much more when another process holds a core
+// (the OpenMP threads spin-wait for each other). A chunk of work is therefore worth a thread of its own
+// from about one fork/join's worth of cycles: kMinParallelCycles. Measured on the ops (interleaved runs,
+// medians): at B=1, H=128 this grain instead of 24000 takes the LSTM forward from 280 to 237 us and the
+// GRU forward from 284 to 255 (the step's W_hh then streams from both cores' L2); B=8 and up and the
+// RNN were unchanged; 2000 made the RNN at B=1 slower (77 -> 107 us).
 constexpr int64_t kUnitBlock = 64;  // a multiple of every Vectorized size, so only the last block has a tail
-constexpr int64_t kMinParallelCycles = 24000;
+constexpr int64_t kMinParallelCycles = 4000;
 
 template <typename F>
 inline void for_rows_units(int64_t B, int64_t H, int64_t cost, const F& fn) {
