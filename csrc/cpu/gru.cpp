@@ -79,7 +79,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
     h_p = h.const_data_ptr<acc_t>();
     next_p = h_next.data_ptr<acc_t>();
   };
-  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kGruUnitCost, cell, after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kGruUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
 }
 

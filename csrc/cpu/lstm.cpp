@@ -111,7 +111,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
     }
   };
   // The cell writes m_t / h_t to out_p, never to the state h the product reads: fusing is safe.
-  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kLstmUnitCost, cell, after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/!proj, h, hid, T, B, H, reverse, kLstmUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
   c_n = c.to(c0.scalar_type());
 }

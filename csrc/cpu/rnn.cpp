@@ -53,7 +53,7 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
     h_p = h.const_data_ptr<acc_t>();
     next_p = h_next.data_ptr<acc_t>();
   };
-  forward_loop<acc_t>(gemm, /*fuse=*/true, h, hid, T, B, H, reverse, kRnnUnitCost, cell, after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kRnnUnitCost, cell, after);
   h_n = h.to(h0.scalar_type());
 }
 
