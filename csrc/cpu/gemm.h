@@ -87,16 +87,16 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   constexpr int64_t P = 2 * VS;
   constexpr bool kSplitK = MR <= 2;
   Vec lo[MR], hi[MR], lo2[MR], hi2[MR];
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
-    lo[m] = accumulate ? Vec::loadu(out + m * P) : Vec(acc_t(0));
-    hi[m] = accumulate ? Vec::loadu(out + m * P + VS) : Vec(acc_t(0));
-    lo2[m] = hi2[m] = Vec(acc_t(0));
+    lo[m] = hi[m] = lo2[m] = hi2[m] = Vec(acc_t(0));
   }
   int64_t k = 0;
   if constexpr (kSplitK) {
     for (; k + 2 <= K; k += 2) {
       const acc_t* p = panel + k * P;
       const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS), r2 = Vec::loadu(p + P), r3 = Vec::loadu(p + P + VS);
+#pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
         const Vec a0(a[m * lda + k]), a1(a[m * lda + k + 1]);
         lo[m] = at::vec::fmadd(a0, r0, lo[m]);
@@ -109,15 +109,24 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   for (; k < K; ++k) {
     const acc_t* p = panel + k * P;
     const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS);
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       const Vec a0(a[m * lda + k]);
       lo[m] = at::vec::fmadd(a0, r0, lo[m]);
       hi[m] = at::vec::fmadd(a0, r1, hi[m]);
     }
   }
+  // `out` is read only here, after the loop: loading it into the accumulators before the loop made gcc 13
+  // keep them on the stack (a store per FMA).
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
-    (lo[m] + lo2[m]).store(out + m * P);
-    (hi[m] + hi2[m]).store(out + m * P + VS);
+    Vec sum_lo = lo[m] + lo2[m], sum_hi = hi[m] + hi2[m];
+    if (accumulate) {
+      sum_lo = sum_lo + Vec::loadu(out + m * P);
+      sum_hi = sum_hi + Vec::loadu(out + m * P + VS);
+    }
+    sum_lo.store(out + m * P);
+    sum_hi.store(out + m * P + VS);
   }
 }
 
