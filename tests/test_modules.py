@@ -110,8 +110,8 @@ def test_convert_swaps_in_place_and_shares_parameters():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_uses_the_parameters_in_place_now(cell):
-    """torch.func.functional_call and a reassigned Parameter: forward reads the module's parameters as they
-    are at the call, like torch.nn (whose forward refreshes its _flat_weights)."""
+    """torch.func.functional_call, a reassigned Parameter and a parametrization: forward reads the module's
+    parameters as they are at the call, like torch.nn (whose forward refreshes its _flat_weights)."""
     kw = dict(num_layers=2, **_kwargs(cell))
     ours, theirs = FASTRNN_CLASSES[cell](3, 4, **kw), TORCH_CLASSES[cell](3, 4, **kw)
     ours.load_state_dict(theirs.state_dict())
@@ -123,6 +123,14 @@ def test_forward_uses_the_parameters_in_place_now(cell):
     for m in (ours, theirs):
         m.weight_hh_l1 = nn.Parameter(swapped["weight_hh_l1"])
     torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    for m in (ours, theirs):  # a parametrized weight is computed, not stored in _parameters
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_ih_l0", _Double())
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
