@@ -73,12 +73,9 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, _stack(h_n), (_stack(c_n) if c0 is not None else None)
-
-
-def _stack(states):
-    # One layer and direction (the common case) needs no copy: the op's h_n is already a fresh tensor.
-    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+    # torch.stack even for one layer: a view of the op's h_n would not take in-place ops such as
+    # h.detach_() (truncated BPTT), which work on torch.nn's fresh h_n (tests/test_modules.py).
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
 
 def unpack(data, batch_sizes):

@@ -128,6 +128,17 @@ def test_forward_uses_the_parameters_in_place_now(cell):
     torch.testing.assert_close(ours(x)[0], theirs(x)[0])
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_returned_states_take_in_place_ops(cell):
+    """h_n / c_n are fresh tensors as in torch.nn, not views: truncated BPTT's h.detach_() works."""
+    kw = _kwargs(cell)
+    ours = FASTRNN_CLASSES[cell](3, 4, **kw)
+    states = ours(torch.randn(5, 2, 3))[1]
+    for s in states if cell == "lstm" else (states,):
+        assert s._base is None
+        s.detach_()
+
+
 class _Double(nn.Module):
     def forward(self, w):
         return 2 * w
