@@ -210,6 +210,18 @@ def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
     check_kernels(dtype, T, B, H, lengths, reverse)
 
 
+def test_kernels_with_an_odd_thread_count():
+    """Short steps run in one parallel region that splits the unit blocks by the team's size
+    (recurrence.h, run_steps): 3 threads, more than this machine has cores, give uneven shares."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_kernels(torch.float64, 9, 5, 70, "var", True)
+        check_kernels(torch.float32, 6, 1, 40, None, False)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gemm_path_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", "mkl")
     fwd, _ = rnn_args(2, 2, 4, False, torch.float32, None, False)
