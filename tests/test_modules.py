@@ -11,7 +11,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from conftest import backend_params
-from parity import FASTRNN_CLASSES, TORCH_CLASSES, Case, assert_all_close, make_inputs, make_pair, run_case
+from parity import (
+    FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, assert_all_close, make_inputs, make_pair, run_case,
+)
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 CELL_CLASSES = {
@@ -167,7 +169,7 @@ def test_cells(cell, form, device, backend):
         grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outs)), leaves)
         return {f"t{k}": t.detach().cpu() for k, t in enumerate(outs + list(grads))}
 
-    assert_all_close(go(oracle, "cpu"), go(model, device), atol=1e-9, rtol=1e-7)
+    assert_all_close(go(oracle, "cpu"), go(model, device), **FP64_TOL)  # fp64 on both sides
 
 
 # ----- dropout between layers -----
@@ -179,7 +181,7 @@ def test_dropout_eval_and_p0_are_exact(cell, device, backend):
     for p, training in ((0.5, False), (0.0, True)):
         case = Case(cell, layers=2, bidirectional=True, training=training, extra=dict(dropout=p))
         ref, out = run_case(case, backend, device)
-        assert_all_close(ref, out, atol=1e-9, rtol=1e-7)
+        assert_all_close(ref, out, **FP64_TOL)  # run_case: fp64 on both sides
 
 
 def _train_case(case, backend, device):
@@ -195,7 +197,7 @@ def test_dropout_p1_zeroes_between_layers(device, backend):
     """p=1: the second layer sees zeros, exactly as torch.nn's (its output depends on h0 and biases only)."""
     case = Case("lstm", layers=2, extra=dict(dropout=1.0))
     ref, out = _train_case(case, backend, device)
-    assert_all_close(ref, out, atol=1e-9, rtol=1e-7)
+    assert_all_close(ref, out, **FP64_TOL)  # fp64 on both sides
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -218,6 +220,7 @@ def test_dropout_is_inverted_dropout_of_each_inner_layer_output(device, backend)
         layer_in = single(layer_in)[0]
         if layer < 2:
             layer_in = torch.nn.functional.dropout(layer_in, 0.4, training=True)
+    # Both sides run the same backend's ops on the same fp64 shapes: only summation order may differ.
     torch.testing.assert_close(y, layer_in, atol=1e-12, rtol=1e-12)
     torch.manual_seed(8)
     assert not torch.equal(model(x)[0], y), "a new seed must draw a new mask"

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import backend_params, case_params, interpreted
-from parity import Case, assert_all_close, make_inputs, make_pair, max_errors, output_shapes, run, run_case
+from parity import (
+    FP32_TOL, FP64_TOL, Case, assert_all_close, make_inputs, make_pair, max_errors, output_shapes, run, run_case,
+)
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -38,11 +40,6 @@ PROJ_FORMS = [
 
 CASES = [Case(cell, **form) for cell in CELLS for form in FORMS] + [Case("lstm", **form) for form in PROJ_FORMS]
 
-# fp64 on every backend: differences come only from summation order (~1e-15 relative per step).
-FP64_TOL = dict(atol=1e-9, rtol=1e-7)
-# fp32: the reference backend's worst error against the fp64 oracle on these cases is ~3e-7 (T=63);
-# "about 1e-5 relative" is the contract, with inputs and weights of order 1.
-FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case,device,backend", case_params(CASES))
