@@ -67,10 +67,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
       store(next_b + j, h_new);
       store(y_b + j, h_new);
       if (save) {
-        store(saved_b + j, r);
-        store(saved_b + H + j, z);
-        store(saved_b + 2 * H + j, n);
-        store(saved_b + 3 * H + j, ghn);
+        store_gates(saved_b, H, j, r, z, n, ghn);
       }
     });
   };
@@ -133,15 +130,9 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
       V dar, daz, dan, dghn, dh_direct;
       cells::gru_bwd_cell(load<V>(dh_b + j) + load<V>(dy_b + j), r, z, n, ghn, load<V>(h_prev_b + j), dar, daz,
                           dan, dghn, dh_direct);
-      store(dgx_b + j, dar);
-      store(dgx_b + H + j, daz);
-      store(dgx_b + 2 * H + j, dan);
-      store(dgh_b + j, dar);
-      store(dgh_b + H + j, daz);
-      store(dgh_b + 2 * H + j, dghn);
-      store(da_b + j, dar);
-      store(da_b + H + j, daz);
-      store(da_b + 2 * H + j, dghn);
+      store_gates(dgx_b, H, j, dar, daz, dan);
+      store_gates(dgh_b, H, j, dar, daz, dghn);
+      store_gates(da_b, H, j, dar, daz, dghn);
       store(direct_b + j, dh_direct);
     });
   };

@@ -81,10 +81,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
         store(y_b + j, m_new);
       }
       if (save) {
-        store(gates_b + j, i);
-        store(gates_b + H + j, f);
-        store(gates_b + 2 * H + j, g);
-        store(gates_b + 3 * H + j, o);
+        store_gates(gates_b, H, j, i, f, g, o);
         store(cs_b + j, c_new);
       }
     });
@@ -205,14 +202,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
       cells::lstm_bwd_cell(dm_j, load<V>(dc_b + j), i, f, g, o, c_t, load<V>(c_prev_b + j), dai, daf, dag, dao,
                            dc_prev);
       store(dc_b + j, dc_prev);
-      store(dgx_b + j, dai);
-      store(dgx_b + H + j, daf);
-      store(dgx_b + 2 * H + j, dag);
-      store(dgx_b + 3 * H + j, dao);
-      store(da_b + j, dai);
-      store(da_b + H + j, daf);
-      store(da_b + 2 * H + j, dag);
-      store(da_b + 3 * H + j, dao);
+      store_gates(dgx_b, H, j, dai, daf, dag, dao);
+      store_gates(da_b, H, j, dai, daf, dag, dao);
       if (proj) {
         store(m_b + j, o * cells::tanh(c_t));
       }

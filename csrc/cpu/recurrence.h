@@ -119,6 +119,13 @@ inline void store(S* p, const V& v) {
   }
 }
 
+// The values v_0, v_1, ... of unit j into a gate-major row: dst[k * H + j] = v_k (gates, their gradients).
+template <typename S, typename... V>
+inline void store_gates(S* dst, int64_t H, int64_t j, const V&... v) {
+  int64_t k = 0;
+  (store(dst + (k++) * H + j, v), ...);
+}
+
 // Calls fn(V{}, j) for j in [j0, j1): with V = Vectorized<acc_t> on whole vectors, then V = acc_t on the
 // tail, so a cell's pointwise code is one generic lambda.
 template <typename acc_t, typename F>
