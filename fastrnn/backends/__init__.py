@@ -73,10 +73,15 @@ def available_backends(device_type=None):
 def resolve(name, device):
     """The concrete backend for `name` ('auto' or a backend name) on `device`; raises if it cannot run there."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if torch.compiler.is_compiling():
-        # Dynamo guards on what it reads: a cache filled during the first trace would fail its own guard and
-        # recompile on the next call (tests/test_compile.py). The graph is built once anyway.
-        return _resolve(name, device_type)
+    return _resolve_cached(name, device_type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_cached(name, device_type):
+    # Dynamo calls this eagerly and takes the result as a constant (no tracing): a compiled first call
+    # would otherwise meet importlib (a function Dynamo refuses) and the cache's dict (a guard that the
+    # cache's own filling would fail on the next call, recompiling). What a backend can run on does not
+    # change within a process, so the constant stays true.
     key = (name, device_type)
     if key not in _resolved:
         _resolved[key] = _resolve(name, device_type)
