@@ -1,16 +1,28 @@
-"""One autograd.Function per cell, for one layer and one direction (docs/contract.md).
+"""One autograd.Function per cell, for one layer and one direction (docs/contract.md, docs/transforms.md).
 
 The input projection Gx = x W_ih^T + b is a plain F.linear outside these Functions, so autograd does the
 big dx / dW_ih GEMMs over all T*B rows. Inside, only the recurrence runs through the backend's ops; the
 hidden-weight gradient dW_hh = sum_t dGh_t^T h_{t-1} is then one GEMM over all T*B rows too.
 
+Two backwards per Function:
+- first order (the usual `loss.backward()`, grad mode off inside backward): the backend's backward op;
+- `create_graph=True` (double backward, gradient penalties, torch.func.grad/jacrev/hessian): the ops are
+  opaque to autograd, so the returned gradients must come from something autograd can differentiate. The
+  recurrence is recomputed from the saved inputs with plain torch ops (the reference backend's forward,
+  reference.py), Gx included from the saved (x, W_ih, b), and differentiated with `create_graph`. The
+  projection inputs are already saved by F.linear, so first-order memory and speed do not change.
+
+The Functions use `setup_context` and `generate_vmap_rule`, so torch.func transforms them; the ops carry
+batching rules (fastrnn/backends/vmap.py).
+
 T: time steps  B: batch  H: hidden size  Hout: output size (proj_size or H)  G: gates per cell
 """
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 from .backends import ops
+from .backends import reference
 
 
 def previous_hidden(y, h0, lengths, reverse):
@@ -41,87 +53,152 @@ def needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# The recurrence of one layer and one direction. A forward that will not be differentiated calls the op
-# straight (inference: nothing saved); only one that will goes through the autograd.Function, whose
-# apply() alone costs 6-17 us a call, a visible share of a whole B=1, H=128 layer.
+# The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
+# A forward that will not be differentiated calls the op straight (inference: nothing saved); only one that
+# will goes through the autograd.Function, whose apply() alone costs 6-17 us a call, a visible share of a
+# whole B=1, H=128 layer. `b_in` is the bias folded into Gx.
 
 
-def lstm(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend):
+def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
     """y, h_n, c_n."""
+    gx = F.linear(x, w_ih, b_in).contiguous()
     if needs_saving(gx, w_hh, h0, c0, w_hr):
-        return LSTMFunction.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend)
+        y, h_n, c_n, _, _ = LSTMFunction.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in)
+        return y, h_n, c_n
     y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, False)
     return y, h_n, c_n
 
 
-def gru(gx, w_hh, b_hh, h0, lengths, reverse, backend):
+def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
     """y, h_n."""
+    gx = F.linear(x, w_ih, b_in).contiguous()
     if needs_saving(gx, w_hh, b_hh, h0):
-        return GRUFunction.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend)
+        y, h_n, _ = GRUFunction.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in)
+        return y, h_n
     y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, False)
     return y, h_n
 
 
-def rnn(gx, w_hh, h0, lengths, reverse, relu, backend):
+def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
     """y, h_n (the op saves nothing beyond y)."""
+    gx = F.linear(x, w_ih, b_in).contiguous()
     if needs_saving(gx, w_hh, h0):
-        return RNNFunction.apply(gx, w_hh, h0, lengths, reverse, relu, backend)
+        return RNNFunction.apply(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in)
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
 
 
+def differentiable_backward(recurrence, projection, inputs, needs_grad, cotangents):
+    """The create_graph backward: gradients of `recurrence(gx, *inputs)` (torch ops only) with a graph.
+
+    projection: the saved (x, W_ih, b) that Gx came from, so that Gx is rebuilt with its history.
+    inputs: the Function's recurrence inputs after gx; needs_grad: ctx.needs_input_grad of (gx, *inputs).
+    Returns one gradient (or None) for gx and for each input.
+    """
+    x, w_ih, b_in = projection
+    with torch.enable_grad():
+        gx = F.linear(x, w_ih, b_in)
+        outputs = recurrence(gx, *inputs)
+    candidates = (gx, *inputs)
+    wrt = [k for k, t in enumerate(candidates) if needs_grad[k] and t is not None and t.requires_grad]
+    grads = torch.autograd.grad(outputs, [candidates[k] for k in wrt], cotangents, create_graph=True,
+                                allow_unused=True)
+    result = [None] * len(candidates)
+    for k, g in zip(wrt, grads):
+        result[k] = g if g is not None else torch.zeros_like(candidates[k])
+    return result
+
+
 class LSTMFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx, w_hh, h0, c0, w_hr, lengths, reverse, backend):
-        y, h_n, c_n, gates, cs = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, True)
-        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, y, gates, cs)
-        ctx.reverse, ctx.backend = reverse, backend
-        return y, h_n, c_n
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_n, dc_n):
-        w_hh, h0, c0, w_hr, lengths, y, gates, cs = ctx.saved_tensors
+    def forward(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in):
+        return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in = inputs
+        y, _, _, gates, cs = output
+        ctx.mark_non_differentiable(gates, cs)
+        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in)
+        ctx.reverse, ctx.backend = reverse, backend
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
+        w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def recurrence(gx, w_hh, h0, c0, w_hr):
+                return reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, ctx.reverse, False)[:3]
+
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0, c0, w_hr),
+                                            ctx.needs_input_grad, (dy, dh_n, dc_n))
+            return (*grads, None, None, None, None, None, None)
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None
+        return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None, None, None, None
 
 
 class GRUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx, w_hh, b_hh, h0, lengths, reverse, backend):
-        y, h_n, saved = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, True)
-        ctx.save_for_backward(w_hh, h0, lengths, y, saved)
-        ctx.reverse, ctx.backend, ctx.has_bias = reverse, backend, b_hh is not None
-        return y, h_n
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_n):
-        w_hh, h0, lengths, y, saved = ctx.saved_tensors
+    def forward(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in):
+        return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in = inputs
+        y, _, saved = output
+        ctx.mark_non_differentiable(saved)
+        ctx.save_for_backward(w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in)
+        ctx.reverse, ctx.backend = reverse, backend
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, _dsaved):
+        w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def recurrence(gx, w_hh, b_hh, h0):
+                return reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, ctx.reverse, False)[:2]
+
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, b_hh, h0),
+                                            ctx.needs_input_grad, (dy, dh_n))
+            return (*grads, None, None, None, None, None, None)
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
-        db_hh = dgh.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dgx, dw_hh, db_hh, dh0, None, None, None
+        db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
+        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None
 
 
 class RNNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx, w_hh, h0, lengths, reverse, relu, backend):
-        y, h_n = ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
-        ctx.save_for_backward(w_hh, h0, lengths, y)
-        ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
-        return y, h_n
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
+    def forward(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in):
+        return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in = inputs
+        y, _ = output
+        ctx.save_for_backward(w_hh, h0, lengths, y, x, w_ih, b_in)
+        ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
+
+    @staticmethod
     def backward(ctx, dy, dh_n):
-        w_hh, h0, lengths, y = ctx.saved_tensors
+        w_hh, h0, lengths, y, x, w_ih, b_in = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def recurrence(gx, w_hh, h0):
+                return reference.rnn_fwd(gx, w_hh, h0, lengths, ctx.reverse, ctx.relu)
+
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0), ctx.needs_input_grad,
+                                            (dy, dh_n))
+            return (*grads, None, None, None, None, None, None, None)
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, ctx.reverse, ctx.relu
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, None, None, None, None
+        return dgx, dw_hh, dh0, None, None, None, None, None, None, None

@@ -35,15 +35,14 @@ def recurrence(cell, x, h0, c0, weights, lengths, reverse, backend):
     LSTM and RNN fold both biases into the input projection; GRU keeps b_hh for the recurrence, since
     b_hn sits inside r * (W_hn h + b_hn).
     """
+    w = weights
     if cell == "gru":
-        gx = F.linear(x, weights.w_ih, weights.b_ih).contiguous()
-        y, h_n = autograd.gru(gx, weights.w_hh, weights.b_hh, h0, lengths, reverse, backend)
+        y, h_n = autograd.gru(x, w.w_ih, w.b_ih, w.w_hh, w.b_hh, h0, lengths, reverse, backend)
         return y, h_n, None
-    bias = None if weights.b_ih is None else weights.b_ih + weights.b_hh
-    gx = F.linear(x, weights.w_ih, bias).contiguous()
+    bias = None if w.b_ih is None else w.b_ih + w.b_hh
     if cell == "lstm":
-        return autograd.lstm(gx, weights.w_hh, h0, c0, weights.w_hr, lengths, reverse, backend)
-    y, h_n = autograd.rnn(gx, weights.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
+        return autograd.lstm(x, w.w_ih, bias, w.w_hh, h0, c0, w.w_hr, lengths, reverse, backend)
+    y, h_n = autograd.rnn(x, w.w_ih, bias, w.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
     return y, h_n, None
 
 

@@ -43,6 +43,15 @@ def _empty(like):
     return like.new_empty(0)
 
 
+def _stack_steps(per_step, reverse, dtype):
+    """[T, ...] in time order from the per-step results in processing order. The forwards collect steps in
+    lists instead of writing into a preallocated y (y[t] = ...): the same numbers, and the function stays
+    differentiable and vmappable as it is, which the double-backward path (autograd.py) relies on."""
+    if reverse:
+        per_step = per_step[::-1]
+    return torch.stack(per_step).to(dtype)
+
+
 # ----- LSTM -----
 
 
@@ -60,19 +69,20 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     w_hh_c = w_hh.to(ct)
     w_hr_c = w_hr.to(ct) if w_hr is not None else None
     h, c = h0.to(ct), c0.to(ct)
-    y = gx.new_zeros(T, B, h0.shape[1])
-    gates_all = gx.new_zeros(gx.shape) if save else _empty(gx)
-    cs = gx.new_zeros(T, B, c0.shape[1]) if save else _empty(gx)
+    ys, gates_all, cs = [], [], []
     for t in _steps(T, reverse):
         gates, c_new, m = lstm_cell(gx[t].to(ct) + h @ w_hh_c.t(), c)
         h_new = m @ w_hr_c.t() if w_hr_c is not None else m
         act = _active(lengths, t, B, gx.device)
         h, c = torch.where(act, h_new, h), torch.where(act, c_new, c)
-        y[t] = torch.where(act, h_new, 0.0)
+        ys.append(torch.where(act, h_new, 0.0))
         if save:
-            gates_all[t] = torch.where(act, gates, 0.0)
-            cs[t] = c
-    return y, h.to(h0.dtype), c.to(c0.dtype), gates_all, cs
+            gates_all.append(torch.where(act, gates, 0.0))
+            cs.append(c)
+    y = _stack_steps(ys, reverse, gx.dtype)
+    if not save:
+        return y, h.to(h0.dtype), c.to(c0.dtype), _empty(gx), _empty(gx)
+    return y, h.to(h0.dtype), c.to(c0.dtype), _stack_steps(gates_all, reverse, gx.dtype), _stack_steps(cs, reverse, gx.dtype)
 
 
 def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
@@ -121,13 +131,11 @@ def gru_cell(gx_t, gh, h_prev):
 
 def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     T, B, _ = gx.shape
-    H = h0.shape[1]
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
     b_hh_c = b_hh.to(ct) if b_hh is not None else None
     h = h0.to(ct)
-    y = gx.new_zeros(T, B, H)
-    saved = gx.new_zeros(T, B, 4 * H) if save else _empty(gx)
+    ys, saved = [], []
     for t in _steps(T, reverse):
         gh = h @ w_hh_c.t()
         if b_hh_c is not None:
@@ -135,10 +143,11 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
         h_new, s = gru_cell(gx[t].to(ct), gh, h)
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
-        y[t] = torch.where(act, h_new, 0.0)
+        ys.append(torch.where(act, h_new, 0.0))
         if save:
-            saved[t] = torch.where(act, s, 0.0)
-    return y, h.to(h0.dtype), saved
+            saved.append(torch.where(act, s, 0.0))
+    saved = _stack_steps(saved, reverse, gx.dtype) if save else _empty(gx)
+    return _stack_steps(ys, reverse, gx.dtype), h.to(h0.dtype), saved
 
 
 def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
@@ -171,14 +180,14 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
     h = h0.to(ct)
-    y = gx.new_zeros(T, B, H)
+    ys = []
     act_fn = torch.relu if relu else torch.tanh
     for t in _steps(T, reverse):
         h_new = act_fn(gx[t].to(ct) + h @ w_hh_c.t())
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
-        y[t] = torch.where(act, h_new, 0.0)
-    return y, h.to(h0.dtype)
+        ys.append(torch.where(act, h_new, 0.0))
+    return _stack_steps(ys, reverse, gx.dtype), h.to(h0.dtype)
 
 
 def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
