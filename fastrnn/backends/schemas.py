@@ -7,6 +7,8 @@ namespace with `define_ops`.
 
 import torch
 
+from . import vmap
+
 SCHEMAS = {
     "lstm_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, bool reverse, "
     "bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -74,16 +76,18 @@ FAKES = {
 
 def define_ops(namespace, impls):
     """Registers `impls` (op name -> Python function over tensors, any device) as the custom ops
-    `namespace::name` with the shared schemas and fake kernels. Returns {name: op}."""
+    `namespace::name` with the shared schemas, fake kernels and batching rules. Returns {name: op}."""
     ops = {}
     for name, fn in impls.items():
         op = torch.library.custom_op(f"{namespace}::{name}", fn, mutates_args=(), schema=SCHEMAS[name])
         op.register_fake(FAKES[name])
         ops[name] = op
+    vmap.register(namespace)
     return ops
 
 
 def register_fakes(namespace):
-    """Registers the fake kernels for ops that C++ defined (the compiled extension)."""
+    """Registers the fake kernels and batching rules for ops that C++ defined (the compiled extension)."""
     for name, fake in FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
+    vmap.register(namespace)
