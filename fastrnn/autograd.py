@@ -87,25 +87,47 @@ def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
 
 
-def differentiable_backward(recurrence, projection, inputs, needs_grad, cotangents):
-    """The create_graph backward: gradients of `recurrence(gx, *inputs)` (torch ops only) with a graph.
+def _over_present(fn, args):
+    """fn over only the arguments that are not None (torch.func takes tensors only): (wrapped fn, present
+    arguments, a function that puts results back in place with None for the missing ones)."""
+    present = [k for k, a in enumerate(args) if a is not None]
+
+    def wrapped(*given):
+        full = list(args)
+        for k, a in zip(present, given):
+            full[k] = a
+        return fn(*full)
+
+    def expand(results):
+        full = [None] * len(args)
+        for k, r in zip(present, results):
+            full[k] = r
+        return full
+
+    return wrapped, [args[k] for k in present], expand
+
+
+def differentiable_backward(recurrence, projection, inputs, cotangents):
+    """The create_graph backward: the gradients of `recurrence(gx, *inputs)` (torch ops only), themselves
+    differentiable by autograd and by the torch.func transforms (torch.func.vjp composes with both).
 
     projection: the saved (x, W_ih, b) that Gx came from, so that Gx is rebuilt with its history.
-    inputs: the Function's recurrence inputs after gx; needs_grad: ctx.needs_input_grad of (gx, *inputs).
     Returns one gradient (or None) for gx and for each input.
     """
     x, w_ih, b_in = projection
-    with torch.enable_grad():
-        gx = F.linear(x, w_ih, b_in)
-        outputs = recurrence(gx, *inputs)
-    candidates = (gx, *inputs)
-    wrt = [k for k, t in enumerate(candidates) if needs_grad[k] and t is not None and t.requires_grad]
-    grads = torch.autograd.grad(outputs, [candidates[k] for k in wrt], cotangents, create_graph=True,
-                                allow_unused=True)
-    result = [None] * len(candidates)
-    for k, g in zip(wrt, grads):
-        result[k] = g if g is not None else torch.zeros_like(candidates[k])
-    return result
+    gx = F.linear(x, w_ih, b_in)
+    fn, present, expand = _over_present(recurrence, (gx, *inputs))
+    _, pullback = torch.func.vjp(fn, *present)
+    return expand(pullback(tuple(cotangents)))
+
+
+def forward_tangents(recurrence, primals, tangents):
+    """Forward-mode AD (torch.func.jvp, jacfwd, hessian): the tangents of `recurrence(*primals)` (torch ops
+    only), missing tangents taken as zeros. The ops are opaque, so, as for create_graph, the recurrence is
+    recomputed in torch ops; forward mode is not a training path, so this costs nothing where speed matters."""
+    fn, present, _ = _over_present(recurrence, primals)
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents) if p is not None]
+    return torch.func.jvp(fn, tuple(present), tuple(tangents))[1]
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -121,7 +143,17 @@ class LSTMFunction(torch.autograd.Function):
         y, _, _, gates, cs = output
         ctx.mark_non_differentiable(gates, cs)
         ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths)
         ctx.reverse, ctx.backend = reverse, backend
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, *_):
+        gx, w_hh, h0, c0, w_hr, lengths = ctx.saved_tensors
+
+        def recurrence(gx, w_hh, h0, c0, w_hr):
+            return reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, ctx.reverse, False)[:3]
+
+        return (*forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr), (dgx, dw_hh, dh0, dc0, dw_hr)), None, None)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
@@ -130,8 +162,7 @@ class LSTMFunction(torch.autograd.Function):
             def recurrence(gx, w_hh, h0, c0, w_hr):
                 return reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, ctx.reverse, False)[:3]
 
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0, c0, w_hr),
-                                            ctx.needs_input_grad, (dy, dh_n, dc_n))
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
             return (*grads, None, None, None, None, None, None)
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
@@ -153,7 +184,17 @@ class GRUFunction(torch.autograd.Function):
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
         ctx.save_for_backward(w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths)
         ctx.reverse, ctx.backend = reverse, backend
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, db_hh, dh0, *_):
+        gx, w_hh, b_hh, h0, lengths = ctx.saved_tensors
+
+        def recurrence(gx, w_hh, b_hh, h0):
+            return reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, ctx.reverse, False)[:2]
+
+        return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0), (dgx, dw_hh, db_hh, dh0)), None)
 
     @staticmethod
     def backward(ctx, dy, dh_n, _dsaved):
@@ -162,8 +203,7 @@ class GRUFunction(torch.autograd.Function):
             def recurrence(gx, w_hh, b_hh, h0):
                 return reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, ctx.reverse, False)[:2]
 
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, b_hh, h0),
-                                            ctx.needs_input_grad, (dy, dh_n))
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, b_hh, h0), (dy, dh_n))
             return (*grads, None, None, None, None, None, None)
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, ctx.reverse
@@ -185,7 +225,17 @@ class RNNFunction(torch.autograd.Function):
         gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in = inputs
         y, _ = output
         ctx.save_for_backward(w_hh, h0, lengths, y, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, h0, lengths)
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, dh0, *_):
+        gx, w_hh, h0, lengths = ctx.saved_tensors
+
+        def recurrence(gx, w_hh, h0):
+            return reference.rnn_fwd(gx, w_hh, h0, lengths, ctx.reverse, ctx.relu)
+
+        return forward_tangents(recurrence, (gx, w_hh, h0), (dgx, dw_hh, dh0))
 
     @staticmethod
     def backward(ctx, dy, dh_n):
@@ -194,8 +244,7 @@ class RNNFunction(torch.autograd.Function):
             def recurrence(gx, w_hh, h0):
                 return reference.rnn_fwd(gx, w_hh, h0, lengths, ctx.reverse, ctx.relu)
 
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0), ctx.needs_input_grad,
-                                            (dy, dh_n))
+            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0), (dy, dh_n))
             return (*grads, None, None, None, None, None, None, None)
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, ctx.reverse, ctx.relu
