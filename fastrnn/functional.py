@@ -53,6 +53,9 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
     (layer-major, forward before reverse); lengths [B] int64 on x's device or None.
     Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
     """
+    if x.shape[0] == 0:
+        # torch.nn's message (ATen's RNN.cpp); the recurrence ops take T >= 1.
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backends.resolve(backend, x.device)
     num_directions = 2 if bidirectional else 1
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)

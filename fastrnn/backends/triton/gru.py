@@ -225,7 +225,7 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     gx, w_hh, b_hh, h0, lengths = rec.contiguous(gx, w_hh, b_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     saved = gx.new_empty(T, B, 4 * H) if save else gx.new_empty(0)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         return y, h0.clone(), saved
     p = rec.plan(B, H, H, 3, False, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
@@ -259,7 +259,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
     dy, dh_n, w_hh, y, h0, saved, lengths = rec.contiguous(dy, dh_n, w_hh, y, h0, saved, lengths)
     dgx = dy.new_empty(T, B, 3 * H)
     dgh = dy.new_empty(T, B, 3 * H)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         return dgx, dgh, dh_n.clone()
     p = rec.plan(B, H, H, 3, False, dy.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, dy)

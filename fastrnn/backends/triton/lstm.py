@@ -336,7 +336,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     y = gx.new_empty(T, B, Hout)
     gates = gx.new_empty(T, B, 4 * H) if save else gx.new_empty(0)
     cs = gx.new_empty(T, B, H) if save else gx.new_empty(0)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         return y, h0.clone(), c0.clone(), gates, cs
     p = rec.plan(B, H, Hout, 4, proj, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
@@ -384,7 +384,7 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
         dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths)
     proj = w_hr is not None
     dgx = gates.new_empty(T, B, 4 * H)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         dw_hr = w_hr.new_zeros(w_hr.shape) if proj else gates.new_empty(0)
         return dgx, dh_n.clone(), dc_n.clone(), dw_hr
     p = rec.plan(B, H, Hout, 4, proj, gates.dtype)

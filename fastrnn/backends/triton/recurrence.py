@@ -386,11 +386,11 @@ def check_inputs(op, ref, specs, lengths, B):
 
 
 def check_sizes(op, name, t, G):
-    """(T, B, H) of a [T, B, G*H] tensor, H >= 1."""
+    """(T, B, H) of a [T, B, G*H] tensor (H = 0 is a valid, empty problem, as in torch.nn)."""
     check_3d(op, name, t)
     T, B, GH = t.shape
-    if GH % G or GH == 0:
-        raise ValueError(f"fastrnn_triton::{op}: {name} has {GH} columns, expected {G}*H with H >= 1")
+    if GH % G:
+        raise ValueError(f"fastrnn_triton::{op}: {name} has {GH} columns, expected a multiple of {G}")
     return T, B, GH // G
 
 

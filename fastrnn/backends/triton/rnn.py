@@ -161,7 +161,7 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H))}, lengths, B)
     gx, w_hh, h0, lengths = rec.contiguous(gx, w_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         return y, h0.clone()
     p = rec.plan(B, H, H, 1, False, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
@@ -188,7 +188,7 @@ def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
     rec.check_inputs(op, y, {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (H, H))}, lengths, B)
     dy, dh_n, w_hh, y, lengths = rec.contiguous(dy, dh_n, w_hh, y, lengths)
     dgx = dy.new_empty(T, B, H)
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
         return dgx, dh_n.clone()
     p = rec.plan(B, H, H, 1, False, dy.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, dy)
