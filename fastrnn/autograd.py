@@ -19,6 +19,7 @@ T: time steps  B: batch  H: hidden size  Hout: output size (proj_size or H)  G: 
 """
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from .backends import ops
@@ -49,8 +50,13 @@ def hidden_weight_grad(dgh, y, h0, lengths, reverse):
 
 
 def needs_saving(*tensors):
-    """Whether a forward will be differentiated: only then do the ops write what backward needs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether a forward may be differentiated: only then does it go through the autograd.Function and do
+    the ops write what backward needs. Reverse mode shows in requires_grad; forward mode does not (a tangent
+    on a tensor that requires no grad): inside a forward-AD dual level or a torch.func transform the
+    Function is used too, or its jvp rule would be skipped and the tangents silently dropped."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
 # The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
@@ -122,12 +128,17 @@ def differentiable_backward(recurrence, projection, inputs, cotangents):
 
 
 def forward_tangents(recurrence, primals, tangents):
-    """Forward-mode AD (torch.func.jvp, jacfwd, hessian): the tangents of `recurrence(*primals)` (torch ops
-    only), missing tangents taken as zeros. The ops are opaque, so, as for create_graph, the recurrence is
-    recomputed in torch ops; forward mode is not a training path, so this costs nothing where speed matters."""
+    """Forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): the tangents J t of
+    `recurrence(*primals)` (torch ops only), missing tangents taken as zeros. The ops are opaque, so, as for
+    create_graph, the recurrence is recomputed in torch ops. J t comes from two pullbacks (the pullback
+    v -> J^T v is linear, and its own pullback at t is J t) rather than a nested jvp, which a forward-AD
+    dual level, already open around this call, does not allow. Three passes: forward mode is not a training
+    path, so this costs nothing where speed matters."""
     fn, present, _ = _over_present(recurrence, primals)
-    tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents) if p is not None]
-    return torch.func.jvp(fn, tuple(present), tuple(tangents))[1]
+    tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents) if p is not None)
+    outputs, pullback = torch.func.vjp(fn, *present)
+    _, pullback_of_pullback = torch.func.vjp(pullback, tuple(torch.zeros_like(o) for o in outputs))
+    return pullback_of_pullback(tangents)[0]
 
 
 class LSTMFunction(torch.autograd.Function):
