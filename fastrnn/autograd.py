@@ -49,27 +49,34 @@ def hidden_weight_grad(dgh, y, h0, lengths, reverse):
     return dgh.flatten(0, 1).t() @ prev.flatten(0, 1).to(dgh.dtype)
 
 
-def needs_saving(*tensors):
-    """Whether a forward may be differentiated: only then does it go through the autograd.Function and do
-    the ops write what backward needs. Reverse mode shows in requires_grad; forward mode does not (a tangent
-    on a tensor that requires no grad): inside a forward-AD dual level or a torch.func transform the
-    Function is used too, or its jvp rule would be skipped and the tangents silently dropped."""
+def function_for(plain, forward_mode, *tensors):
+    """The autograd.Function a forward goes through, or None for the bare op (inference: the ops then save
+    nothing, and apply() alone costs 6-17 us a call, a visible share of a whole B=1, H=128 layer).
+
+    Reverse mode shows in requires_grad. Forward mode does not (a tangent may sit on a tensor that requires
+    no grad), so inside a forward-AD dual level or a torch.func transform the Function with a jvp rule is
+    used, or the tangents would be silently dropped. It is a separate class because Dynamo refuses to trace
+    an autograd.Function that defines jvp; forward-mode AD is not available under torch.compile anyway.
+    """
+    if not torch.compiler.is_compiling() and (
+        forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+    ):
+        return forward_mode
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+        return plain
+    return None
 
 
 # The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
-# A forward that will not be differentiated calls the op straight (inference: nothing saved); only one that
-# will goes through the autograd.Function, whose apply() alone costs 6-17 us a call, a visible share of a
-# whole B=1, H=128 layer. `b_in` is the bias folded into Gx.
+# `b_in` is the bias folded into Gx.
 
 
 def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
     """y, h_n, c_n."""
     gx = F.linear(x, w_ih, b_in).contiguous()
-    if needs_saving(gx, w_hh, h0, c0, w_hr):
-        y, h_n, c_n, _, _ = LSTMFunction.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in)
+    function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
+    if function is not None:
+        y, h_n, c_n, _, _ = function.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in)
         return y, h_n, c_n
     y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, False)
     return y, h_n, c_n
@@ -78,8 +85,9 @@ def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
 def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
     """y, h_n."""
     gx = F.linear(x, w_ih, b_in).contiguous()
-    if needs_saving(gx, w_hh, b_hh, h0):
-        y, h_n, _ = GRUFunction.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in)
+    function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
+    if function is not None:
+        y, h_n, _ = function.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in)
         return y, h_n
     y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, False)
     return y, h_n
@@ -88,9 +96,26 @@ def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
 def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
     """y, h_n (the op saves nothing beyond y)."""
     gx = F.linear(x, w_ih, b_in).contiguous()
-    if needs_saving(gx, w_hh, h0):
-        return RNNFunction.apply(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in)
+    function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
+    if function is not None:
+        return function.apply(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in)
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
+
+
+# The recurrence in plain torch ops (the reference backend's forward, reference.py), as a function of the
+# differentiable inputs: what the create_graph backward and the jvp rules differentiate.
+
+
+def lstm_in_torch_ops(lengths, reverse):
+    return lambda gx, w_hh, h0, c0, w_hr: reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, False)[:3]
+
+
+def gru_in_torch_ops(lengths, reverse):
+    return lambda gx, w_hh, b_hh, h0: reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, False)[:2]
+
+
+def rnn_in_torch_ops(lengths, reverse, relu):
+    return lambda gx, w_hh, h0: reference.rnn_fwd(gx, w_hh, h0, lengths, reverse, relu)
 
 
 def _over_present(fn, args):
@@ -158,28 +183,27 @@ class LSTMFunction(torch.autograd.Function):
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, *_):
-        gx, w_hh, h0, c0, w_hr, lengths = ctx.saved_tensors
-
-        def recurrence(gx, w_hh, h0, c0, w_hr):
-            return reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, ctx.reverse, False)[:3]
-
-        return (*forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr), (dgx, dw_hh, dh0, dc0, dw_hr)), None, None)
-
-    @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
         w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            def recurrence(gx, w_hh, h0, c0, w_hr):
-                return reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, ctx.reverse, False)[:3]
-
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
+            grads = differentiable_backward(lstm_in_torch_ops(lengths, ctx.reverse), (x, w_ih, b_in),
+                                            (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
             return (*grads, None, None, None, None, None, None)
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
         return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None, None, None, None
+
+
+class LSTMForwardModeFunction(LSTMFunction):
+    """LSTMFunction with a jvp rule, for forward-mode AD (see function_for)."""
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, *_):
+        gx, w_hh, h0, c0, w_hr, lengths = ctx.saved_tensors
+        recurrence = lstm_in_torch_ops(lengths, ctx.reverse)
+        return (*forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr), (dgx, dw_hh, dh0, dc0, dw_hr)), None, None)
 
 
 class GRUFunction(torch.autograd.Function):
@@ -199,22 +223,11 @@ class GRUFunction(torch.autograd.Function):
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, db_hh, dh0, *_):
-        gx, w_hh, b_hh, h0, lengths = ctx.saved_tensors
-
-        def recurrence(gx, w_hh, b_hh, h0):
-            return reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, ctx.reverse, False)[:2]
-
-        return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0), (dgx, dw_hh, db_hh, dh0)), None)
-
-    @staticmethod
     def backward(ctx, dy, dh_n, _dsaved):
         w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            def recurrence(gx, w_hh, b_hh, h0):
-                return reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, ctx.reverse, False)[:2]
-
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, b_hh, h0), (dy, dh_n))
+            grads = differentiable_backward(gru_in_torch_ops(lengths, ctx.reverse), (x, w_ih, b_in),
+                                            (w_hh, b_hh, h0), (dy, dh_n))
             return (*grads, None, None, None, None, None, None)
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, ctx.reverse
@@ -222,6 +235,16 @@ class GRUFunction(torch.autograd.Function):
         dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
         db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
         return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None
+
+
+class GRUForwardModeFunction(GRUFunction):
+    """GRUFunction with a jvp rule, for forward-mode AD (see function_for)."""
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, db_hh, dh0, *_):
+        gx, w_hh, b_hh, h0, lengths = ctx.saved_tensors
+        recurrence = gru_in_torch_ops(lengths, ctx.reverse)
+        return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0), (dgx, dw_hh, db_hh, dh0)), None)
 
 
 class RNNFunction(torch.autograd.Function):
@@ -240,25 +263,23 @@ class RNNFunction(torch.autograd.Function):
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, dh0, *_):
-        gx, w_hh, h0, lengths = ctx.saved_tensors
-
-        def recurrence(gx, w_hh, h0):
-            return reference.rnn_fwd(gx, w_hh, h0, lengths, ctx.reverse, ctx.relu)
-
-        return forward_tangents(recurrence, (gx, w_hh, h0), (dgx, dw_hh, dh0))
-
-    @staticmethod
     def backward(ctx, dy, dh_n):
         w_hh, h0, lengths, y, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            def recurrence(gx, w_hh, h0):
-                return reference.rnn_fwd(gx, w_hh, h0, lengths, ctx.reverse, ctx.relu)
-
-            grads = differentiable_backward(recurrence, (x, w_ih, b_in), (w_hh, h0), (dy, dh_n))
+            grads = differentiable_backward(rnn_in_torch_ops(lengths, ctx.reverse, ctx.relu), (x, w_ih, b_in),
+                                            (w_hh, h0), (dy, dh_n))
             return (*grads, None, None, None, None, None, None, None)
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, ctx.reverse, ctx.relu
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
         return dgx, dw_hh, dh0, None, None, None, None, None, None, None
+
+
+class RNNForwardModeFunction(RNNFunction):
+    """RNNFunction with a jvp rule, for forward-mode AD (see function_for)."""
+
+    @staticmethod
+    def jvp(ctx, dgx, dw_hh, dh0, *_):
+        gx, w_hh, h0, lengths = ctx.saved_tensors
+        return forward_tangents(rnn_in_torch_ops(lengths, ctx.reverse, ctx.relu), (gx, w_hh, h0), (dgx, dw_hh, dh0))
