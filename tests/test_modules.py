@@ -172,6 +172,20 @@ def test_cells(cell, form, device, backend):
     assert_all_close(go(oracle, "cpu"), go(model, device), **FP64_TOL)  # fp64 on both sides
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_cells_with_hidden_size_zero(cell, device, backend):
+    """torch.nn's cells take hidden_size 0 and return [B, 0] states (the Triton ops once raised)."""
+    torch_cls, ours_cls = CELL_CLASSES[cell]
+    x = torch.randn(3, 10, device=device, requires_grad=True)
+    expected = torch_cls(10, 0, **_kwargs(cell)).to(device)(x)
+    got = ours_cls(10, 0, backend=backend, **_kwargs(cell)).to(device)(x)
+    expected, got = (list(t) if isinstance(t, tuple) else [t] for t in (expected, got))
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected] == [(3, 0)] * len(expected)
+    (dx,) = torch.autograd.grad(sum(t.sum() for t in got), x)
+    assert torch.equal(dx, torch.zeros_like(x))
+
+
 # ----- dropout between layers -----
 
 
@@ -246,15 +260,19 @@ def _bad_inputs(cell):
         "2d-hx-for-batched": (torch.zeros(5, 3, 4), state(3, 6)),
         "3d-hx-for-unbatched": (torch.zeros(5, 4), good_h),
         "dtype-mismatch": (torch.zeros(5, 3, 4, dtype=torch.float64), None),
+        "zero-length-sequence": (torch.zeros(0, 3, 4), None),
+        "zero-length-unbatched": (torch.zeros(0, 4), None),
     }
 
 
+# Every backend: the zero-length sequence once returned an empty output on cpu and triton.
+@pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[0] == "cpu"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("what", list(_bad_inputs("lstm")))
-def test_bad_input_raises_like_torch(cell, what):
+def test_bad_input_raises_like_torch(cell, what, device, backend):
     x, hx = _bad_inputs(cell)[what]
     theirs = TORCH_CLASSES[cell](4, 6, **_kwargs(cell))
-    ours = FASTRNN_CLASSES[cell](4, 6, backend="reference", **_kwargs(cell))
+    ours = FASTRNN_CLASSES[cell](4, 6, backend=backend, **_kwargs(cell))
     with pytest.raises(Exception) as expected:
         theirs(x, hx)
     with pytest.raises(Exception) as got:

@@ -43,6 +43,11 @@ def _empty(like):
     return like.new_empty(0)
 
 
+def _gates(t, G):
+    """The G gate blocks of [B, G*H] (unlike chunk, G of them even when H = 0, as torch.nn's cells allow)."""
+    return t.unflatten(1, (G, t.shape[1] // G)).unbind(1)
+
+
 def _stack_steps(per_step, reverse, dtype):
     """[T, ...] in time order from the per-step results in processing order. The forwards collect steps in
     lists instead of writing into a preallocated y (y[t] = ...): the same numbers, and the function stays
@@ -57,7 +62,7 @@ def _stack_steps(per_step, reverse, dtype):
 
 def lstm_cell(a, c_prev):
     """a [B, 4H] pre-activations -> (gates [B, 4H] = i,f,g,o after activation, c_t, m_t)."""
-    i, f, g, o = a.chunk(4, dim=1)
+    i, f, g, o = _gates(a, 4)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c = f * c_prev + i * g
     return torch.cat([i, f, g, o], dim=1), c, o * torch.tanh(c)
@@ -86,8 +91,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
 
 
 def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
-    T, B, G = gates.shape
-    H = G // 4
+    T, B, _ = gates.shape
     ct = _compute_dtype(gates)
     w_hh_c = w_hh.to(ct)
     w_hr_c = w_hr.to(ct) if w_hr is not None else None
@@ -97,7 +101,7 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
     for t in _steps(T, not reverse):
         tp = t + 1 if reverse else t - 1
         c_prev = cs[tp].to(ct) if 0 <= tp < T else c0.to(ct)
-        i, f, g, o = gates[t].to(ct).split(H, dim=1)
+        i, f, g, o = _gates(gates[t].to(ct), 4)
         tc = torch.tanh(cs[t].to(ct))
         dh_t = dh + dy[t].to(ct)
         if w_hr_c is not None:
@@ -122,8 +126,8 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
 
 def gru_cell(gx_t, gh, h_prev):
     """gx_t, gh [B, 3H] (gh = h_{t-1} W_hh^T + b_hh) -> (h_t, saved [B, 4H] = r, z, n, ghn)."""
-    xr, xz, xn = gx_t.chunk(3, dim=1)
-    hr, hz, hn = gh.chunk(3, dim=1)
+    xr, xz, xn = _gates(gx_t, 3)
+    hr, hz, hn = _gates(gh, 3)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
     return (1 - z) * n + z * h_prev, torch.cat([r, z, n, hn], dim=1)
@@ -158,7 +162,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
     dgx = saved.new_zeros(T, B, 3 * H)
     dgh = saved.new_zeros(T, B, 3 * H)
     for t in _steps(T, not reverse):
-        r, z, n, ghn = saved[t].to(ct).split(H, dim=1)
+        r, z, n, ghn = _gates(saved[t].to(ct), 4)
         h_prev = _previous_output(y, h0, lengths, t, reverse).to(ct)
         dh_t = dh + dy[t].to(ct)
         dan = dh_t * (1 - z) * (1 - n * n)
