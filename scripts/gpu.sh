@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# The one command a lent GPU machine runs (issue 13; ../shared/GPU.md): versions, the build, the GPU tests,
+# the CUDA-graph tests, `python -m fastrnn check`, the GPU benchmark against torch.nn/cuDNN and a profile,
+# everything written to OUTDIR. Each step has its own time limit, clipped to what is left of the budget
+# (FASTRNN_GPU_BUDGET_S, default 470 s: 8 minutes less a margin), so one hang cannot eat the lease; steps
+# keep going after a failure, and OUTDIR/summary.txt says what passed. Exit status 1 if any step failed.
+#
+#   bash scripts/gpu.sh OUTDIR            on the GPU machine (python3 there: torch 2.11 CUDA 13, triton 3.6)
+#   bash scripts/gpu.sh --dry-run OUTDIR  the same logic on a CPU (CI): GPU steps skipped, the build, the
+#                                         tests and the benchmark in quick CPU forms; under 3 minutes
+#
+# OUTDIR holds at most 8 files (the device tool brings back 8): summary.txt, env.log, build.log, tests.log,
+# check.log, bench.log (with the profile), bench/<device>.jsonl and bench/<device>-<run>.png.
+#
+# Time plan on an H200 machine (16 cores), cold build included, against the 8-minute target:
+#   env              nvidia-smi, versions                                       5 s
+#   build            setup.py build_ext --inplace, sm_90 only, MAX_JOBS=cores  ~90 s (estimate below)
+#   cuda-graphs      capture/replay (both backends, both schemes) and two-GPU  limit 60 s
+#   gpu-tests        pytest -m gpu: test_cuda's ops, the parity suite on CUDA
+#                    tensors (cuda and triton backends), in parallel shards     limit 130 s
+#   check            python -m fastrnn check (every backend vs torch.nn)        limit 45 s
+#   bench            python -m fastrnn bench --quick on cuda (the cuda set:
+#                    fastrnns default per cell, small-batch LSTM, long bf16)    limit 120 s
+#   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
+#                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
+#   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
+#
+# Build estimate (nvcc 13.0, sm_90 only, the flags of test_cuda.py::test_nvcc_compiles, measured on this
+# project's CPU machine, AMD EPYC Zen 5, as CPU seconds of one nvcc each, 2026-12-02): persistent_rnn.cu
+# 41 s, persistent_lstm.cu 37 s, persistent_gru.cu 24 s, step.cu 6 s, persistent.cu 4 s (112 s in all,
+# 2 archs take about twice that); the C++ files (csrc/cpu: one source per ISA, bindings.cpp, ops.cpp) add
+# about 20-40 s each at -O3. With 16 jobs the build is as long as its longest file plus the link: about
+# 45-60 s on an H200 machine's cores if they are as fast as these, 90 s allowed. The cold build of both
+# archs (FASTRNN_CUDA_ARCHS="8.0;9.0", setup.py's default) would take about 1.5-2 minutes with 16 jobs.
+set -uo pipefail
+
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then
+  dry=1
+  shift
+fi
+if [ $# -ne 1 ]; then
+  echo "usage: bash scripts/gpu.sh [--dry-run] OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+out=$(cd "$1" && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+py=${PYTHON:-python3}
+budget=${FASTRNN_GPU_BUDGET_S:-470}
+cores=$(nproc)
+start=$SECONDS
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The package never reads TRITON_INTERPRET; on the GPU machine the kernels are compiled for real, and the
+# tests' conftest.py switches the interpreter on only where no CUDA device exists.
+unset TRITON_INTERPRET
+: > "$out/summary.txt"
+failed=0
+
+record() {  # record STEP STATUS SECONDS [NOTE]
+  printf '%-12s %-14s %5ss  %s\n' "$1" "$2" "$3" "${4:-}" | tee -a "$out/summary.txt"
+  case "$2" in PASS | SKIPPED*) ;; *) failed=1 ;; esac
+}
+
+limit_for() {  # limit_for WANTED_S: the step's limit, clipped to what is left of the budget (0: none left)
+  local left=$((budget - (SECONDS - start)))
+  if ((left < 15)); then echo 0; elif (($1 < left)); then echo "$1"; else echo "$left"; fi
+}
+
+status_of() {  # status_of RC: PASS, TIMEOUT or FAIL(rc=N); pytest's 5 (no test selected) counts as PASS
+  case "$1" in 0 | 5) echo PASS ;; 124 | 137) echo TIMEOUT ;; *) echo "FAIL(rc=$1)" ;; esac
+}
+
+step() {  # step NAME WANTED_S LOG CMD...: CMD under its own time limit, output appended to LOG
+  local name=$1 limit log=$3 t0=$SECONDS rc
+  limit=$(limit_for "$2")
+  shift 3
+  if ((limit == 0)); then
+    record "$name" "SKIPPED" 0 "the budget of ${budget}s is spent"
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  record "$name" "$(status_of $rc)" $((SECONDS - t0)) "$(basename "$log")"
+}
+
+pytest_shards() {  # pytest_shards NAME WANTED_S SHARDS PYTEST_ARGS...: SHARDS pytest processes at once
+  # (tests/conftest.py's FASTRNN_TEST_SHARD=i/n keeps every n-th test), so triton's compiles use the cores
+  local name=$1 limit shards=$3 t0=$SECONDS i rc worst=0 log=$out/tests.log
+  limit=$(limit_for "$2")
+  shift 3
+  if ((limit == 0)); then
+    record "$name" "SKIPPED" 0 "the budget of ${budget}s is spent"
+    return
+  fi
+  echo "=== $name (limit ${limit}s, $shards shards): pytest $*" >> "$log"
+  local pids=()
+  for ((i = 0; i < shards; i++)); do
+    FASTRNN_TEST_SHARD="$i/$shards" timeout --kill-after=10 "$limit" \
+      "$py" -m pytest "$@" -q -rfEs --benchmark-disable -p no:cacheprovider > "$scratch/$name.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    rc=$?
+    echo "--- shard $i/$shards: exit $rc" >> "$log"
+    cat "$scratch/$name.$i.log" >> "$log"
+    if [ "$(status_of $rc)" != PASS ] && [ "$worst" = 0 ]; then worst=$rc; fi
+  done
+  local summary
+  summary=$(grep -hE "^(=+ )?[0-9]+ (passed|failed|skipped|error|deselected)" "$scratch/$name".*.log | tr '\n' ';')
+  record "$name" "$(status_of $worst)" $((SECONDS - t0)) "tests.log: ${summary:0:160}"
+}
+
+# ---- env -----------------------------------------------------------------------------------------------
+{
+  date -u
+  echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+  uname -a
+  echo "cores: $cores"
+  if [ $dry = 0 ]; then nvidia-smi; else echo "dry run: nvidia-smi skipped"; fi
+  "$py" -c 'import sys, torch, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(), "numpy", numpy.__version__); print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
+  "$py" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not importable"
+  command -v nvcc > /dev/null && nvcc --version | tail -2
+} > "$out/env.log" 2>&1
+record env "$(status_of $?)" $((SECONDS - start)) env.log
+
+# ---- build ---------------------------------------------------------------------------------------------
+if [ $dry = 0 ]; then
+  # Only the GPU that is here (9.0 on an H100/H200): half the nvcc time of setup.py's "8.0;9.0".
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  step build 240 "$out/build.log" env FASTRNN_CUDA_ARCHS="${FASTRNN_CUDA_ARCHS:-${arch:-9.0}}" MAX_JOBS="$cores" \
+    "$py" setup.py build_ext --inplace
+  step build-check 30 "$out/build.log" "$py" -c "
+import torch, fastrnn._C
+assert torch._C._dispatch_has_kernel_for_dispatch_key('fastrnn::lstm_fwd', 'CUDA'), 'fastrnn._C has no CUDA kernels'
+print('fastrnn._C:', fastrnn._C.__file__, 'CUDA kernels registered')"
+else
+  # Quick CPU form: the extension CI's env.sh already built (an incremental ninja build: seconds when it
+  # is up to date), then the same import check, for the CPU kernels.
+  step build 120 "$out/build.log" env FASTRNN_SKIP_CUDA_BUILD=1 MAX_JOBS=2 "$py" setup.py build_ext --inplace
+  step build-check 30 "$out/build.log" "$py" -c "
+import torch, fastrnn._C
+assert torch._C._dispatch_has_kernel_for_dispatch_key('fastrnn::lstm_fwd', 'CPU'), 'fastrnn._C has no CPU kernels'
+print('fastrnn._C:', fastrnn._C.__file__, 'CPU kernels registered')"
+fi
+
+# ---- tests, check, bench -------------------------------------------------------------------------------
+# Order by value per second of lease: the CUDA-graph and two-device tests (short), every gpu-marked test,
+# the parity check, the benchmark, and last the Triton op tests on CUDA tensors (hundreds of kernel
+# variants to compile), which the budget clips first.
+if [ $dry = 0 ]; then
+  shards=$(((cores + 1) / 2))
+  pytest_shards cuda-graphs 60 4 tests/test_cuda.py tests/test_triton.py -m gpu -k "graph or tensors_device"
+  # test_cuda's op tests, the parity suite's CUDA cases (cuda and triton backends), every other gpu test.
+  pytest_shards gpu-tests 130 "$shards" tests -m "gpu and not slow" -k "not graph and not tensors_device"
+  step check 45 "$out/check.log" "$py" -m fastrnn check
+  step bench 120 "$out/bench.log" "$py" -m fastrnn bench --quick --device cuda --results "$out/bench"
+  # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
+  pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
+else
+  # Quick CPU forms: the GPU selections collect and skip with their reasons; a few interpreter tests of
+  # issue 13's fixes run; the check on the CPU kernels; the benchmark's smoke set.
+  pytest_shards cuda-graphs 60 1 tests/test_cuda.py tests/test_triton.py -m gpu -k "graph or tensors_device"
+  pytest_shards gpu-tests 60 2 tests/test_cuda.py tests/test_triton.py -m "gpu and not slow" \
+    -k "not graph and not tensors_device"
+  step check 60 "$out/check.log" "$py" -m fastrnn check --device cpu --backends cpu
+  step bench 60 "$out/bench.log" "$py" -m fastrnn bench --cases smoke --device cpu --backends cpu,reference \
+    --results "$out/bench"
+  pytest_shards triton-cuda 60 2 tests/test_triton.py -m "not slow and not gpu" \
+    -k "clear_error or interpreter or plan or devices or H17"
+fi
+
+# ---- profile -------------------------------------------------------------------------------------------
+# One case per scheme (the cuda backend's step and persistent schemes, triton's step and persistent
+# kernels): the top kernels by CUDA time, forward + backward of an LSTM at T=100, B=8, H=256, fp32.
+cat > "$scratch/profile.py" << 'PROFILE'
+import contextlib, os, sys, torch, fastrnn
+from torch.profiler import ProfilerActivity, profile
+device = sys.argv[1]
+acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+def run(backend, label, setup=contextlib.nullcontext):
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(256, 256, backend=backend).to(device)
+    x = torch.randn(100, 8, 256, device=device, requires_grad=True)
+    with setup():
+        for _ in range(2):
+            m(x)[0].sum().backward()
+        with profile(activities=acts) as prof:
+            m(x)[0].sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(f"--- {label}\n" + prof.key_averages().table(sort_by=key, row_limit=12))
+def env(name, value):
+    @contextlib.contextmanager
+    def ctx():
+        before = os.environ.get(name); os.environ[name] = value
+        try: yield
+        finally:
+            if before is None: os.environ.pop(name)
+            else: os.environ[name] = before
+    return ctx
+if device == "cuda":
+    from fastrnn.backends.triton import force_kernel
+    run("cuda", "cuda step scheme", env("FASTRNN_CUDA_SCHEME", "step"))
+    run("cuda", "cuda persistent scheme", env("FASTRNN_CUDA_SCHEME", "persistent"))
+    run("triton", "triton step kernels", lambda: force_kernel("step"))
+    run("triton", "triton persistent kernels", lambda: force_kernel("persistent"))
+else:
+    run("cpu", "cpu kernels (dry run)")
+PROFILE
+if [ $dry = 0 ]; then
+  step profile 60 "$out/bench.log" "$py" "$scratch/profile.py" cuda
+else
+  step profile 30 "$out/bench.log" "$py" "$scratch/profile.py" cpu
+fi
+
+echo "total $((SECONDS - start))s of a ${budget}s budget$([ $dry = 1 ] && echo ' (dry run)')" | tee -a "$out/summary.txt"
+ls -R "$out" >> "$out/summary.txt"
+exit $failed
