@@ -3,8 +3,11 @@
 Here the six ops are called directly: each against the reference op in both kernel paths (the per-step
 kernels and the persistent kernel), with every fresh tensor poisoned with NaN so that an element a kernel
 forgets to write fails; the two paths against each other in fp32/fp16/bf16; empty batches; bad input;
-the plan; torch.library's opcheck and torch.compile; and (slow) every kernel compiled for sm_80/sm_90.
-On a machine without a GPU, tests/conftest.py has switched triton's interpreter on.
+the plan; torch.library's opcheck and torch.compile; the interpreter's triton/numpy guard; a forced
+persistent kernel that does not fit the device's shared memory; (slow) every kernel compiled for sm_80/
+sm_90 as a launch compiles it, and the forced persistent test sizes fitting an H100/H200; (gpu) CUDA-graph
+capture and a module on a second GPU. On a machine without a GPU, tests/conftest.py has switched triton's
+interpreter on.
 """
 
 import os
