@@ -14,7 +14,7 @@
 #
 # Time plan on an H200 machine (16 cores), cold build included, against the 8-minute target:
 #   env              nvidia-smi, versions                                       5 s
-#   build            setup.py build_ext --inplace, sm_90 only, MAX_JOBS=cores  ~90 s (estimate below)
+#   build            setup.py build_ext --inplace, sm_90 only, MAX_JOBS=cores  ~40 s, 90 planned (below)
 #   cuda-graphs      capture/replay (both backends, both schemes) and two-GPU  limit 60 s
 #   gpu-tests        pytest -m gpu: test_cuda's ops, the parity suite on CUDA
 #                    tensors (cuda and triton backends), in parallel shards     limit 130 s
@@ -24,14 +24,19 @@
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
+# At their limits the first six steps take 450 s; expected (a guess until the first lease) about 300 s,
+# leaving ~170 s of the 470 s for the last two. The step timings land in summary.txt for the next plan.
 #
-# Build estimate (nvcc 13.0, sm_90 only, the flags of test_cuda.py::test_nvcc_compiles, measured on this
-# project's CPU machine, AMD EPYC Zen 5, as CPU seconds of one nvcc each, 2026-12-02): persistent_rnn.cu
-# 41 s, persistent_lstm.cu 37 s, persistent_gru.cu 24 s, step.cu 6 s, persistent.cu 4 s (112 s in all,
-# 2 archs take about twice that); the C++ files (csrc/cpu: one source per ISA, bindings.cpp, ops.cpp) add
-# about 20-40 s each at -O3. With 16 jobs the build is as long as its longest file plus the link: about
-# 45-60 s on an H200 machine's cores if they are as fast as these, 90 s allowed. The cold build of both
-# archs (FASTRNN_CUDA_ARCHS="8.0;9.0", setup.py's default) would take about 1.5-2 minutes with 16 jobs.
+# Build estimate, from CPU seconds measured on this project's CPU machine (AMD EPYC Zen 5, 2026-12-02;
+# CPU seconds, not wall time, because 4 engineers share its 2 cores):
+#   nvcc 13.0, sm_90 only, the flags of test_cuda.py::test_nvcc_compiles, one file each: persistent_lstm.cu
+#   10.4 s, persistent_rnn.cu 9.6 s, persistent_gru.cu 8.6 s, step.cu 3.6 s, persistent.cu 1.1 s (33 s);
+#   the C++ files of a full `setup.py build_ext` (g++ -O3, MAX_JOBS=2): 78 s in all, csrc/cpu/lstm.cpp
+#   about 26 s, gru.cpp 25 s, rnn.cpp 19 s, ops.cpp 8 s (shares of the ninja log); bindings.cpp (CUDA
+#   builds only, not measurable on a CPU torch) guessed at 20 s, like ops.cpp's torch headers plus ATen.
+# About 130 CPU seconds in 10 files; with 16 jobs the build lasts as long as its longest file (lstm.cpp,
+# ~26 s) plus the link and setup.py's start: about 40 s on cores like these, 90 s planned, 240 s limit.
+# Both archs (setup.py's default FASTRNN_CUDA_ARCHS="8.0;9.0") would double the nvcc part only.
 set -uo pipefail
 
 dry=0

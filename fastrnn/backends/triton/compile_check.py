@@ -170,8 +170,9 @@ def record_launches(op, kind, B, H, P, dname, T=T_CHECK):
             setattr(mod, name, obj)
     distinct = {}
     for kernel, args, meta in log:
-        key = (kernel.__name__, repr([(type(a).__name__, getattr(a, "dtype", a)) for a in args[:-1]]), repr(meta))
-        distinct.setdefault(key, (kernel, args, meta))
+        # One entry per binary: the step index s (do_not_specialize) differs between launches, the rest not.
+        values = [(type(a).__name__, getattr(a, "dtype", a)) for name, a in zip(kernel.arg_names, args) if name != "s"]
+        distinct.setdefault((kernel.__name__, repr(values), repr(meta)), (kernel, args, meta))
     return list(distinct.values())
 
 
