@@ -258,6 +258,17 @@ def test_plan_runs_persistent_only_when_the_weights_fit(G, H, dtype, persistent)
         torch.set_float32_matmul_precision(before)
 
 
+def test_plan_pads_small_projections_and_keeps_fp64_projections_small():
+    """Sizes the launch-exact compile check found spilling (docs/triton.md): proj_size <= 16 next to
+    HP = 64..256, and fp64 LSTM with a projection at HP = 32."""
+    p = rec.plan(8, 64, 16, 4, True, torch.float16)
+    assert p.persistent and (p.HP, p.OP) == (64, 32), p
+    assert not rec.plan(8, 128, 16, 4, True, torch.float16).persistent, "OP=64: 80 KiB of weights"
+    assert rec.plan(8, 16, 8, 4, True, torch.float64).persistent
+    assert not rec.plan(8, 32, 16, 4, True, torch.float64).persistent
+    assert rec.plan(8, 32, 32, 4, False, torch.float64).persistent, "without a projection the 64 KiB budget"
+
+
 def test_tf32_only_behind_torchs_switch():
     before = torch.get_float32_matmul_precision()
     try:
@@ -366,6 +377,9 @@ def run_compile_check(*args):
 
 
 H100_SHARED_MEMORY = 232_448  # bytes per block (227 KiB opt-in), H100 and H200
+# docs/triton.md's resource table: at most 16 B spilled by any kernel the plan chooses with triton 3.9 (a
+# register or two around a K loop); the spills removed in issue 13 were 248 B to 8 KB.
+SPILL_ALLOWANCE = 16
 
 
 @pytest.mark.slow
@@ -390,8 +404,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     subprocess): bf16 takes the tf32 MMA path, fp64 the fp64 one; also checks do_not_specialize on s."""
     rows = run_compile_check("--arch", "80", "90", "--dtype", "bf16", "fp64")
     assert len(rows) >= 2 * 2 * 18, f"too few kernels compiled: {len(rows)}"
-    spills = [r for r in rows if int(r["stack_bytes"]) > SPILL_ALLOWANCE[r["dtype"]]]
+    spills = [r for r in rows if int(r["stack_bytes"]) + int(r["local_bytes"]) > SPILL_ALLOWANCE]
     assert not spills, "spilling kernels:\n" + "\n".join(",".join(r.values()) for r in spills)
+    # The launch's specialisation reached the compiler: H=512 is divisible by 16 and hinted, H=500 not.
+    step = {(r["B"], r["H"]): r["specialisation"] for r in rows
+            if r["kernel"] == "rnn_fwd_step_kernel" and r["dtype"] == "bf16"}
+    assert " H:i32/16 " in step[("64", "512")] and " H:i32 " in step[("5", "500")], step
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -213,8 +213,11 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
 # compiler hoists its allocation out of the loop). At 128 KiB (fp16 LSTM, H=128) they spilled 328-344 B
 # of registers on sm_80/sm_90; at 64 KiB they do not. An fp32 GEMM without TF32 is not an MMA: tl.dot
 # unrolls it into FMAs over the whole K, which spilled 80-5088 B at 64 KiB and not at 16 KiB.
+# fp64 LSTM with a projection holds two weight tiles and two state widths in fp64 MMA fragments: at
+# 20-40 KiB (HP=32) triton 3.6 spilled 248-640 B on sm_90 (16 warps: 1.6-2.2 KB), at 10 KiB (HP=16) at
+# most 8 B, so it gets the small budget too.
 PERSISTENT_MAX_BYTES = 64 * 1024
-PERSISTENT_MAX_BYTES_FMA = 16 * 1024
+PERSISTENT_MAX_BYTES_SMALL = 16 * 1024
 PERSISTENT_WARPS = 8  # 4 warps spilled 48-648 B in the fp16 persistent kernels; 8 leave at most 8 B
 # Step kernels: BB=64 with 4 warps spilled 296-440 B (LSTM fp16, sm_90); BB <= 32 does not. fp32 and
 # fp64 use 16 rows: an fp32 GEMM without TF32 runs on FMAs and fp64 MMAs at that same rate (67 TFLOP/s
@@ -373,7 +376,8 @@ def plan(B, H, Hout, G, proj, dtype, persistent=None):
         persistent = _forced == "persistent"
     else:
         fma = dtype == torch.float32 and not tf32
-        persistent = resident <= (PERSISTENT_MAX_BYTES_FMA if fma else PERSISTENT_MAX_BYTES)
+        persistent = resident <= (PERSISTENT_MAX_BYTES_SMALL if fma or (proj and dtype == torch.float64)
+                                  else PERSISTENT_MAX_BYTES)
     # tl.dot needs M >= 16.
     BB = 16 if persistent else min(STEP_BB_MAX_FMA if slow_math else STEP_BB_MAX, pow2(B))
     # 32 units x G gates per tile: at H=512 that is 16 tiles per batch block; BK=32 keeps the streamed
