@@ -122,17 +122,18 @@ pytest_shards() {  # pytest_shards NAME WANTED_S SHARDS PYTEST_ARGS...: SHARDS p
 }
 
 # ---- env -----------------------------------------------------------------------------------------------
+env_rc=0
 {
   date -u
   echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
   uname -a
   echo "cores: $cores"
-  if [ $dry = 0 ]; then nvidia-smi; else echo "dry run: nvidia-smi skipped"; fi
-  "$py" -c 'import sys, torch, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(), "numpy", numpy.__version__); print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
+  if [ $dry = 0 ]; then nvidia-smi || env_rc=$?; else echo "dry run: nvidia-smi skipped"; fi
+  "$py" -c 'import sys, torch, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(), "numpy", numpy.__version__); print("devices:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])' || env_rc=$?
   "$py" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not importable"
-  command -v nvcc > /dev/null && nvcc --version | tail -2
+  if command -v nvcc > /dev/null; then nvcc --version | tail -2; else echo "nvcc: not found"; fi
 } > "$out/env.log" 2>&1
-record env "$(status_of $?)" $((SECONDS - start)) env.log
+record env "$(status_of $env_rc)" $((SECONDS - start)) env.log
 
 # ---- build ---------------------------------------------------------------------------------------------
 if [ $dry = 0 ]; then
@@ -168,7 +169,7 @@ if [ $dry = 0 ]; then
   pytest_shards cuda-graphs 60 4 tests/test_cuda.py tests/test_triton.py -m gpu -k "graph or tensors_device"
   # test_cuda's op tests, the parity suite's CUDA cases (cuda and triton backends), every other gpu test.
   pytest_shards gpu-tests 130 "$shards" tests -m "gpu and not slow" -k "not graph and not tensors_device"
-  step check 45 "$out/check.log" "$py" -m fastrnn check
+  step check 45 "$out/check.log" "$py" -m fastrnn check --device cuda
   step bench 120 "$out/bench.log" "$py" -m fastrnn bench --quick --device cuda --results "$out/bench"
   # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
   pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
@@ -230,9 +231,10 @@ else
   step profile 30 "$out/bench.log" "$py" "$scratch/profile.py" cpu
 fi
 
-passed=$(grep -cE '^[a-z-]+ +(PASS|SKIPPED)' "$out/summary.txt")
+passed=$(grep -cE '^[a-z-]+ +PASS' "$out/summary.txt")
+skipped=$(grep -cE '^[a-z-]+ +SKIPPED' "$out/summary.txt")
 steps=$(grep -cE '^[a-z-]+ +[A-Z]' "$out/summary.txt")
 echo "total $((SECONDS - start))s of a ${budget}s budget$([ $dry = 1 ] && echo ' (dry run)')" | tee -a "$out/summary.txt"
 ls -R "$out" >> "$out/summary.txt"
-echo "gpu.sh: $passed passed, $((steps - passed)) failed"
+echo "gpu.sh: $passed passed, $((steps - passed - skipped)) failed, $skipped skipped"
 exit $failed
