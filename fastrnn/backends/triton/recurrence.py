@@ -326,7 +326,8 @@ def compiled_shared_memory(kernel, grid, args, meta):
 
 
 class PersistentDoesNotFit(RuntimeError):
-    pass
+    """force_kernel('persistent') on sizes whose compiled persistent kernel exceeds the device's shared
+    memory per block (Launch.fits)."""
 
 
 def pow2(n):
