@@ -11,6 +11,7 @@ interpreter on.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -431,3 +432,20 @@ def test_cuda_graph_capture_and_replay(kind, dtype):
 def test_launches_on_the_tensors_device(kind):
     with rec.force_kernel(kind):
         gpu_checks.runs_on_the_tensors_device("triton")
+
+
+@pytest.mark.gpu
+@gpu_checks.needs_cuda
+def test_forced_persistent_at_the_shared_memory_edge_runs_or_refuses_clearly():
+    """The fp64 LSTM backward at H=37 (HP=64) compiles to 237,824 B of shared memory with triton 3.6 on
+    sm_90 and 205,056 B with 3.9, either side of an H100/H200 block's 232,448 B. Forced, it must either
+    run and match the reference, or raise PersistentDoesNotFit with both numbers; not triton's
+    OutOfResources at launch (what happened before issue 13)."""
+    case = make_case("lstm", T=4, B=5, H=37, lengths=LENGTHS5)
+    try:
+        ref, out = run_both("lstm", case, "persistent")
+    except rec.PersistentDoesNotFit as e:
+        assert re.search(r"lstm_bwd: .* needs \d+ B of shared memory here .* allows \d+ B per block", str(e)), e
+        return
+    for name in ref:
+        assert_close(f"persistent:{name}", ref[name], out[name], **FP64_TOL)
