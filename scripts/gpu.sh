@@ -9,6 +9,8 @@
 #   bash scripts/gpu.sh --dry-run OUTDIR  the same logic on a CPU (CI): GPU steps skipped, the build, the
 #                                         tests and the benchmark in quick CPU forms; under 3 minutes
 #
+# With the device tool: run(command="bash scripts/gpu.sh $OUT", timeout_s=560): the steps end within the
+# 470 s budget (each killed at its limit), which leaves the tool's limit for the start and the copy-back.
 # OUTDIR holds at most 8 files (the device tool brings back 8): summary.txt, env.log, build.log, tests.log,
 # check.log, bench.log (with the profile), bench/<device>.jsonl and bench/<device>-<run>.png.
 #
