@@ -257,8 +257,9 @@ def _version(text):
 
 # The oldest triton whose interpreter was seen to run these kernels with numpy >= 2.4. triton 3.6's
 # interpreter calls int() on one-element arrays, which numpy 2.4 made a TypeError ("only 0-dimensional
-# arrays can be converted to Python scalars"): 33 of tests/test_triton.py failed with triton 3.6.0 and
-# numpy 2.4.6; triton 3.9.0 passes. 3.7 and 3.8 were not tried, so they count as incompatible.
+# arrays can be converted to Python scalars"): 34 of the 77 interpreter tests of tests/test_triton.py
+# failed with triton 3.6.0 and numpy 2.4.6; triton 3.9.0 passes them. 3.7 and 3.8 were not tried, so
+# they count as incompatible.
 INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4 = (3, 9)
 
 
