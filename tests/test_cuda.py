@@ -3,7 +3,9 @@
 - every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (skips only when nvcc is absent);
 - bindings.cpp compiles (syntax and templates) against this torch's headers and CUDA's;
 - on a CUDA device (`pytest -m gpu`), the six ops of the `fastrnn` namespace on CUDA tensors agree with
-  the reference backend's ops, in both schemes (FASTRNN_CUDA_SCHEME=step|persistent).
+  the reference backend's ops, in both schemes (FASTRNN_CUDA_SCHEME=step|persistent); both schemes
+  capture into a CUDA graph and replay; with two GPUs, a module on cuda:1 runs there while cuda:0 is
+  current.
 
 T: time steps  B: batch  H: hidden size  Hout: proj_size or H
 """
@@ -19,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import gpu_checks
 from fastrnn.backends.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,6 +310,23 @@ def test_bad_inputs_raise():
         op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, False, True)
     with pytest.raises(RuntimeError, match="3 \\* H"):
         op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, False, True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_capture_and_replay(dtype, scheme):
+    """Both schemes inside torch.cuda.graph: the persistent plan's set-up is cached per device by the
+    warm-up, so the capture queries nothing and sets no attribute (issue 13)."""
+    cuda_ops()
+    gpu_checks.graph_replay_matches_eager("cuda", dtype)
+
+
+@gpu
+@gpu_checks.needs_two_gpus
+def test_launches_on_the_tensors_device(scheme):
+    cuda_ops()
+    gpu_checks.runs_on_the_tensors_device("cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@
 #include <cooperative_groups.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "persistent.cuh"
 
@@ -300,35 +303,75 @@ const void* kernel_for(bool backward, int bt) {
   }
 }
 
+// What a plan needs to know of one kernel on one device, set up once per (kernel, device) and cached
+// (issue 13): the device attributes, the kernel's dynamic shared-memory limit raised once to all the
+// device offers (so no launch sets it again, and two host threads cannot race on a smaller value set
+// between another thread's set and launch), and the blocks per SM at that limit. The set-up also loads
+// the kernel's module (cudaFuncGetAttributes), so that with CUDA's lazy loading a later call inside a
+// CUDA-graph capture neither loads a module nor queries anything: plans are then pure host arithmetic.
+struct KernelSetup {
+  cudaError_t err = cudaSuccess;
+  bool cooperative = false;
+  int sms = 0;
+  int max_dynamic_smem = 0;  // opt-in shared memory per block less the kernel's static shared memory
+  int blocks_per_sm = 0;     // resident blocks per SM at max_dynamic_smem (a lower bound for less)
+};
+
+inline KernelSetup setup_kernel(const void* kernel, int device) {
+  KernelSetup s;
+  int coop = 0, optin = 0;
+  cudaFuncAttributes attr{};
+  cudaError_t& err = s.err;
+  err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return s;
+  s.cooperative = coop != 0;
+  s.max_dynamic_smem = optin - int(attr.sharedSizeBytes);
+  // Function attributes belong to the current device's context: bindings.cpp's CUDAGuard made `device`
+  // current before planning.
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, s.max_dynamic_smem);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&s.blocks_per_sm, kernel, kThreads, s.max_dynamic_smem);
+  return s;
+}
+
+// The cached set-up of `kernel` on `device` (thread-safe: the first caller sets up under the lock, the
+// others wait for it). A failed set-up is not cached, so its error is returned again on the next call.
+inline KernelSetup kernel_setup(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelSetup> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const KernelSetup s = setup_kernel(kernel, device);
+  if (s.err == cudaSuccess) cache.emplace(key, s);
+  return s;
+}
+
 template <class U>
 cudaError_t plan_for(bool backward, int64_t B, int64_t H, int device, PersistentPlan* plan) {
-  int coop = 0, sms = 0, max_smem = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  if (!coop) {
+  const int bt = batch_tile(B);
+  const KernelSetup k = kernel_setup(kernel_for<U>(backward, bt), device);
+  if (k.err != cudaSuccess) return k.err;
+  if (!k.cooperative) {
     plan->why = "the device does not support cooperative launches";
     return cudaSuccess;
   }
   // One block per SM, or one unit per block when H < #SMs.
-  const int64_t want = H < sms ? H : sms;
+  const int64_t want = H < k.sms ? H : k.sms;
   const int units = int((H + want - 1) / want);
   const int blocks = int((H + units - 1) / units);
-  const int bt = batch_tile(B);
   const size_t smem = backward ? bwd_smem_bytes<U>(int(B), int(H), units, bt) : fwd_smem_bytes<U>(int(B), int(H), units, bt);
-  if (smem > size_t(max_smem)) {
+  if (smem > size_t(k.max_dynamic_smem)) {
     plan->why = "W_hh does not fit in the shared memory of the SMs";
     return cudaSuccess;
   }
-  const void* kernel = kernel_for<U>(backward, bt);
-  // Opt in to more than 48 KiB of dynamic shared memory (needed before the occupancy query and launch).
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-  if (err != cudaSuccess) return err;
-  if (int64_t(per_sm) * sms < blocks) {
+  // blocks <= #SMs, so one resident block per SM is enough; blocks_per_sm was measured with the most
+  // shared memory a block can have, and a block with less is resident at least as often.
+  if (int64_t(k.blocks_per_sm) * k.sms < blocks) {
     plan->why = "the blocks cannot all be resident at once (occupancy)";
     return cudaSuccess;
   }
@@ -345,10 +388,8 @@ cudaError_t plan_for(bool backward, int64_t B, int64_t H, int device, Persistent
 
 template <class U, class Params>
 cudaError_t launch(const Params& p, const PersistentPlan& plan, void* workspace, cudaStream_t stream, bool backward) {
+  // No attribute is set here: plan_for's set-up raised the kernel's limit once to the device's maximum.
   const void* kernel = kernel_for<U>(backward, plan.batch_tile);
-  // The plan set this for its size, but another plan of the same kernel may have set a smaller one since.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
-  if (err != cudaSuccess) return err;
   Params params = p;
   int units = plan.units;
   void* args[] = {&params, &units, &workspace};

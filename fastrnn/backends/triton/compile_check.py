@@ -1,16 +1,21 @@
 """Compile every Triton kernel of this backend for a GPU target, without a GPU, and report its resources.
 
-    python -m fastrnn.backends.triton.compile_check [--arch 80 90] [--dtype fp16 bf16 fp32 fp64]
+    python -m fastrnn.backends.triton.compile_check [--arch 80 90] [--dtype fp16 bf16 fp32 tf32 fp64]
 
-The six ops' launchers run on CPU meta-sized tensors with every kernel replaced by a recorder, so the
-kernels are compiled with exactly the arguments and constexprs the launchers choose (step and persistent
-paths, with and without proj_size). triton.compile then lowers each to PTX and a cubin with triton's own
-ptxas for the given compute capability, and cuobjdump reports registers, spills and shared memory.
-This is what "the kernels compile for sm_80/sm_90" means here; nothing is run. It needs triton's
-interpreter off (the interpreter replaces @triton.jit functions with Python ones).
+The six ops' launchers run on CPU tensors of the real sizes with every kernel replaced by a recorder, at
+each size class the plan can choose (step kernels with 16 or 32 batch rows, H a multiple of 16 or not;
+the persistent kernels at the largest padded H the plan runs persistent, without a projection, with
+proj_size <= 16 and with proj_size = H/2; fp32 with and without TF32). Each recorded launch is then
+compiled the way triton's own launcher (JITFunction.run) would compile it on a GPU of the given compute
+capability: the same binder types each argument (i32 or i64 from its value, i1, pointer dtypes), marks
+what it specialises (16-byte aligned pointers, integers divisible by 16, integers equal to 1) and folds
+the constexprs, so the binary is the one a launch runs. Triton's ptxas builds the cubin and cuobjdump
+reports registers, spills and shared memory. Nothing runs; it needs triton's interpreter off (the
+interpreter replaces @triton.jit functions with Python ones). Works with triton 3.6 and 3.9.
 """
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -20,14 +25,18 @@ import time
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from . import gru, lstm, rnn
 from . import recurrence as rec
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32,
+          "fp64": torch.float64}
 _KERNEL_MODULES = (lstm, gru, rnn)
+# The time steps of the recorded calls: T is an int argument, so its class matters as for every size
+# (T = 100, the fastrnns default, is neither 1 nor a multiple of 16, like most sequence lengths).
+T_CHECK = 100
 
 
 class _Recorder:
@@ -35,6 +44,7 @@ class _Recorder:
 
     def __init__(self, fn, log):
         self.fn, self.log = fn, log
+        self.__name__ = fn.__name__
 
     def __getitem__(self, grid):
         def record(*args, **meta):
@@ -42,36 +52,40 @@ class _Recorder:
         return record
 
 
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+def _launch_kwargs(kernel, meta):
+    """The keywords JITFunction.run adds to a launch's before binding (debug and the knobs it reads)."""
+    kw = dict(meta)
+    knobs = triton.knobs
+    kw["debug"] = kw.get("debug", kernel.debug) or knobs.runtime.debug
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # 3.6 reads the first, 3.9 both
+        if hasattr(knobs.compilation, name):
+            kw[name] = getattr(knobs.compilation, name)
+    return kw
 
 
-def _signature(fn, args, meta):
-    sig, constexprs = {}, {}
-    values = dict(zip(fn.arg_names, args))
-    values.update({k: v for k, v in meta.items() if k not in _LAUNCH_OPTIONS})
-    for p in fn.params:
-        v = values[p.name]
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            constexprs[p.name] = v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + _TYPES[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
-    return sig, constexprs
+def launch_source(kernel, args, meta, target):
+    """(ASTSource, options, attrs) of what kernel[grid](*args, **meta) compiles on `target`, through the
+    binder and _pack_args of triton's launcher (as JITFunction.run and _do_compile do)."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = _launch_kwargs(kernel, meta)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options, signature, attrs
 
+
+def describe(signature, attrs, kernel):
+    """'H:i32/16 T:i32 gx_ptr:*fp16/16 ...': each runtime argument's type and its divisibility hint."""
+    names = [p.name for p in kernel.params]
+    hinted = {names[path[0]] for path, kv in attrs.items() if any(k == "tt.divisibility" for k, _ in kv)}
+    return " ".join(f"{n}:{t}{'/16' if n in hinted else ''}" for n, t in signature.items() if t != "constexpr")
 
 def _case_inputs(op, T, B, H, P, dtype, lengths):
     """Arguments of `op` on small CPU tensors (the kernels never run; only shapes and dtypes matter)."""
     Hout = P or H
-    g = torch.Generator().manual_seed(0)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
+        return torch.empty(*shape, dtype=dtype)
 
     lens = torch.full((B,), T, dtype=torch.int64) if lengths else None
     if op == "lstm_fwd":
@@ -90,24 +104,51 @@ def _case_inputs(op, T, B, H, P, dtype, lengths):
 
 OPS = ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "rnn_fwd", "rnn_bwd")
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+SMALL_PROJ = 16  # proj_size <= 16 pads to OP = 16, which lets the plan run LSTM persistent up to H = 256
 
 
-def cases(op, dtype):
-    """(kind, B, H, proj) to compile for `op`: the step path at the fastrnns size (B=64, H=512), and the
-    persistent path at the largest power-of-two H that rec.plan runs persistent in this dtype; LSTM with
-    and without proj_size = H/2."""
+@contextlib.contextmanager
+def matmul_precision(dname):
+    """fp32 as the plan sees it: 'tf32' under set_float32_matmul_precision('high'), 'fp32' under 'highest'."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dname == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def cases(op, dname):
+    """(kind, B, H, proj) to compile for `op` in dtype `dname`: every size class the plan chooses.
+
+    Step path: B=64 at H=512 (BB = 32 in fp16/bf16/tf32, 16 in fp32/fp64; B and H multiples of 16) and
+    B=5 at H=500 (BB = 16; B and H not multiples of 16), LSTM also with proj_size = H/2. Persistent path:
+    for each projection class (none; proj_size <= 16; proj_size = H/2) the largest power-of-two H that
+    the plan runs persistent (the most registers and shared memory of that class), at H = HP and at an H
+    that is not a multiple of 16 (HP*3/4 + 1, the hint-less variant: H = 37 is such a size)."""
     cell = op.split("_")[0]
+    dtype = DTYPES[dname]
     out = []
-    for proj in (False, True) if cell == "lstm" else (False,):
-        out.append(("step", 64, 512, 256 if proj else 0))
-        fits = [h for h in (16, 32, 64, 128, 256)
-                if rec.plan(64, h, h // 2 if proj else h, GATES[cell], proj, dtype).persistent]
-        if fits:
-            out.append(("persistent", 64, fits[-1], fits[-1] // 2 if proj else 0))
+    projs = (None, "small", "half") if cell == "lstm" else (None,)
+    with matmul_precision(dname):
+        for proj in projs:
+            if proj != "small":
+                for B, H in ((64, 512), (5, 500)):
+                    out.append(("step", B, H, H // 2 if proj else 0))
+            fits = [h for h in (16, 32, 64, 128, 256, 512)
+                    if rec.plan(64, h, _proj_size(proj, h) or h, GATES[cell], proj is not None, dtype).persistent]
+            if fits:
+                hp = fits[-1]
+                for H in (hp, hp * 3 // 4 + 1):
+                    out.append(("persistent", 64, H, _proj_size(proj, H)))
     return out
 
 
-def record_launches(op, kind, B, H, P, dtype):
+def _proj_size(proj, H):
+    return {None: 0, "small": min(SMALL_PROJ, H - 1), "half": H // 2}[proj]
+
+
+def record_launches(op, kind, B, H, P, dname, T=T_CHECK):
     """The distinct (kernel, args, meta) the launcher of `op` issues for these sizes."""
     log = []
     saved = {}
@@ -116,22 +157,22 @@ def record_launches(op, kind, B, H, P, dtype):
             if name.endswith("_kernel"):
                 saved[(mod, name)] = obj
                 setattr(mod, name, _Recorder(obj, log))
-    devices = rec.devices
+    devices, shared = rec.devices, rec.compiled_shared_memory
     rec.devices = lambda: ("cpu",)
+    rec.compiled_shared_memory = lambda *a: None  # Launch.fits: nothing compiled while recording
     try:
         fn = {"lstm": lstm, "gru": gru, "rnn": rnn}[op.split("_")[0]]
-        with rec.force_kernel(kind):
-            getattr(fn, op)(*_case_inputs(op, 2, B, H, P, dtype, lengths=True))
+        with rec.force_kernel(kind), matmul_precision(dname):
+            getattr(fn, op)(*_case_inputs(op, T, B, H, P, DTYPES[dname], lengths=True))
     finally:
-        rec.devices = devices
+        rec.devices, rec.compiled_shared_memory = devices, shared
         for (mod, name), obj in saved.items():
             setattr(mod, name, obj)
     distinct = {}
     for kernel, args, meta in log:
-        sig, constexprs = _signature(kernel, args, meta)
-        options = {k: meta[k] for k in _LAUNCH_OPTIONS if k in meta}
-        key = (kernel.__name__, tuple(sorted(sig.items())), repr(sorted(constexprs.items())), repr(options))
-        distinct[key] = (kernel, sig, constexprs, options)
+        # One entry per binary: the step index s (do_not_specialize) differs between launches, the rest not.
+        values = [(type(a).__name__, getattr(a, "dtype", a)) for name, a in zip(kernel.arg_names, args) if name != "s"]
+        distinct.setdefault((kernel.__name__, repr(values), repr(meta)), (kernel, args, meta))
     return list(distinct.values())
 
 
@@ -145,38 +186,50 @@ def _resources(cubin):
     return dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()))) if m else {}
 
 
-def compile_kernel(kernel, sig, constexprs, options, arch):
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+def compile_kernel(kernel, args, meta, arch):
+    target = GPUTarget("cuda", arch, 32)
+    src, options, signature, attrs = launch_source(kernel, args, meta, target)
     t0 = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = triton.compile(src, target=target, options=options.__dict__)
     info = dict(seconds=time.perf_counter() - t0, smem=compiled.metadata.shared,
-                num_warps=compiled.metadata.num_warps)
+                num_warps=compiled.metadata.num_warps, spec=describe(signature, attrs, kernel))
     info.update(_resources(compiled.asm["cubin"]))
     return info
+
+
+HEADER = "kernel,op,path,B,H,proj,dtype,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds,triton,specialisation"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32", "fp64"], choices=list(DTYPES))
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--ops", nargs="+", default=None, help="only these ops (default: all six)")
+    ap.add_argument("--path", choices=("step", "persistent"), default=None, help="only this kernel path")
+    ap.add_argument("--case", nargs="+", default=None, metavar="OP:PATH:T:B:H:PROJ:DTYPE",
+                    help="compile these launcher calls instead of the plan's size classes (e.g. "
+                    "lstm_bwd:persistent:4:5:29:0:fp64, what a test forces)")
     args = ap.parse_args(argv)
     if rec.interpreting():
         raise SystemExit("compile_check needs triton's interpreter off (it compiles real kernels)")
-    print("kernel,op,path,B,H,proj,dtype,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds")
+    print(HEADER)
     failures = 0
-    for op in args.ops or OPS:
+    for case in args.case or ():
+        op, kind, T, B, H, P, dname = case.split(":")
+        failures += compile_op(op, kind, int(B), int(H), int(P), dname, args.arch, T=int(T))
+    for op in () if args.case else args.ops or OPS:
         for dname in args.dtype:
-            for kind, B, H, P in cases(op, DTYPES[dname]):
-                failures += compile_op(op, kind, B, H, P, dname, args.arch)
+            for kind, B, H, P in cases(op, dname):
+                if args.path in (None, kind):
+                    failures += compile_op(op, kind, B, H, P, dname, args.arch)
     if failures:
         raise SystemExit(f"{failures} kernel compilations failed")
 
 
-def compile_op(op, kind, B, H, P, dname, archs):
+def compile_op(op, kind, B, H, P, dname, archs, T=T_CHECK):
     """Compiles and reports every kernel of one launcher call; returns the number of failures."""
     failures = 0
-    for kernel, sig, constexprs, options in record_launches(op, kind, B, H, P, DTYPES[dname]):
+    for kernel, args, meta in record_launches(op, kind, B, H, P, dname, T):
         step = [p for p in kernel.params if p.name == "s"]
         if step and not step[0].do_not_specialize:
             failures += 1
@@ -185,13 +238,13 @@ def compile_op(op, kind, B, H, P, dname, archs):
         for arch in archs:
             row = f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch}"
             try:
-                r = compile_kernel(kernel, sig, constexprs, options, arch)
+                r = compile_kernel(kernel, args, meta, arch)
             except Exception as e:  # report every failing kernel, then fail at the end
                 failures += 1
                 print(f"{row},FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
                 continue
             print(f"{row},{r.get('regs')},{r.get('local')},{r.get('stack')},{r['smem']},{r['num_warps']},"
-                  f"{r['seconds']:.1f}", flush=True)
+                  f"{r['seconds']:.1f},{triton.__version__},{r['spec']}", flush=True)
     return failures
 
 

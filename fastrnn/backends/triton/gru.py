@@ -218,6 +218,7 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, sa
 # Launchers (the ops)
 
 
+@rec.guarded
 def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     op = "gru_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 3)
@@ -235,10 +236,13 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 3, H, H, p.HP, p.HP)
         h_n = h0.new_empty(B, H)
-        gru_fwd_persistent_kernel[(triton.cdiv(B, p.BB),)](
-            gx, w, bias, lens, h0, y, h_n, saved_arg, T, B, H, HP=p.HP, **flags
-        )
-        return y, h_n, saved
+        launch = rec.Launch(gru_fwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+                            (gx, w, bias, lens, h0, y, h_n, saved_arg, T, B, H), dict(HP=p.HP, **flags))
+        if launch.fits(op, gx.device):
+            launch()
+            return y, h_n, saved
+        p = rec.plan(B, H, H, 3, False, gx.dtype, persistent=False)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_BIAS=b_hh is not None, SAVE=save)
     KP = rec.round_up(H, p.BK)
     w = rec.pack_gates_out(w_hh, 3, H, H, p.BN, KP)
     h = gx.new_empty(2, B, H)
@@ -250,6 +254,7 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     return y, h[T % 2].clone(), saved
 
 
+@rec.guarded
 def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
     op = "gru_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
@@ -267,10 +272,13 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 3, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)
-        gru_bwd_persistent_kernel[(triton.cdiv(B, p.BB),)](
-            dy, dh_n, w, lens, y, h0, saved, dgx, dgh, dh0, T, B, H, HP=p.HP, **flags
-        )
-        return dgx, dgh, dh0
+        launch = rec.Launch(gru_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+                            (dy, dh_n, w, lens, y, h0, saved, dgx, dgh, dh0, T, B, H), dict(HP=p.HP, **flags))
+        if launch.fits(op, dy.device):
+            launch()
+            return dgx, dgh, dh0
+        p = rec.plan(B, H, H, 3, False, dy.dtype, persistent=False)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
     SP = rec.round_up(H, p.BK)
     w = rec.pack_gates_in(w_hh, 3, H, H, SP, p.BN)
     dh = dh_n.to(rec.workspace_dtype(dy.dtype), copy=True)

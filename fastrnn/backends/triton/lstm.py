@@ -325,6 +325,7 @@ def _hout(op, name, t, H, w_hr):
     return t.shape[1]
 
 
+@rec.guarded
 def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     op = "lstm_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 4)
@@ -346,11 +347,14 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
         w = rec.pack_gates_out(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_out(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
         h_n, c_n = h0.new_empty(B, Hout), c0.new_empty(B, H)
-        lstm_fwd_persistent_kernel[(triton.cdiv(B, p.BB),)](
-            gx, w, wr, lens, h0, c0, y, h_n, c_n, gates_arg, cs_arg, T, B, H, Hout,
-            SAVE=save, PROJ=proj, HP=p.HP, OP=p.OP, **flags
-        )
-        return y, h_n, c_n, gates, cs
+        launch = rec.Launch(lstm_fwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+                            (gx, w, wr, lens, h0, c0, y, h_n, c_n, gates_arg, cs_arg, T, B, H, Hout),
+                            dict(SAVE=save, PROJ=proj, HP=p.HP, OP=p.OP, **flags))
+        if launch.fits(op, gx.device):
+            launch()
+            return y, h_n, c_n, gates, cs
+        p = rec.plan(B, H, Hout, 4, proj, gx.dtype, persistent=False)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
     KP = rec.round_up(Hout, p.BK)
     w = rec.pack_gates_out(w_hh, 4, H, Hout, p.BN, KP)
     h = gx.new_empty(2, B, Hout)
@@ -373,6 +377,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     return y, h[T % 2].clone(), c.to(c0.dtype), gates, cs
 
 
+@rec.guarded
 def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
     op = "lstm_bwd"
     T, B, H = rec.check_sizes(op, "gates", gates, 4)
@@ -392,14 +397,20 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
     dhs = gates.new_empty(T, B, Hout) if proj else gates
     ms = gates.new_empty(T, B, H) if proj else gates
     flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+    persistent = None
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_in(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
         dh0, dc0 = dh_n.new_empty(B, Hout), dc_n.new_empty(B, H)
-        lstm_bwd_persistent_kernel[(triton.cdiv(B, p.BB),)](
-            dy, dh_n, dc_n, w, wr, lens, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout,
-            PROJ=proj, HP=p.HP, OP=p.OP, **flags
-        )
+        persistent = rec.Launch(lstm_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+                                (dy, dh_n, dc_n, w, wr, lens, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout),
+                                dict(PROJ=proj, HP=p.HP, OP=p.OP, **flags))
+        if not persistent.fits(op, dy.device):
+            persistent = None
+            p = rec.plan(B, H, Hout, 4, proj, gates.dtype, persistent=False)
+            flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+    if persistent is not None:
+        persistent()
     else:
         ws = rec.workspace_dtype(gates.dtype)
         dh, dc = dh_n.to(ws, copy=True), dc_n.to(ws, copy=True)

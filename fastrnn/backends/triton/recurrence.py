@@ -15,6 +15,8 @@ Every kernel here is the code a GPU compiles; under triton's interpreter the sam
 """
 
 import contextlib
+import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -211,8 +213,11 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
 # compiler hoists its allocation out of the loop). At 128 KiB (fp16 LSTM, H=128) they spilled 328-344 B
 # of registers on sm_80/sm_90; at 64 KiB they do not. An fp32 GEMM without TF32 is not an MMA: tl.dot
 # unrolls it into FMAs over the whole K, which spilled 80-5088 B at 64 KiB and not at 16 KiB.
+# fp64 LSTM with a projection holds two weight tiles and two state widths in fp64 MMA fragments: at
+# 20-40 KiB (HP=32) triton 3.6 spilled 248-640 B on sm_90 (16 warps: 1.6-2.2 KB), at 10 KiB (HP=16) at
+# most 8 B, so it gets the small budget too.
 PERSISTENT_MAX_BYTES = 64 * 1024
-PERSISTENT_MAX_BYTES_FMA = 16 * 1024
+PERSISTENT_MAX_BYTES_SMALL = 16 * 1024
 PERSISTENT_WARPS = 8  # 4 warps spilled 48-648 B in the fp16 persistent kernels; 8 leave at most 8 B
 # Step kernels: BB=64 with 4 warps spilled 296-440 B (LSTM fp16, sm_90); BB <= 32 does not. fp32 and
 # fp64 use 16 rows: an fp32 GEMM without TF32 runs on FMAs and fp64 MMAs at that same rate (67 TFLOP/s
@@ -246,13 +251,84 @@ def interpreting():
     return bool(getattr(runtime, "interpret", False))
 
 
+def _version(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+# The oldest triton whose interpreter was seen to run these kernels with numpy >= 2.4. triton 3.6's
+# interpreter calls int() on one-element arrays, which numpy 2.4 made a TypeError ("only 0-dimensional
+# arrays can be converted to Python scalars"): 34 of the 77 interpreter tests of tests/test_triton.py
+# failed with triton 3.6.0 and numpy 2.4.6; triton 3.9.0 passes them. 3.7 and 3.8 were not tried, so
+# they count as incompatible.
+INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4 = (3, 9)
+
+
+def interpreter_problem():
+    """Why triton's interpreter cannot run these kernels with the installed numpy, or None. The compiled
+    (GPU) path does not use numpy this way and is unaffected; requirements.txt pins triton>=3.9."""
+    if not interpreting():
+        return None
+    import numpy
+
+    if _version(numpy.__version__) >= (2, 4) and _version(triton.__version__) < INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4:
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (it converts "
+                "one-element arrays with int(), an error since numpy 2.4); install triton>=3.9 or numpy<2.4")
+    return None
+
+
 def devices():
     types = []
     if torch.cuda.is_available():
         types.append("cuda")
-    if interpreting():
+    if interpreting() and interpreter_problem() is None:
         types.append("cpu")
     return tuple(types)
+
+
+def on_device(device):
+    """The device guard of every launch: triton launches on torch's current CUDA device and its current
+    stream, so a tensor on cuda:1 while cuda:0 is current would run on the wrong device without it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def guarded(launcher):
+    """Runs an op's launcher (its first argument a tensor) with that tensor's device current."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        with on_device(args[0].device):
+            return launcher(*args, **kwargs)
+
+    return run
+
+
+# Read once per device (a CUDA-graph capture then finds it cached; the read itself does not synchronise);
+# functools.lru_cache is thread-safe.
+def shared_memory_limit(device):
+    """The most shared memory one block may have on a CUDA device (232,448 B on an H100/H200), the limit
+    triton itself checks when it loads a kernel."""
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(index):
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def compiled_shared_memory(kernel, grid, args, meta):
+    """Bytes of shared memory of the binary `kernel[grid](*args, **meta)` runs (triton compiles it, or
+    finds it in its cache, with the very specialisation of that launch: int64 vs int32 arguments,
+    divisibility-by-16 hints, constexprs); None under the interpreter, which has no such limit."""
+    if interpreting():
+        return None
+    return kernel.warmup(*args, grid=grid, **meta).metadata.shared
+
+
+class PersistentDoesNotFit(RuntimeError):
+    """force_kernel('persistent') on sizes whose compiled persistent kernel exceeds the device's shared
+    memory per block (Launch.fits)."""
 
 
 def pow2(n):
@@ -271,7 +347,7 @@ class Plan:
     BN: int  # output units per program (step kernels)
     BK: int  # K per GEMM iteration (step kernels)
     HP: int  # H padded to a power of two (persistent kernels)
-    OP: int  # Hout padded to a power of two (persistent kernels)
+    OP: int  # Hout padded to a power of two >= HP/2 (persistent kernels)
     acc: object  # tl.float32, or tl.float64 for fp64
     prec: str  # tl.dot input precision for fp32 operands
     warps: int
@@ -281,20 +357,29 @@ class Plan:
         return dict(BB=self.BB, ACC=self.acc, PREC=self.prec, num_warps=self.warps, **kw)
 
 
-def plan(B, H, Hout, G, proj, dtype):
-    """Step kernels or the persistent kernel, and the block sizes, from the shapes."""
-    HP, OP = pow2(H), pow2(Hout)
+def plan(B, H, Hout, G, proj, dtype, persistent=None):
+    """Step kernels or the persistent kernel, and the block sizes, from the shapes. `persistent`, when
+    given, decides the path (the launchers' fall-back to the step kernels when the compiled persistent
+    kernel does not fit the device, see Launch.fits); else force_kernel, else the weights' size."""
+    # Hout pads to at least HP/2: with proj_size <= 16 (OP = 16) at HP = 64 the persistent LSTM kernels
+    # spilled 40-1040 B (fp16/bf16, sm_90, triton 3.9, the launch's specialisation), at HP = 256 (which the
+    # weight budget then allowed) 7-8 KB; with OP = HP/2 the same sizes spill nothing (compile_check). The
+    # padded columns are zero weights and masked stores; the budget below counts them.
+    HP, OP = pow2(H), max(pow2(Hout), pow2(H) // 2)
     # TF32 only behind torch's own switch (torch.set_float32_matmul_precision('high'|'medium')).
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     slow_math = dtype == torch.float64 or (dtype == torch.float32 and not tf32)
     # bf16 weights are widened to fp32 for the MMA (see mma), so they take 4 bytes on chip.
     elsize = 4 if dtype == torch.bfloat16 else dtype.itemsize
     resident = (G * HP * OP + (HP * OP if proj else 0)) * elsize
-    if _forced:
+    if persistent is not None:
+        pass
+    elif _forced:
         persistent = _forced == "persistent"
     else:
         fma = dtype == torch.float32 and not tf32
-        persistent = resident <= (PERSISTENT_MAX_BYTES_FMA if fma else PERSISTENT_MAX_BYTES)
+        persistent = resident <= (PERSISTENT_MAX_BYTES_SMALL if fma or (proj and dtype == torch.float64)
+                                  else PERSISTENT_MAX_BYTES)
     # tl.dot needs M >= 16.
     BB = 16 if persistent else min(STEP_BB_MAX_FMA if slow_math else STEP_BB_MAX, pow2(B))
     # 32 units x G gates per tile: at H=512 that is 16 tiles per batch block; BK=32 keeps the streamed
@@ -331,16 +416,35 @@ def pack_gates_in(w, G, S, N, SP, BN):
 
 
 class Launch:
-    """One step kernel with its grid and arguments; calling it with s launches processing step s.
-
-    s is a do_not_specialize argument of every step kernel, so one compiled kernel serves every step
-    (triton would otherwise specialise s == 1 and s % 16 == 0 and compile three variants)."""
+    """One kernel with its grid and arguments. A step kernel is called with s, the processing step: s is
+    a do_not_specialize argument of every step kernel, so one compiled kernel serves every step (triton
+    would otherwise specialise s == 1 and s % 16 == 0 and compile three variants). A persistent kernel is
+    called with nothing."""
 
     def __init__(self, kernel, grid, args, meta):
         self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
 
-    def __call__(self, s):
-        self.kernel[self.grid](*self.args, s, **self.meta)
+    def __call__(self, *s):
+        self.kernel[self.grid](*self.args, *s, **self.meta)
+
+    def fits(self, op, device):
+        """Whether this persistent launch fits the device's shared memory, judged on the binary triton
+        compiles for it (the plan's byte budget counts only the weights; the compiled kernel adds its
+        staging buffers: the fp64 LSTM backward at H=37, 128 KiB of weights, needs 237,824 B on sm_90, over
+        the 232,448 B an H100/H200 block may have). Not fitting under force_kernel('persistent') is an
+        error; under the plan it sends the op to the step kernels."""
+        need = compiled_shared_memory(self.kernel, self.grid, self.args, self.meta)
+        if need is None:
+            return True
+        limit = shared_memory_limit(device)
+        if need <= limit:
+            return True
+        if _forced == "persistent":
+            raise PersistentDoesNotFit(
+                f"fastrnn_triton::{op}: force_kernel('persistent'), but {self.kernel.__name__} needs {need} B of "
+                f"shared memory here (HP={self.meta.get('HP')}, OP={self.meta.get('OP')}) and {device} allows "
+                f"{limit} B per block; use smaller sizes or the step kernels")
+        return False
 
 
 def run_steps(steps, *launches):
@@ -360,9 +464,10 @@ def check_common(op, ref, tensors, lengths):
     if ref.dtype not in _DTYPES:
         raise TypeError(f"fastrnn_triton::{op}: dtype {ref.dtype} is not supported (fp16, bf16, fp32, fp64)")
     if ref.device.type not in devices():
+        why = (interpreter_problem() if ref.device.type == "cpu" else None) or (
+            "CPU tensors need triton's interpreter, enabled before triton is first imported")
         raise RuntimeError(
-            f"fastrnn_triton::{op}: cannot run on {ref.device.type} tensors here (runs on {list(devices())}; "
-            "CPU tensors need triton's interpreter, enabled before triton is first imported)"
+            f"fastrnn_triton::{op}: cannot run on {ref.device.type} tensors here (runs on {list(devices())}; {why})"
         )
     for name, t in tensors.items():
         if t is None:

@@ -155,6 +155,7 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, dgx_ptr, d
 # Launchers (the ops)
 
 
+@rec.guarded
 def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     op = "rnn_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 1)
@@ -169,8 +170,13 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 1, H, H, p.HP, p.HP)
         h_n = h0.new_empty(B, H)
-        rnn_fwd_persistent_kernel[(triton.cdiv(B, p.BB),)](gx, w, lens, h0, y, h_n, T, B, H, HP=p.HP, **flags)
-        return y, h_n
+        launch = rec.Launch(rnn_fwd_persistent_kernel, (triton.cdiv(B, p.BB),), (gx, w, lens, h0, y, h_n, T, B, H),
+                            dict(HP=p.HP, **flags))
+        if launch.fits(op, gx.device):
+            launch()
+            return y, h_n
+        p = rec.plan(B, H, H, 1, False, gx.dtype, persistent=False)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu)
     KP = rec.round_up(H, p.BK)
     w = rec.pack_gates_out(w_hh, 1, H, H, p.BN, KP)
     h = gx.new_empty(2, B, H)
@@ -182,6 +188,7 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     return y, h[T % 2].clone()
 
 
+@rec.guarded
 def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
     op = "rnn_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
@@ -196,8 +203,13 @@ def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 1, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)
-        rnn_bwd_persistent_kernel[(triton.cdiv(B, p.BB),)](dy, dh_n, w, lens, y, dgx, dh0, T, B, H, HP=p.HP, **flags)
-        return dgx, dh0
+        launch = rec.Launch(rnn_bwd_persistent_kernel, (triton.cdiv(B, p.BB),), (dy, dh_n, w, lens, y, dgx, dh0, T, B, H),
+                            dict(HP=p.HP, **flags))
+        if launch.fits(op, dy.device):
+            launch()
+            return dgx, dh0
+        p = rec.plan(B, H, H, 1, False, dy.dtype, persistent=False)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, RELU=relu)
     SP = rec.round_up(H, p.BK)
     w = rec.pack_gates_in(w_hh, 1, H, H, SP, p.BN)
     dh = dh_n.to(rec.workspace_dtype(dy.dtype), copy=True)
