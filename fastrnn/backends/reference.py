@@ -84,10 +84,10 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
         if save:
             gates_all.append(torch.where(act, gates, 0.0))
             cs.append(c)
-    y = _stack_steps(ys, reverse, gx.dtype)
+    y, h_n, c_n = _stack_steps(ys, reverse, gx.dtype), h.to(h0.dtype), c.to(c0.dtype)
     if not save:
-        return y, h.to(h0.dtype), c.to(c0.dtype), _empty(gx), _empty(gx)
-    return y, h.to(h0.dtype), c.to(c0.dtype), _stack_steps(gates_all, reverse, gx.dtype), _stack_steps(cs, reverse, gx.dtype)
+        return y, h_n, c_n, _empty(gx), _empty(gx)
+    return y, h_n, c_n, _stack_steps(gates_all, reverse, gx.dtype), _stack_steps(cs, reverse, gx.dtype)
 
 
 def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
@@ -180,7 +180,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
 
 
 def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
-    T, B, H = gx.shape
+    T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
     h = h0.to(ct)
