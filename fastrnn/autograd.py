@@ -18,6 +18,8 @@ batching rules (fastrnn/backends/vmap.py).
 T: time steps  B: batch  H: hidden size  Hout: output size (proj_size or H)  G: gates per cell
 """
 
+import functools
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -102,6 +104,23 @@ def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
 
 
+def without_autocast(backward):
+    """Runs a backward with autocast off, as its forward ran (the modules turn it off around the layers).
+    A backward called inside an autocast region would otherwise run the ops' fp32 math (the reference
+    backend's matmuls, the dW_hh GEMM) in the autocast dtype: the gradients then differed from the same
+    module cast to bf16 (PyTorch's test_autocast_rnn, tests/test_torch_rnn.py)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        device_type = next(g.device.type for g in grads if g is not None)
+        if not torch.is_autocast_enabled(device_type):
+            return backward(ctx, *grads)
+        with torch.autocast(device_type, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 # The recurrence in plain torch ops (the reference backend's forward, reference.py), as a function of the
 # differentiable inputs: what the create_graph backward and the jvp rules differentiate.
 
@@ -183,6 +202,7 @@ class LSTMFunction(torch.autograd.Function):
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
         w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
@@ -223,6 +243,7 @@ class GRUFunction(torch.autograd.Function):
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy, dh_n, _dsaved):
         w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
@@ -263,6 +284,7 @@ class RNNFunction(torch.autograd.Function):
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy, dh_n):
         w_hh, h0, lengths, y, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():

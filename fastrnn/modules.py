@@ -110,7 +110,6 @@ class _RecurrentMixin(_FastRNNModule):
         self.check_forward_args(check_input, hx, batch_sizes)
         hx = self.permute_hidden(hx, sorted_indices)
         h0, c0 = hx if lstm else (hx, None)
-        _check_state_dtype(x, h0, c0)
 
         weights = self._layer_weights()
         no_autocast = contextlib.nullcontext()
@@ -118,6 +117,8 @@ class _RecurrentMixin(_FastRNNModule):
             (x, h0, c0, *flat), no_autocast = _autocast([x, h0, c0, *(w for lw in weights for w in lw)],
                                                         x.device.type)
             weights = [LayerWeights(*flat[k : k + 5]) for k in range(0, len(flat), 5)]
+        # After the autocast cast: under autocast, torch.nn takes an fp32 input with a bf16 state.
+        _check_state_dtype(x, h0, c0)
         # The kernels read lengths on the device; packing the output back uses the host copy (no sync).
         lengths = host_lengths.to(x.device) if host_lengths is not None else None
         with no_autocast:
