@@ -272,6 +272,8 @@ CONSTRUCTOR_ERRORS = [
     ("gru-proj", "GRU", (30, 20, 2), dict(proj_size=10)),
     ("lstm-proj-equals-hidden", "LSTM", (30, 20, 2), dict(proj_size=20)),
     ("lstm-proj-negative", "LSTM", (30, 20, 2), dict(proj_size=-1)),
+    ("lstm-hidden-0", "LSTM", (10, 0), {}),
+    ("gru-layers-0", "GRU", (10, 4, 0), {}),
     ("rnn-unknown-nonlinearity", "RNN", (1, 10), dict(nonlinearity="garbage")),
     ("rnn-unknown-nonlinearity-positional", "RNN", (1, 10, 1, "garbage"), {}),
 ]
@@ -757,15 +759,30 @@ def _gradgrad_params():
     return params
 
 
+def _second_order(fn, inputs, names):
+    """d/d(inputs) of <d(loss)/d(inputs), v> for a fixed loss (a random weighting of fn's outputs) and a
+    fixed random v: a Hessian-vector product, what a gradient penalty differentiates."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    loss = sum((o * w.to(o.device)).sum() for o, w in zip(outs, _output_weights(outs)))
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    g = torch.Generator().manual_seed(11)
+    penalty = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype).to(d.device)).sum() for d in grads)
+    second = torch.autograd.grad(penalty, inputs, allow_unused=True, materialize_grads=True)
+    return {f"d2/d{n}": t.detach().cpu() for n, t in zip(names, second)}
+
+
 @pytest.mark.parametrize("name,kwargs,lengths,device,backend", _gradgrad_params())
 def test_grad_and_gradgrad(name, kwargs, lengths, device, backend):
     """test_LSTM_grad_and_gradgrad / test_GRU_grad_and_gradgrad (PyTorch: hsize 4, input [1, 3, 4], bias
-    and not): gradcheck and gradgradcheck in fp64 of every output. PyTorch differentiates with respect to
-    the input only; here also h0, c0 and every weight (through torch.func.functional_call), except under
-    the interpreter, where each numerical derivative costs a forward of ~0.2 s and there are ~170 weight
-    elements: it gets the input and the states, as in PyTorch."""
+    and not): gradcheck and gradgradcheck in fp64 of every output, and before gradgradcheck the second
+    derivatives themselves against torch.nn's (a failing gradgradcheck recomputes everything in its slow
+    mode, minutes under the interpreter; the comparison fails in a second and names the tensor).
+    PyTorch differentiates with respect to the input only; here also h0, c0 and every weight (through
+    torch.func.functional_call), except under the interpreter, where each numerical derivative costs a
+    forward of ~0.2 s: it gets the input and the states, as in PyTorch."""
     H = 4
-    module = FASTRNN_CLASSES[name](H, H, backend=backend, **kwargs).to(device, torch.float64)
+    theirs, module = twins(name, H, H, backend=backend, device=device, **kwargs)
     D = 2 if kwargs.get("bidirectional") else 1
     L = kwargs.get("num_layers", 1)
     Hout = kwargs.get("proj_size") or H
@@ -776,20 +793,25 @@ def test_grad_and_gradgrad(name, kwargs, lengths, device, backend):
     names = [] if interpreted(device, backend) else [n for n, _ in module.named_parameters()]
     weights = [p.detach().clone().requires_grad_() for n, p in module.named_parameters() if n in names]
 
-    def outputs(x, *rest):
-        st, ws = rest[: len(states)], rest[len(states):]
-        inp = x if lengths is None else rnn_utils.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        hx = tuple(st) if name == "LSTM" else st[0]
-        y, hidden = torch.func.functional_call(module, dict(zip(names, ws)), (inp, hx))
-        y = y.data if lengths is not None else y
-        return (y, *hidden) if isinstance(hidden, tuple) else (y, hidden)
+    def outputs_of(m):
+        def outputs(x, *rest):
+            st, ws = rest[: len(states)], rest[len(states):]
+            inp = x if lengths is None else rnn_utils.pack_padded_sequence(x, lengths, enforce_sorted=False)
+            hx = tuple(st) if name == "LSTM" else st[0]
+            y, hidden = torch.func.functional_call(m, dict(zip(names, ws)), (inp, hx))
+            y = y.data if lengths is not None else y
+            return (y, *hidden) if isinstance(hidden, tuple) else (y, hidden)
+        return outputs
 
     inputs = (x, *states, *weights)
     # fast_mode (PyTorch's OpInfo default in CI): the numerical derivative along one random direction per
     # input tensor instead of one per element; the full mode needs ~1500 forwards for the 2-layer
     # bidirectional LSTM's 768 weight elements (~15 s on the reference backend), and gradgradcheck more.
-    assert torch.autograd.gradcheck(outputs, inputs, check_batched_grad=False, fast_mode=True)
-    assert torch.autograd.gradgradcheck(outputs, inputs, check_batched_grad=False, fast_mode=True)
+    assert torch.autograd.gradcheck(outputs_of(module), inputs, check_batched_grad=False, fast_mode=True)
+    leaf_names = ["x", "h0", "c0"][: 1 + len(states)] + names
+    ref = _second_order(outputs_of(theirs), [t.cpu() for t in inputs], leaf_names)
+    assert_results_close(ref, _second_order(outputs_of(module), inputs, leaf_names), FP64_TOL)  # fp64 both sides
+    assert torch.autograd.gradgradcheck(outputs_of(module), inputs, check_batched_grad=False, fast_mode=True)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
