@@ -52,6 +52,19 @@ def small(device, backend, full, interpreter):
     return interpreter if interpreted(device, backend) else full
 
 
+def per_backend(rows, interpreter_rows=None):
+    """pytest params (*row values, device, backend), id '<row id>-<backend>-<device>': every row on every
+    backend; under the interpreter only the rows whose id is in `interpreter_rows` (all when None)."""
+    params = []
+    for p in BACKENDS:
+        device, backend = p.values
+        for row_id, *values in rows:
+            if interpreted(device, backend) and interpreter_rows is not None and row_id not in interpreter_rows:
+                continue
+            params.append(pytest.param(*values, device, backend, id=f"{row_id}-{backend}-{device}", marks=p.marks))
+    return params
+
+
 def _outcome(call):
     try:
         call()
@@ -132,10 +145,11 @@ def noncontiguous(t):
 # ----- cells: test_RNN_cell, test_LSTM_cell, test_RNN_cell_no_broadcasting, test_LSTM_cell_forward_* -----
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("cell,name,kwargs", CELLS, ids=[c[0] for c in CELLS])
-def test_cell_six_steps_match_torch(cell, name, kwargs, bias, device, backend):
+# Under the interpreter (six steps forward and back, ~3 s): every cell with bias, the LSTM also without.
+@pytest.mark.parametrize("name,kwargs,bias,device,backend", per_backend(
+    [(f"{c}-{'bias' if b else 'nobias'}", n, k, b) for c, n, k in CELLS for b in (True, False)],
+    {"rnn_tanh-bias", "rnn_relu-bias", "gru-bias", "lstm-bias", "lstm-nobias"}))
+def test_cell_six_steps_match_torch(name, kwargs, bias, device, backend):
     """test_RNN_cell / test_LSTM_cell: six steps, each fed its own state back, then backward of the sum.
     PyTorch calls it a smoke test; here the states and every gradient must equal torch.nn's."""
     H = small(device, backend, 20, 7)
@@ -430,20 +444,16 @@ CUDNN_FORMS = [
     ("nobias-contig-packed-list", dict(bias=False, bidirectional=False, batch_first=False, contig=True, lengths="list")),
     ("bias-bidir-dropout1-packed", dict(bias=True, bidirectional=True, batch_first=False, contig=True, lengths="tensor", dropout=1.0)),
 ]
-# The interpreter gets the forms that together still cover bias, bidirectional, batch_first, contiguity,
-# packing (list and tensor lengths) and dropout (that one on the LSTM and the GRU only): ~3 s a case.
-INTERPRETER_FORMS = {"bias-bidir-bf-contig-packed-list", "nobias-bidir-noncontig-packed-tensor", "bias-bidir-dropout1-packed"}
+# Under the interpreter (~2.5 s a case), forms that together still cover bias, bidirectional, batch_first,
+# contiguity, packing (list and tensor lengths) and dropout, spread over the cells.
+INTERPRETER_CUDNN = {"rnn_tanh-bias-bidir-bf-contig-packed-list", "rnn_relu-nobias-bidir-noncontig-packed-tensor",
+                     "gru-bias-bidir-dropout1-packed", "gru-nobias-bidir-noncontig-packed-tensor",
+                     "lstm-bias-bidir-bf-contig-packed-list", "lstm_proj-bias-bidir-dropout1-packed"}
 
 
 def _cudnn_params():
-    params = []
-    for device, backend in [p.values for p in BACKENDS]:
-        for (layer, name, kwargs), (form, flags) in itertools.product(LAYERS, CUDNN_FORMS):
-            if interpreted(device, backend) and (form not in INTERPRETER_FORMS or (
-                    form == "bias-bidir-dropout1-packed" and layer not in ("lstm", "gru"))):
-                continue
-            params.append(pytest.param(name, kwargs, flags, device, backend, id=f"{layer}-{form}-{backend}-{device}"))
-    return params
+    return per_backend([(f"{layer}-{form}", name, kwargs, flags) for layer, name, kwargs in LAYERS
+                        for form, flags in CUDNN_FORMS], INTERPRETER_CUDNN)
 
 
 @pytest.mark.parametrize("name,kwargs,flags,device,backend", _cudnn_params())
@@ -474,6 +484,24 @@ def test_matches_torch_like_cpu_vs_cudnn(name, kwargs, flags, device, backend):
 
     ref = forward_backward(theirs, leaves, build)
     assert_results_close(ref, forward_backward(ours, leaves, build, device), FP64_TOL)  # fp64 on both sides
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("name", ["GRU", "LSTM"])
+def test_rnn_fused(name, bias, device, backend):
+    """test_rnn_fused (PyTorch's fused CUDA kernels against its CPU path, float and double): GRU and LSTM,
+    2 layers, I=10, H=6, T=7, B=6, h0 given and c0 = h0 + 1, in fp32 against torch.nn in fp64 (fp64 is
+    test_matches_torch_like_cpu_vs_cudnn's)."""
+    T = small(device, backend, 7, 5)
+    theirs, ours = twins(name, 10, 6, 2, backend=backend, device=device, dtype=torch.float32, bias=bias)
+    leaves = {"x": torch.randn(T, 6, 10, dtype=torch.float64), "h0": torch.randn(2, 6, 6, dtype=torch.float64)}
+
+    def build(made):
+        return made["x"], ((made["h0"], made["h0"] + 1) if name == "LSTM" else made["h0"])
+
+    ref = forward_backward(theirs, leaves, build)
+    assert_results_close(ref, forward_backward(ours, leaves, build, device, torch.float32), FP32_TOL)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -643,8 +671,10 @@ def _sequence_results(module, x, dev):
     return {"y": y.detach().cpu(), **{f"d{n}": g.cpu() for n, g in zip(params, grads)}}
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("proj,weight", [(0, "weight_ih_l0"), (0, "weight_hh_l0"), (3, "weight_hr_l0")])
+# Under the interpreter (~3 s a case): the recurrent weights (weight_ih_l0 only feeds the input GEMM).
+@pytest.mark.parametrize("proj,weight,device,backend", per_backend(
+    [("weight_ih_l0", 0, "weight_ih_l0"), ("weight_hh_l0", 0, "weight_hh_l0"), ("proj-weight_hr_l0", 3, "weight_hr_l0")],
+    {"weight_hh_l0", "proj-weight_hr_l0"}))
 def test_rnn_weight_norm(proj, weight, device, backend):
     """test_rnn_weight_norm + test_RNN_cudnn_weight_norm: torch.nn.utils.weight_norm makes one weight a
     computed tensor (one Parameter fewer in _flat_weights, as in torch.nn); the output and the gradients
@@ -681,9 +711,10 @@ def test_rnn_parametrized_weight_norm(layer, name, kwargs, device, backend):
     assert_results_close(ref, out, FP64_TOL)  # fp64 on both sides
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("layer,name,kwargs", LAYERS, ids=[c[0] for c in LAYERS])
-def test_weights_replaced_deleted_and_tied(layer, name, kwargs, device, backend):
+# The weights are read in modules.py, the same for every backend; under the interpreter (~5 s a case) the
+# GRU (b_hh kept apart) and the projected LSTM (the most weights).
+@pytest.mark.parametrize("name,kwargs,device,backend", per_backend(LAYERS, {"gru", "lstm_proj"}))
+def test_weights_replaced_deleted_and_tied(name, kwargs, device, backend):
     """test_partial_flat_weights (a weight deleted, then set again), test_cudnn_weight_format (weights moved
     out of one storage with set_) and test_cudnn_weight_tying (bias_ih_l0_reverse = bias_ih_l0, then an SGD
     step): each time the outputs and gradients equal torch.nn's under the same change."""
@@ -748,39 +779,16 @@ GRADGRAD_FORMS = [
 ]
 
 
-# Under the interpreter: every cell at L1 with bias, and layers and packing on one cell each (~5 s a case).
-INTERPRETER_GRADGRAD = {("lstm_proj", "L2-bidir"), ("gru", "packed-unsorted")}
+# Under the interpreter (~2 s a case): every cell at L1 with bias, layers and packing on one cell each.
+INTERPRETER_GRADGRAD = {f"{c}-bias-L1" for c, _, _ in LAYERS} | {"lstm_proj-bias-L2-bidir", "gru-bias-packed-unsorted"}
 
 
 def _gradgrad_params():
-    params = []
-    for device, backend in [p.values for p in BACKENDS]:
-        for (layer, name, kwargs), bias, (form, form_kwargs, lengths) in itertools.product(
-                LAYERS, [True, False], GRADGRAD_FORMS):
-            if form != "L1" and not bias:
-                continue  # the forms vary layers and packing; bias is crossed with the plain one
-            if interpreted(device, backend) and (form, bias) != ("L1", True) and (layer, form) not in INTERPRETER_GRADGRAD:
-                continue
-            params.append(pytest.param(name, dict(kwargs, **form_kwargs, bias=bias), lengths, device, backend,
-                                       id=f"{layer}-{'bias' if bias else 'nobias'}-{form}-{backend}-{device}"))
-    return params
-
-
-def _second_order(fn, inputs, names):
-    """The derivatives of <d(loss)/d(inputs), v> for a fixed loss = sum of fn's outputs weighted by w and a
-    fixed random v (a Hessian-vector product, what a gradient penalty differentiates), with respect to the
-    inputs and to the weighting w (the backward's derivative in its incoming gradient, which
-    gradgradcheck checks too)."""
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*inputs)
-    ws = [w.to(o.device).requires_grad_() for o, w in zip(outs, _output_weights(outs))]
-    loss = sum((o * w).sum() for o, w in zip(outs, ws))
-    grads = torch.autograd.grad(loss, inputs, create_graph=True)
-    g = torch.Generator().manual_seed(11)
-    penalty = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype).to(d.device)).sum() for d in grads)
-    second = torch.autograd.grad(penalty, inputs + ws, allow_unused=True, materialize_grads=True)
-    names = names + [f"w_{n}" for n in ["y", "h_n", "c_n"][: len(ws)]]
-    return {f"d2/d{n}": t.detach().cpu() for n, t in zip(names, second)}
+    rows = []
+    for (layer, name, kwargs), bias, (form, form_kwargs, lengths) in itertools.product(LAYERS, [True, False], GRADGRAD_FORMS):
+        if form == "L1" or bias:  # the forms vary layers and packing; bias is crossed with the plain one
+            rows.append((f"{layer}-{'bias' if bias else 'nobias'}-{form}", name, dict(kwargs, **form_kwargs, bias=bias), lengths))
+    return per_backend(rows, INTERPRETER_GRADGRAD)
 
 
 @pytest.mark.parametrize("name,kwargs,lengths,device,backend", _gradgrad_params())
@@ -825,9 +833,10 @@ def test_grad_and_gradgrad(name, kwargs, lengths, device, backend):
     assert torch.autograd.gradgradcheck(outputs_of(module), inputs, check_batched_grad=False, fast_mode=True)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+# Under the interpreter (~2.5 s a case): each cell in one of the two dtypes.
+@pytest.mark.parametrize("name,dtype,device,backend", per_backend(
+    [(f"{n}-{t}", n, d) for n in ("LSTM", "GRU", "RNN") for t, d in (("fp32", torch.float32), ("fp64", torch.float64))],
+    {"LSTM-fp32", "GRU-fp64", "RNN-fp32"}))
 def test_rnn_retain_variables(name, dtype, device, backend):
     """test_rnn_retain_variables: backward(retain_graph=True) five times over one graph gives the same
     gradients each time (the saved activations are not consumed or overwritten). PyTorch: (10, 20, 2
@@ -855,24 +864,18 @@ VARIABLE_SEQUENCES = [
 ]
 
 
-# Under the interpreter (each case runs B + 1 networks, ~5 s): every row, cell and kind of initial state once.
-INTERPRETER_VARIABLE_SEQUENCES = {("lstm", "unsorted", False), ("lstm_proj2", "sorted", True),
-                                  ("gru", "unsorted", True), ("gru", "sorted-one", False)}
+# Under the interpreter (each case runs B + 1 networks, ~8 s): two cases, between them both orders, both
+# kinds of initial state, projection and the GRU.
+INTERPRETER_VARIABLE_SEQUENCES = {"lstm_proj2-sorted-default-hx", "gru-unsorted-given-hx"}
 
 
 def _variable_sequence_params():
-    params = []
-    for device, backend in [p.values for p in BACKENDS]:
-        for (case, enforce_sorted, full, short), (layer, kwargs), default_hidden in itertools.product(
-                VARIABLE_SEQUENCES, [("lstm", {}), ("lstm_proj2", {"proj_size": 2}), ("gru", {})], [True, False]):
-            if interpreted(device, backend) and (layer, case, default_hidden) not in INTERPRETER_VARIABLE_SEQUENCES:
-                continue
-            lengths = short if interpreted(device, backend) else full
-            name = "GRU" if layer == "gru" else "LSTM"
-            params.append(pytest.param(
-                name, kwargs, enforce_sorted, lengths, default_hidden, device, backend,
-                id=f"{layer}-{case}-{'default' if default_hidden else 'given'}-hx-{backend}-{device}"))
-    return params
+    rows = []
+    for (case, enforce_sorted, full, short), (layer, kwargs), default_hidden in itertools.product(
+            VARIABLE_SEQUENCES, [("lstm", {}), ("lstm_proj2", {"proj_size": 2}), ("gru", {})], [True, False]):
+        rows.append((f"{layer}-{case}-{'default' if default_hidden else 'given'}-hx", "GRU" if layer == "gru" else "LSTM",
+                     kwargs, enforce_sorted, (full, short), default_hidden))
+    return per_backend(rows, INTERPRETER_VARIABLE_SEQUENCES)
 
 
 @pytest.mark.parametrize("name,kwargs,enforce_sorted,lengths,default_hidden,device,backend", _variable_sequence_params())
@@ -880,6 +883,7 @@ def test_variable_sequence(name, kwargs, enforce_sorted, lengths, default_hidden
     """test_variable_sequence: a packed batch gives what running each sequence alone gives (outputs padded
     with zeros, h_n, c_n), forward and backward (input and weight gradients); 2 layers, bidirectional,
     I=3, H=4. PyTorch runs the LSTM only; the GRU is here too. The packed result also equals torch.nn's."""
+    lengths = lengths[1] if interpreted(device, backend) else lengths[0]
     ours = FASTRNN_CLASSES[name](3, 4, num_layers=2, bidirectional=True, backend=backend, **kwargs)
     ours = ours.to(device, torch.float64)
     separate = copy.deepcopy(ours)
@@ -967,10 +971,12 @@ PACKED_LENGTHS = [
 ]
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("case,full,short,shuffle,batch_first", PACKED_LENGTHS, ids=[c[0] for c in PACKED_LENGTHS])
-@pytest.mark.parametrize("layer,name,kwargs", LAYERS, ids=[c[0] for c in LAYERS])
-def test_pack_sequence_through_rnn(layer, name, kwargs, case, full, short, shuffle, batch_first, device, backend):
+# Under the interpreter (~1.2 s a case): each cell with one of the rows, every row used.
+@pytest.mark.parametrize("name,kwargs,full,short,shuffle,batch_first,device,backend", per_backend(
+    [(f"{layer}-{row[0]}", name, kwargs, *row[1:]) for layer, name, kwargs in LAYERS for row in PACKED_LENGTHS],
+    {"rnn_tanh-sorted", "rnn_relu-sorted-2-batch_first", "gru-shuffled-batch_first", "lstm-shuffled-batch_first",
+     "lstm_proj-sorted"}))
+def test_pack_sequence_through_rnn(name, kwargs, full, short, shuffle, batch_first, device, backend):
     """pack_sequence (sorted, or shuffled with enforce_sorted=False) -> the layer -> pad_packed_sequence
     with total_length = longest + 2 (test_pack_sequence, test_pack_padded_sequence, test_total_length):
     the output keeps the input's sorted/unsorted indices and batch sizes, its padding is zero, and the
@@ -1058,14 +1064,12 @@ AUTOCAST_FORMS = [
 
 
 def _autocast_params():
-    params = []
-    for device, backend in [p.values for p in BACKENDS]:
-        for cls, layers, bias, layout, bidir, dtypes in AUTOCAST_FORMS:
-            tag = "-".join({F32: "fp32", BF16: "bf16"}[d] for d in dtypes)
-            params.append(pytest.param(cls, layers, bias, layout, bidir, dtypes, device, backend,
-                                       id=f"{cls}-L{layers}-{'bias' if bias else 'nobias'}-{layout}-"
-                                          f"{'bidir' if bidir else 'unidir'}-{tag}-{backend}-{device}"))
-    return params
+    rows = []
+    for cls, layers, bias, layout, bidir, dtypes in AUTOCAST_FORMS:
+        tag = "-".join({F32: "fp32", BF16: "bf16"}[d] for d in dtypes)
+        rows.append((f"{cls}-L{layers}-{'bias' if bias else 'nobias'}-{layout}-{'bidir' if bidir else 'unidir'}-{tag}",
+                     cls, layers, bias, layout, bidir, dtypes))
+    return per_backend(rows)
 
 
 @pytest.mark.parametrize("cls,layers,bias,layout,bidirectional,dtypes,device,backend", _autocast_params())
