@@ -791,6 +791,23 @@ def _gradgrad_params():
     return per_backend(rows, INTERPRETER_GRADGRAD)
 
 
+def _second_order(fn, inputs, names):
+    """The derivatives of <d(loss)/d(inputs), v> for a fixed loss = sum of fn's outputs weighted by w and a
+    fixed random v (a Hessian-vector product, what a gradient penalty differentiates), with respect to the
+    inputs and to the weighting w (the backward's derivative in its incoming gradient, which
+    gradgradcheck checks too)."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    ws = [w.to(o.device).requires_grad_() for o, w in zip(outs, _output_weights(outs))]
+    loss = sum((o * w).sum() for o, w in zip(outs, ws))
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    g = torch.Generator().manual_seed(11)
+    penalty = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype).to(d.device)).sum() for d in grads)
+    second = torch.autograd.grad(penalty, inputs + ws, allow_unused=True, materialize_grads=True)
+    names = names + [f"w_{n}" for n in ["y", "h_n", "c_n"][: len(ws)]]
+    return {f"d2/d{n}": t.detach().cpu() for n, t in zip(names, second)}
+
+
 @pytest.mark.parametrize("name,kwargs,lengths,device,backend", _gradgrad_params())
 def test_grad_and_gradgrad(name, kwargs, lengths, device, backend):
     """test_LSTM_grad_and_gradgrad / test_GRU_grad_and_gradgrad (PyTorch: hsize 4, input [1, 3, 4], bias
