@@ -1059,9 +1059,9 @@ def test_autocast_rnn(device, backend):
     ours.load_state_dict(theirs.state_dict())
     args = (x.to(device), (hx.to(device), cx.to(device)))
     assert_raises_like_torch("fp32 input, bf16 weights", lambda: theirs(x, (hx, cx)), lambda: ours(*args))
-    with torch.autocast(device_type="cpu"):
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # the CPU's default autocast dtype
         ref_out, (ref_h, ref_c) = theirs(x, (hx, cx))
-    with torch.autocast(device_type=device):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
         out, (h, c) = ours(*args)
     assert (out.dtype, h.dtype, c.dtype) == (ref_out.dtype, ref_h.dtype, ref_c.dtype)
 
