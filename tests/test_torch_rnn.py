@@ -7,8 +7,10 @@ its CPU path, or one torch path with another, we compare fastrnn with torch.nn i
 same state_dict (the oracle of tests/parity.py), and where torch.nn raises we expect the same exception
 type and message (or, where the docstring says so, the same type with a clear message of our own).
 
-The Triton interpreter (~1000x slower than the reference backend, see conftest.interpreted) gets the same
-cases at T <= 5 and H <= 8; every other backend gets PyTorch's sizes.
+The Triton interpreter (~1000x slower than the reference backend, see conftest.interpreted) gets T <= 5 and
+H <= 8, and in the costliest tests a subset of the rows (per_backend's `interpreter_rows`, named next to
+each test) chosen so that every feature still runs on it; every other backend gets PyTorch's sizes and
+every row. Whole file on the 2-core Zen 5 under a load of ~7: 163 s wall, 95 s CPU (at 5d40a5d, torch 2.13 CPU, AVX512).
 """
 
 import copy
@@ -968,8 +970,7 @@ def test_LSTM_differentiable_backward(device, backend):
         out, _ = module(x1)
         der, = torch.autograd.grad(out, x1, grad_outputs=torch.ones_like(out), retain_graph=True, create_graph=True)
         der.sum().backward(retain_graph=True)
-        result = {"dout/dx": der.detach().cpu(), "d2/dx": x1.grad}
-        result["d2/dx"] = None if x1.grad is None else x1.grad.cpu()
+        result = {"dout/dx": der.detach().cpu(), "d2/dx": None if x1.grad is None else x1.grad.cpu()}
         for n, p in module.named_parameters():
             result[f"d2/d{n}"] = None if p.grad is None else p.grad.cpu()
         return result
