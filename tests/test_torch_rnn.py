@@ -320,8 +320,11 @@ def test_dropout_with_one_layer_warns_like_torch(device, backend):
 def test_rnn_nonlinearity(how, device, backend):
     """test_RNN_nonlinearity / _passed_as_arg: tanh by default, relu as keyword or as the 4th positional
     argument, and the kernels then really apply relu (the output equals torch.nn's)."""
-    args, kwargs, expected = {"default": ((2, 3, 1), {}, "tanh"), "kwarg": ((2, 3, 1), {"nonlinearity": "relu"}, "relu"),
-                              "positional": ((2, 3, 1, "relu"), {}, "relu")}[how]
+    args, kwargs, expected = {
+        "default": ((2, 3, 1), {}, "tanh"),
+        "kwarg": ((2, 3, 1), {"nonlinearity": "relu"}, "relu"),
+        "positional": ((2, 3, 1, "relu"), {}, "relu"),
+    }[how]
     theirs, ours = twins("RNN", *args, backend=backend, device=device, **kwargs)
     assert ours.nonlinearity == theirs.nonlinearity == expected
     x = torch.randn(4, 3, 2, dtype=torch.float64)
@@ -365,13 +368,15 @@ def _args_check_cases():
     # test_cudnn_forward_exception: batch_first, hidden of size 19 for H=20, then input of size 3 for I=10
     for name, kw, n in (("LSTM", {}, 2), ("LSTM", {"proj_size": 10}, 2), ("GRU", {}, 1), ("RNN", {}, 1)):
         tag = f"{name}{'-proj' if kw else ''}-batch-first"
-        cases.append((f"{tag}-hidden-19", name, dict(kw, batch_first=True, _sizes=(10, 20)), (2, 3, 10), [(1, 2, 19)] * n))
-        cases.append((f"{tag}-input-3", name, dict(kw, batch_first=True, _sizes=(10, 20)), (2, 3, 3), None))
+        kw = dict(kw, batch_first=True, _sizes=(10, 20))
+        cases.append((f"{tag}-hidden-19", name, kw, (2, 3, 10), [(1, 2, 19)] * n))
+        cases.append((f"{tag}-input-3", name, kw, (2, 3, 3), None))
     return cases
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("case,name,kwargs,x_shape,state_shapes", _args_check_cases(), ids=[c[0] for c in _args_check_cases()])
+@pytest.mark.parametrize("case,name,kwargs,x_shape,state_shapes", _args_check_cases(),
+                         ids=[c[0] for c in _args_check_cases()])
 def test_rnn_args_check(case, name, kwargs, x_shape, state_shapes, device, backend):
     """test_rnn_args_check, test_projections_lstm_args_check, test_cudnn_forward_exception: every wrong
     shape of input or state raises torch.nn's exception with torch.nn's message."""
@@ -399,8 +404,8 @@ def test_state_of_another_dtype_is_a_clear_error(name, device, backend):
     x = torch.randn(2, 3, 3, dtype=torch.float64)
     h = torch.randn(1, 3, 4)  # fp32 state for an fp64 input and module
     hx = (h, h) if name == "LSTM" else h
-    assert_raises_like_torch("fp32 hx for fp64 input", lambda: theirs(x, hx),
-                             lambda: ours(x.to(device), tuple(s.to(device) for s in hx) if name == "LSTM" else hx.to(device)),
+    hx_there = tuple(s.to(device) for s in hx) if name == "LSTM" else hx.to(device)
+    assert_raises_like_torch("fp32 hx for fp64 input", lambda: theirs(x, hx), lambda: ours(x.to(device), hx_there),
                              own_message=r"hx must have the input's dtype.*float64.*float32")
 
 
@@ -408,8 +413,9 @@ def test_state_of_another_dtype_is_a_clear_error(name, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("layer,name,kwargs", LAYERS + [("lstm_proj_bidir", "LSTM", {"proj_size": 3, "bidirectional": True})],
-                         ids=[c[0] for c in LAYERS] + ["lstm_proj_bidir"])
+@pytest.mark.parametrize(
+    "layer,name,kwargs", LAYERS + [("lstm_proj_bidir", "LSTM", dict(proj_size=3, bidirectional=True))],
+    ids=[c[0] for c in LAYERS] + ["lstm_proj_bidir"])
 def test_rnn_initial_hidden_state(layer, name, kwargs, device, backend):
     """A zero initial state given explicitly gives exactly what no initial state gives, and both equal
     torch.nn's (PyTorch: RNN(30, 20, 2), T=10, B=32)."""
@@ -438,13 +444,20 @@ def test_rnn_initial_hidden_state(layer, name, kwargs, device, backend):
 # (id, flags): PyTorch crosses bias x bidirectional x batch_first x contiguous x variable length x lengths
 # as a tensor (64 combinations, x 2 dropouts) for each cell; these rows cover every pair of those factors.
 CUDNN_FORMS = [
-    ("bias-bidir-bf-contig-packed-list", dict(bias=True, bidirectional=True, batch_first=True, contig=True, lengths="list")),
-    ("nobias-bidir-noncontig-packed-tensor", dict(bias=False, bidirectional=True, batch_first=False, contig=False, lengths="tensor")),
-    ("bias-bf-noncontig-padded", dict(bias=True, bidirectional=False, batch_first=True, contig=False, lengths=None)),
-    ("nobias-bf-contig-packed-tensor", dict(bias=False, bidirectional=False, batch_first=True, contig=True, lengths="tensor")),
-    ("bias-bidir-noncontig-padded", dict(bias=True, bidirectional=True, batch_first=False, contig=False, lengths=None)),
-    ("nobias-contig-packed-list", dict(bias=False, bidirectional=False, batch_first=False, contig=True, lengths="list")),
-    ("bias-bidir-dropout1-packed", dict(bias=True, bidirectional=True, batch_first=False, contig=True, lengths="tensor", dropout=1.0)),
+    ("bias-bidir-bf-contig-packed-list",
+     dict(bias=True, bidirectional=True, batch_first=True, contig=True, lengths="list")),
+    ("nobias-bidir-noncontig-packed-tensor",
+     dict(bias=False, bidirectional=True, batch_first=False, contig=False, lengths="tensor")),
+    ("bias-bf-noncontig-padded",
+     dict(bias=True, bidirectional=False, batch_first=True, contig=False, lengths=None)),
+    ("nobias-bf-contig-packed-tensor",
+     dict(bias=False, bidirectional=False, batch_first=True, contig=True, lengths="tensor")),
+    ("bias-bidir-noncontig-padded",
+     dict(bias=True, bidirectional=True, batch_first=False, contig=False, lengths=None)),
+    ("nobias-contig-packed-list",
+     dict(bias=False, bidirectional=False, batch_first=False, contig=True, lengths="list")),
+    ("bias-bidir-dropout1-packed",
+     dict(bias=True, bidirectional=True, batch_first=False, contig=True, lengths="tensor", dropout=1.0)),
 ]
 # Under the interpreter (~2.5 s a case), forms that together still cover bias, bidirectional, batch_first,
 # contiguity, packing (list and tensor lengths) and dropout, spread over the cells.
@@ -675,7 +688,8 @@ def _sequence_results(module, x, dev):
 
 # Under the interpreter (~3 s a case): the recurrent weights (weight_ih_l0 only feeds the input GEMM).
 @pytest.mark.parametrize("proj,weight,device,backend", per_backend(
-    [("weight_ih_l0", 0, "weight_ih_l0"), ("weight_hh_l0", 0, "weight_hh_l0"), ("proj-weight_hr_l0", 3, "weight_hr_l0")],
+    [("weight_ih_l0", 0, "weight_ih_l0"), ("weight_hh_l0", 0, "weight_hh_l0"),
+     ("proj-weight_hr_l0", 3, "weight_hr_l0")],
     {"weight_hh_l0", "proj-weight_hr_l0"}))
 def test_rnn_weight_norm(proj, weight, device, backend):
     """test_rnn_weight_norm + test_RNN_cudnn_weight_norm: torch.nn.utils.weight_norm makes one weight a
@@ -787,9 +801,11 @@ INTERPRETER_GRADGRAD = {f"{c}-bias-L1" for c, _, _ in LAYERS} | {"lstm_proj-bias
 
 def _gradgrad_params():
     rows = []
-    for (layer, name, kwargs), bias, (form, form_kwargs, lengths) in itertools.product(LAYERS, [True, False], GRADGRAD_FORMS):
+    for (layer, name, kwargs), bias, (form, form_kwargs, lengths) in itertools.product(
+            LAYERS, [True, False], GRADGRAD_FORMS):
         if form == "L1" or bias:  # the forms vary layers and packing; bias is crossed with the plain one
-            rows.append((f"{layer}-{'bias' if bias else 'nobias'}-{form}", name, dict(kwargs, **form_kwargs, bias=bias), lengths))
+            rows.append((f"{layer}-{'bias' if bias else 'nobias'}-{form}", name,
+                         dict(kwargs, **form_kwargs, bias=bias), lengths))
     return per_backend(rows, INTERPRETER_GRADGRAD)
 
 
@@ -892,12 +908,13 @@ def _variable_sequence_params():
     rows = []
     for (case, enforce_sorted, full, short), (layer, kwargs), default_hidden in itertools.product(
             VARIABLE_SEQUENCES, [("lstm", {}), ("lstm_proj2", {"proj_size": 2}), ("gru", {})], [True, False]):
-        rows.append((f"{layer}-{case}-{'default' if default_hidden else 'given'}-hx", "GRU" if layer == "gru" else "LSTM",
-                     kwargs, enforce_sorted, (full, short), default_hidden))
+        rows.append((f"{layer}-{case}-{'default' if default_hidden else 'given'}-hx",
+                     "GRU" if layer == "gru" else "LSTM", kwargs, enforce_sorted, (full, short), default_hidden))
     return per_backend(rows, INTERPRETER_VARIABLE_SEQUENCES)
 
 
-@pytest.mark.parametrize("name,kwargs,enforce_sorted,lengths,default_hidden,device,backend", _variable_sequence_params())
+@pytest.mark.parametrize("name,kwargs,enforce_sorted,lengths,default_hidden,device,backend",
+                         _variable_sequence_params())
 def test_variable_sequence(name, kwargs, enforce_sorted, lengths, default_hidden, device, backend):
     """test_variable_sequence: a packed batch gives what running each sequence alone gives (outputs padded
     with zeros, h_n, c_n), forward and backward (input and weight gradients); 2 layers, bidirectional,
