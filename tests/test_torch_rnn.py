@@ -1140,3 +1140,36 @@ def test_autocast_equals_lower_precision_control(cls, layers, bias, layout, bidi
         assert_equal(what, a.detach().cpu(), b.detach().cpu())
     for (n, p), g in zip(control.named_parameters(), grads):
         assert_equal(f"d{n}", p.grad.cpu(), g.to(torch.bfloat16).cpu())
+
+
+CELL_AUTOCAST_DTYPES = [("fp32-fp32-fp32", (F32, F32, F32)), ("bf16-fp32-fp32", (BF16, F32, F32)),
+                        ("fp32-bf16-bf16", (F32, BF16, BF16))]
+
+
+@pytest.mark.parametrize("name,kwargs,dtypes,device,backend", per_backend(
+    [(f"{cell}-{tag}", name, kwargs, dtypes) for cell, name, kwargs in CELLS for tag, dtypes in CELL_AUTOCAST_DTYPES]))
+def test_cell_autocast_equals_lower_precision_control(name, kwargs, dtypes, device, backend):
+    """The layers' autocast test above for the *Cell modules (fastrnn runs them in the autocast dtype too,
+    docs/design.md): input, state and weights in any mix of fp32 and bf16 give, under autocast, what the
+    cell cast to bf16 gives on bf16 input and state, bit for bit, weight gradients included."""
+    input_dtype, hidden_dtype, weight_dtype = dtypes
+    cell = FASTRNN_CLASSES[name](5, 6, backend=backend, **kwargs).to(device, weight_dtype)
+    x = torch.randn(4, 5, device=device, dtype=input_dtype)
+    states = [torch.randn(4, 6, device=device, dtype=hidden_dtype) for _ in range(2 if name == "LSTMCell" else 1)]
+
+    def run(module, x, states):
+        out = module(x, tuple(states) if len(states) == 2 else states[0])
+        outs = list(out) if isinstance(out, tuple) else [out]
+        sum(o.float().sum() for o in outs).backward()
+        return outs
+
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        outs = run(cell, x, states)
+    grads = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    control = cell.to(torch.bfloat16)
+    c_outs = run(control, x.bfloat16(), [s.bfloat16() for s in states])
+    for what, a, b in zip(["h", "c"], c_outs, outs):
+        assert_equal(what, a.detach().cpu(), b.detach().cpu())  # the same ops on the same bf16 values
+    for (n, p), g in zip(control.named_parameters(), grads):
+        assert_equal(f"d{n}", p.grad.cpu(), g.to(torch.bfloat16).cpu())
