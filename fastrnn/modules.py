@@ -210,7 +210,9 @@ class _CellMixin(_FastRNNModule):
                 raise RuntimeError(
                     f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, expected {self.hidden_size}"
                 )
-            if s.dtype != input.dtype or s.device != input.device:
+            # Under autocast every tensor is cast to the autocast dtype first, as torch.nn does.
+            autocast = torch.is_autocast_enabled(input.device.type)
+            if (s.dtype != input.dtype and not autocast) or s.device != input.device:
                 raise RuntimeError(
                     f"fastrnn: hidden{k} must have the input's dtype and device ({input.dtype}, {input.device}), "
                     f"got ({s.dtype}, {s.device})"
