@@ -136,5 +136,5 @@ def fingerprint(root, specs):
         digest.update(path.encode() + b"\0")
         with open(os.path.join(root, path), "rb") as f:
             digest.update(f.read())
-    digest.update(repr(specs).encode())
+    digest.update(repr(list(specs)).encode())
     return digest.hexdigest()
