@@ -52,10 +52,11 @@ class ExtensionSpec:
 
 
 def source_root(package_dir=None):
-    """The directory holding csrc/: the repository root in a checkout or an editable install
-    (fastrnn/..), the installed package itself in a wheel install (setup.py copies csrc/ into fastrnn/)."""
+    """The directory holding csrc/: the installed package itself in a wheel install (setup.py copies csrc/
+    into fastrnn/), the repository root in a checkout or an editable install (fastrnn/..). The package's own
+    copy first: a wheel's parent is site-packages, where a csrc/ would be someone else's."""
     package_dir = os.path.abspath(package_dir or os.path.dirname(__file__))
-    for root in (os.path.dirname(package_dir), package_dir):
+    for root in (package_dir, os.path.dirname(package_dir)):
         if os.path.isfile(os.path.join(root, "csrc", "ops.cpp")):
             return root
     return None
