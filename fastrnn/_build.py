@@ -104,7 +104,8 @@ def cuda_archs(default=DEFAULT_CUDA_ARCHS):
 
 
 def extensions(root, with_cuda):
-    """The libraries to build from the sources under `root`; `with_cuda`: also the CUDA kernels."""
+    """The libraries to build from the sources under `root`; `with_cuda`: also the CUDA kernels, inside the
+    same libraries (their names must not depend on it: fastrnn/_jit.py looks the prebuilt ones up by name)."""
     cpu = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"), root_dir=root))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"), root_dir=root))
     bindings = os.path.join("csrc", "cuda", "bindings.cpp")
