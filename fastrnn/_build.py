@@ -31,6 +31,8 @@ import platform
 # Install-time default of FASTRNN_CUDA_ARCHS: a wheel must serve the GPUs it will meet (A100, H100/H200).
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 CPU_CAPABILITIES = ("avx2", "default")
+# The ISAs an ExtensionSpec may name, each running on every CPU that runs the ones after it.
+ISA_ORDER = ("default", "avx2", "avx512")
 # What ships in the wheel under fastrnn/csrc/ (setup.py) and what the JIT cache key hashes.
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
@@ -47,8 +49,13 @@ class ExtensionSpec:
     cuda: bool = False
     nvcc_flags: tuple = ()
     # The CPU instruction set the kernels are compiled for, as `python -m fastrnn info` and the JIT cache
-    # key name it ("avx2", "default").
+    # key name it (one of ISA_ORDER).
     isa: str = "default"
+    # A companion is never imported from Python: another library of the list finds it in its own directory
+    # and loads it itself (e.g. one copy of the CPU kernels per ISA, picked at run time). Both builders put
+    # it next to the others; a first-use build compiles only the companions whose ISA this CPU runs, and
+    # before the libraries that load them.
+    companion: bool = False
 
 
 def source_root(package_dir=None):

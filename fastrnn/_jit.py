@@ -75,9 +75,21 @@ def _visible_archs():
     return ";".join(f"{major}.{minor}" for major, minor in caps)
 
 
+def _cpu_runs(isa):
+    """Whether this CPU runs code compiled for `isa` (one of _build.ISA_ORDER), as torch judges it."""
+    torch_isa = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default", "vsx", ...
+    if isa == "default":
+        return True
+    if torch_isa not in _build.ISA_ORDER:
+        return False
+    return _build.ISA_ORDER.index(isa) <= _build.ISA_ORDER.index(torch_isa)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What a first-use build compiles here: the specs, from which sources, into which cache directory."""
+    """What a first-use build compiles here: the specs (companions this CPU cannot run left out, the
+    companions first), from which sources, into which cache directory (one for all of them, so that a
+    library finds its companions next to itself)."""
 
     root: str
     specs: tuple
@@ -85,10 +97,17 @@ class _Plan:
     fingerprint: str
     why_no_cuda: str
 
-    def directory(self, spec):
-        cuda = f"cu{torch.version.cuda}-sm{self.cuda_archs.replace(';', '_')}" if spec.cuda else "cpu"
-        key = f"{spec.name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}-{spec.isa}"
+    @property
+    def directory(self):
+        cuda = f"cu{torch.version.cuda}-sm{self.cuda_archs.replace(';', '_')}" if self.cuda_archs else "cpu"
+        isas = "+".join(dict.fromkeys(spec.isa for spec in self.specs))
+        key = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}-{isas}"
         return os.path.join(cache_root(), key.replace("+", "_") + "-" + self.fingerprint[:12])
+
+    def library(self, spec):
+        """The file of `spec` in the cache, or None while the build is not complete."""
+        path = os.path.join(self.directory, f"{spec.name}.so")
+        return path if os.path.isfile(os.path.join(self.directory, _DONE)) and os.path.isfile(path) else None
 
 
 def plan():
@@ -96,16 +115,12 @@ def plan():
     root = _build.source_root()
     if root is None:
         return "this install carries no csrc/ sources to compile"
-    why_no_cuda = _build.cuda_reason(torch.version.cuda, _cuda_home())
-    specs = tuple(_build.extensions(root, with_cuda=why_no_cuda is None))
+    # CUDA_HOME costs an import of torch.utils.cpp_extension (0.2 s): only a CUDA torch needs it.
+    why_no_cuda = _build.cuda_reason(torch.version.cuda, _cuda_home() if torch.version.cuda else None)
+    specs = [s for s in _build.extensions(root, with_cuda=why_no_cuda is None) if not s.companion or _cpu_runs(s.isa)]
+    specs = tuple(sorted(specs, key=lambda s: not s.companion))  # stable: companions first, order kept
     archs = _build.cuda_archs(_visible_archs() or _build.DEFAULT_CUDA_ARCHS) if why_no_cuda is None else ""
-    fingerprint = _build.fingerprint(root, specs)
-    return _Plan(root, specs, archs, fingerprint, why_no_cuda or "")
-
-
-def _library_file(directory, spec):
-    path = os.path.join(directory, f"fastrnn{spec.name}.so")
-    return path if os.path.isfile(os.path.join(directory, _DONE)) and os.path.isfile(path) else None
+    return _Plan(root, specs, archs, _build.fingerprint(root, specs), why_no_cuda or "")
 
 
 def _prebuilt(spec):
@@ -177,13 +192,16 @@ def _check_toolchain():
         raise ImportError("compile on first use: ninja is not installed")
 
 
-def _compile(plan_, spec, directory):
-    """Builds `spec` into `directory` with torch.utils.cpp_extension + ninja and loads it."""
+def _compile(plan_):
+    """Builds every library of the plan into its directory with torch.utils.cpp_extension + ninja, loading
+    each as it is built (companions first: they are what the others load)."""
     from torch.utils import cpp_extension
 
-    what = f"fastrnn.{spec.name} ({spec.isa}" + (f", CUDA sm {plan_.cuda_archs})" if spec.cuda else ", CPU only)")
+    directory = plan_.directory
+    what = ", ".join(f"{s.name} ({s.isa})" for s in plan_.specs) + (
+        f"; CUDA sm {plan_.cuda_archs}" if plan_.cuda_archs else "; CPU only")
     _say(
-        f"compiling the C++ kernels {what} for torch {torch.__version__} into {directory}. This takes a few "
+        f"compiling the C++ kernels [{what}] for torch {torch.__version__} into {directory}. This takes a few "
         "minutes, once per torch version; later runs load them from there (FASTRNN_EXTENSION=prebuilt skips it)."
     )
     start = time.monotonic()
@@ -191,56 +209,71 @@ def _compile(plan_, spec, directory):
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(directory, _TORCH_BATON))
     saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if spec.cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = plan_.cuda_archs
     try:
-        cpp_extension.load(
-            name=f"fastrnn{spec.name}",
-            sources=[os.path.join(plan_.root, s) for s in spec.sources],
-            extra_cflags=list(spec.cxx_flags),
-            extra_cuda_cflags=list(spec.nvcc_flags),
-            extra_ldflags=list(spec.link_flags),
-            build_directory=directory,
-            with_cuda=spec.cuda,
-            is_python_module=False,  # torch.ops.load_library: the ops register as the library loads
-        )
+        for spec in plan_.specs:
+            if spec.cuda:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = plan_.cuda_archs
+            # One directory for all: torch names each library's objects after its sources and each build
+            # rewrites build.ninja, so libraries built one after the other there do not mix.
+            cpp_extension.load(
+                name=spec.name,
+                sources=[os.path.join(plan_.root, s) for s in spec.sources],
+                extra_cflags=list(spec.cxx_flags),
+                extra_cuda_cflags=list(spec.nvcc_flags),
+                extra_ldflags=list(spec.link_flags),
+                build_directory=directory,
+                with_cuda=spec.cuda,
+                is_python_module=False,  # torch.ops.load_library: the ops register as the library loads
+            )
     except Exception as e:  # a compiler error, a missing header, a linker error: all say the same to the user
         log = os.path.join(directory, "error.log")
         with open(log, "w") as f:
             f.write(str(e))
         tail = "\n".join(str(e).strip().splitlines()[-12:])
-        raise ImportError(f"compiling {what} failed (full output: {log}):\n{tail}\n") from e
+        raise ImportError(f"compiling [{what}] failed (full output: {log}):\n{tail}\n") from e
     finally:
-        if spec.cuda:
-            if saved_archs is None:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
+        if saved_archs is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
     with open(os.path.join(directory, _DONE), "w") as f:
         f.write(plan_.fingerprint + "\n")
-    _say(f"compiled {what} in {time.monotonic() - start:.0f} s")
+    _say(f"compiled [{what}] in {time.monotonic() - start:.0f} s")
 
 
-def _from_cache(plan_, spec, build):
-    """(state, None) from the JIT cache, compiling into it first when `build`; else (None, why not)."""
-    directory = plan_.directory(spec)
-    path = _library_file(directory, spec)
-    if path is not None:
-        torch.ops.load_library(path)
-        return ExtensionState(spec.name, spec.isa, spec.cuda, "jit-cached", path), None
+def _states_of(plan_, how):
+    return [ExtensionState(s.name, s.isa, s.cuda, how, plan_.library(s)) for s in plan_.specs]
+
+
+def _load_cached(plan_):
+    """Loads the plan's libraries from a complete cache directory (the companions are loaded by the
+    libraries that use them); None when it is not complete."""
+    loaded = [s for s in plan_.specs if not s.companion]
+    if any(plan_.library(s) is None for s in plan_.specs):
+        return None
+    for spec in loaded:
+        torch.ops.load_library(plan_.library(spec))
+    return _states_of(plan_, "jit-cached")
+
+
+def _from_cache(plan_, build):
+    """(states, None) from the JIT cache, compiling into it first when `build`; else (None, why not)."""
+    states = _load_cached(plan_)
+    if states is not None:
+        return states, None
     if not build:
-        return None, f"not compiled yet for this torch/ISA/sources (it compiles on first use into {directory})"
+        return None, f"not compiled yet for this torch/ISA/sources (it compiles on first use into {plan_.directory})"
     with _ninja_on_path():
         _check_toolchain()
     os.makedirs(cache_root(), exist_ok=True)
-    with _file_lock(directory + ".lock", lambda: _say(f"waiting for another process compiling into {directory}")):
-        path = _library_file(directory, spec)
-        if path is not None:  # the process we waited for built it
-            torch.ops.load_library(path)
-            return ExtensionState(spec.name, spec.isa, spec.cuda, "jit-cached", path), None
+    on_wait = lambda: _say(f"waiting for another process compiling into {plan_.directory}")  # noqa: E731
+    with _file_lock(plan_.directory + ".lock", on_wait):
+        states = _load_cached(plan_)  # the process we waited for built it
+        if states is not None:
+            return states, None
         with _ninja_on_path():
-            _compile(plan_, spec, directory)
-    return ExtensionState(spec.name, spec.isa, spec.cuda, "jit-built", _library_file(directory, spec)), None
+            _compile(plan_)
+    return _states_of(plan_, "jit-built"), None
 
 
 _states = None
@@ -259,46 +292,46 @@ def no_compile():
 
 
 def _library_specs():
-    """The libraries to load, by name. The names do not depend on CUDA (its kernels join the same
+    """The libraries Python loads, by name. The names do not depend on CUDA (its kernels join the same
     libraries), so the prebuilt ones are tried without the cost of a plan (importing
     torch.utils.cpp_extension to find nvcc: 0.2-0.7 s)."""
-    return _build.extensions(_build.source_root() or os.path.dirname(__file__), with_cuda=False)
+    root = _build.source_root() or os.path.dirname(__file__)
+    return [s for s in _build.extensions(root, with_cuda=False) if not s.companion]
 
 
 def load(build=None):
-    """Loads every library of the extension (once per process) and returns their ExtensionStates; raises
-    ImportError saying why and how to get them when one cannot be loaded. `build=False` never compiles;
+    """Loads the extension's libraries (once per process) and returns their ExtensionStates; raises
+    ImportError saying why and how to get them when they cannot be loaded. `build=False` never compiles;
     None: unless inside no_compile()."""
     global _states
     if _states is not None:
         return _states
     build = _compile_allowed if build is None else build
     how = mode()
-    plan_ = None
-    states = []
-    for spec in _library_specs():
-        reasons = []
-        state = None
-        if how != "jit":
-            state, why = _prebuilt(spec)
+    reasons = []
+    states = None
+    if how != "jit":
+        # All prebuilt or none: a mix of prebuilt and first-use libraries is not one build.
+        prebuilt = [_prebuilt(spec) for spec in _library_specs()]
+        if all(state is not None for state, _ in prebuilt):
+            states = [state for state, _ in prebuilt]
+        reasons += [why for _, why in prebuilt if why]
+    if states is None and how != "prebuilt":
+        plan_ = plan()
+        if isinstance(plan_, str):
+            reasons.append(f"compile on first use: {plan_}")
+        else:
+            try:
+                states, why = _from_cache(plan_, build)
+            except ImportError as e:  # no compiler, no ninja, a failed compile
+                why = str(e)
             reasons.append(why)
-        if state is None and how != "prebuilt":
-            plan_ = plan_ or plan()
-            if isinstance(plan_, str):
-                reasons.append(f"compile on first use: {plan_}")
-            else:
-                try:
-                    state, why = _from_cache(plan_, next(s for s in plan_.specs if s.name == spec.name), build)
-                except ImportError as e:  # no compiler, no ninja, a failed compile
-                    state, why = None, str(e)
-                reasons.append(why)
-        if state is None:
-            reasons = [r for r in reasons if r]
-            if how == "prebuilt":
-                reasons.append("FASTRNN_EXTENSION=prebuilt: no compile on first use")
-            # The how-to only when compiling was tried: under no_compile() "not compiled yet" is all there is.
-            raise ImportError(_how_to_get_them("; ".join(reasons)) if build or how == "prebuilt" else "; ".join(reasons))
-        states.append(state)
+    if states is None:
+        reasons = [r for r in reasons if r]
+        if how == "prebuilt":
+            reasons.append("FASTRNN_EXTENSION=prebuilt: no compile on first use")
+        # The how-to only when compiling was tried: under no_compile() "not compiled yet" is all there is.
+        raise ImportError(_how_to_get_them("; ".join(reasons)) if build or how == "prebuilt" else "; ".join(reasons))
     _states = states
     return states
 

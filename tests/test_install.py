@@ -82,6 +82,26 @@ def test_ninja_wheel_is_found_without_ninja_on_path(tmp_path, monkeypatch):
     assert os.environ["PATH"] == str(tmp_path)
 
 
+def test_first_use_plan_puts_companions_this_cpu_runs_first_in_one_directory(monkeypatch):
+    # The shape of a per-ISA build (one library per CPU capability, loaded by the op library from its own
+    # directory): the plan keeps the companions this CPU runs, before the op library, all in one directory.
+    from fastrnn import _build, _jit
+
+    spec = _build.ExtensionSpec
+    specs = [spec("_C", ("csrc/ops.cpp",), ()), spec("_C_avx2", ("a.cpp",), (), isa="avx2", companion=True),
+             spec("_C_avx512", ("b.cpp",), (), isa="avx512", companion=True)]
+    monkeypatch.setattr(_build, "extensions", lambda root, with_cuda: specs)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    plan = _jit.plan()
+    assert [s.name for s in plan.specs] == ["_C_avx2", "_C"], plan.specs
+    assert plan.directory.endswith(f"-avx2_default-{plan.fingerprint[:12]}"), plan.directory
+    assert [s.name for s in _jit._library_specs()] == ["_C"]  # the ones Python loads itself
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert [s.name for s in _jit.plan().specs] == ["_C_avx2", "_C_avx512", "_C"]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert [s.name for s in _jit.plan().specs] == ["_C"]
+
+
 def _copy_checkout(dest):
     """The checkout's tracked files as they are now (what a clone of this commit holds, plus local edits)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
