@@ -134,7 +134,9 @@ def extensions(root, with_cuda):
             cuda=True,
             isa=capability,
         )]
-    return [ExtensionSpec(name="_C", sources=tuple(cpu), cxx_flags=tuple(cxx), link_flags=("-fopenmp",), isa=capability)]
+    return [ExtensionSpec(
+        name="_C", sources=tuple(cpu), cxx_flags=tuple(cxx), link_flags=("-fopenmp",), isa=capability,
+    )]
 
 
 def fingerprint(root, specs):

@@ -1,9 +1,11 @@
 """Loading the compiled ops: the extension built at install time, else one compiled on first use.
 
-For each library of fastrnn/_build.py's `extensions()` (today one, `_C`), in this order:
+The libraries of fastrnn/_build.py's `extensions()` (today one, `_C`; a companion library is loaded by the
+library that uses it, not from here) come from the first of these that has them all:
   1. prebuilt   `import fastrnn._C`: built by setup.py when torch was importable at install time
                 (`pip install --no-build-isolation .`, `python setup.py build_ext --inplace`);
-  2. jit-cached a library this module compiled before for the same torch, CUDA archs, ISA and sources;
+  2. jit-cached libraries this module compiled before for the same torch, Python, CUDA archs, ISAs and
+                sources (one directory per such build plan);
   3. jit-built  compiled now with torch.utils.cpp_extension + ninja into that cache (a few minutes, once),
                 with one message on stderr, under a file lock so that concurrent processes build once.
 The ops register themselves with the dispatcher as the library loads (torch.ops.fastrnn.*).
@@ -160,7 +162,8 @@ def _say(message):
 
 def _how_to_get_them(why):
     return (
-        f"the compiled ops are not available: {why}. The reference and triton backends work without them. To get the compiled ones (backends cpu, "
+        f"the compiled ops are not available: {why}. The reference and triton backends work without them. "
+        "To get the compiled ones (backends cpu, "
         "cuda): install a C++ compiler (e.g. g++; set CXX for another) and ninja (pip install ninja), and they "
         "compile on the next first use; or build them at install time against your torch: "
         "pip install --no-build-isolation ."

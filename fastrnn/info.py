@@ -41,11 +41,12 @@ def _extension_lines():
     if isinstance(plan, str):
         lines.append(f"compile on first use: no ({plan})")
     else:
-        lines.append(f"compile on first use: sources {os.path.join(plan.root, 'csrc')}, cache {_jit.cache_root()}"
-                     + (f", CUDA archs {plan.cuda_archs}" if plan.cuda_archs else f"; no CUDA kernels: {plan.why_no_cuda}"))
+        cuda = f", CUDA archs {plan.cuda_archs}" if plan.cuda_archs else f"; no CUDA kernels: {plan.why_no_cuda}"
+        sources = os.path.join(plan.root, "csrc")
+        lines.append(f"compile on first use: sources {sources}, cache {_jit.cache_root()}{cuda}")
         for spec in plan.specs:
             lines.append(f"  {spec.name} flags: {' '.join(spec.cxx_flags)}")
-    lines.append(f"FASTRNN_EXTENSION={_jit.mode()}")
+    lines.append(f"FASTRNN_EXTENSION={os.environ.get('FASTRNN_EXTENSION', 'auto')}")
     return lines
 
 

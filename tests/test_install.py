@@ -155,7 +155,8 @@ def test_plain_pip_install_into_a_fresh_venv_compiles_on_first_use(tmp_path):
     # multi-GB CUDA build from the index. Then the package, with no flag at all.
     pip("install", "-q", f"torch=={torch.__version__}")
     pip("install", "-q", str(source))
-    where = "import fastrnn, os, importlib.metadata as m; print(os.path.dirname(fastrnn.__file__), fastrnn.__version__, m.version('fastrnn'))"
+    where = ("import fastrnn, os, importlib.metadata as m; "
+             "print(os.path.dirname(fastrnn.__file__), fastrnn.__version__, m.version('fastrnn'))")
     installed, version, metadata_version = subprocess.run(
         [python, "-c", where], capture_output=True, text=True, env=env, cwd=work, check=True).stdout.split()
     assert version == metadata_version, (version, metadata_version)
