@@ -1,4 +1,4 @@
-"""`python -m fastrnn bench|check|plot`: see fastrnn/bench/cli.py and docs/benchmarks.md."""
+"""`python -m fastrnn bench|check|plot|report|info`: see fastrnn/bench/cli.py and docs/benchmarks.md."""
 
 import sys
 

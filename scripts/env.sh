@@ -17,7 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # The extension builds against the torch in the venv, so no build isolation (it would fetch another torch).
 build_stamp=.venv/.fastrnn-build
-build_inputs() { find csrc -type f; for f in setup.py CMakeLists.txt; do if [ -f "$f" ]; then echo "$f"; fi; done; }
+build_inputs() { find csrc -type f; for f in setup.py fastrnn/_build.py CMakeLists.txt; do if [ -f "$f" ]; then echo "$f"; fi; done; }
 sources=$(build_inputs | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$build_stamp" 2>/dev/null)" != "$sources" ] || ! .venv/bin/python -c "import fastrnn._C" 2>/dev/null; then
   MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

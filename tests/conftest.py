@@ -20,6 +20,7 @@ import fastrnn  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (the parity suite on CUDA tensors)")
     config.addinivalue_line("markers", "slow: compiles something (CMake, nvcc); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "install: pip-installs into a fresh venv (minutes); deselected unless -m install")
 
 
 def device_backends():

@@ -3,8 +3,8 @@
 csrc/ops.cpp declares the six schemas of docs/contract.md once; csrc/cpu/*.cpp registers the CPU
 kernels and csrc/cuda/bindings.cpp the CUDA ones, and the dispatcher picks by the tensors' device.
 The fake (meta) kernels are the shared Python ones of schemas.py. Importing this module raises
-ImportError when fastrnn._C is not built (or cannot run here); the registry then warns once and
-backend="auto" falls back to the reference backend.
+ImportError when the extension is neither prebuilt nor compiled on first use (fastrnn/_jit.py), or cannot run
+here; the registry then warns once and backend="auto" falls back to the reference backend.
 """
 
 import os
@@ -12,6 +12,7 @@ import platform
 
 import torch
 
+from .. import _jit
 from .schemas import FAKES, register_fakes
 
 
@@ -30,13 +31,9 @@ def _check_cpu():
 
 _check_cpu()
 
-try:
-    from .. import _C  # noqa: E402,F401  (loads the library: the ops register themselves)
-except ImportError as e:
-    raise ImportError(
-        f"the compiled extension fastrnn._C is not built ({e}); build it in the repository with "
-        "`pip install --no-build-isolation -e .`"
-    ) from e
+# The prebuilt fastrnn._C, else the one compiled on first use (fastrnn/_jit.py); the ops register themselves
+# as the library loads. Raises ImportError with the reason and how to get the compiled ops.
+EXTENSIONS = _jit.load()
 
 register_fakes("fastrnn")
 

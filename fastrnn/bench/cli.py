@@ -1,5 +1,5 @@
 """The command line: `python -m fastrnn bench` (timings), `check` (parity), `plot` (PNG from the rows),
-`report` (a run's table again, as text or Markdown)."""
+`report` (a run's table again, as text or Markdown), `info` (fastrnn/info.py)."""
 
 import argparse
 import json
@@ -148,9 +148,14 @@ def main(argv=None):
 
     plot.add_arguments(commands.add_parser("plot", help="draw PNG plots from the JSON rows"))
     report.add_arguments(commands.add_parser("report", help="print a run's table again from the JSON rows"))
+    commands.add_parser("info", help="versions, the compiled extension's state, CPU/ISA, GPUs and backends")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
     if args.command == "check":
         return run_check(args)
+    if args.command == "info":
+        from .. import info
+
+        return info.main()
     return plot.run(args) if args.command == "plot" else report.run(args)

@@ -20,7 +20,7 @@ from .machine import PACKAGE_DIR, REPO_DIR
 
 # The sources of the compiled extension: when the base has the same ones as this working tree, this
 # tree's built extension is copied instead of compiled again (several minutes on 2 cores).
-_EXTENSION_SOURCES = ("csrc", "setup.py", "CMakeLists.txt")
+_EXTENSION_SOURCES = ("csrc", "setup.py", "fastrnn/_build.py", "CMakeLists.txt")
 
 
 def _git(*args):
