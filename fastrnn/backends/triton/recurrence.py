@@ -495,7 +495,7 @@ def check_sizes(op, name, t, G):
     check_3d(op, name, t)
     T, B, GH = t.shape
     if GH % G:
-        raise ValueError(f"fastrnn_triton::{op}: {name} has {GH} columns, expected a multiple of {G}")
+        raise ValueError(f"fastrnn_triton::{op}: {name} has {GH} columns, expected {G}*H")
     return T, B, GH // G
 
 
