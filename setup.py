@@ -2,21 +2,24 @@
 
     pip install --no-build-isolation -e .
 
-builds fastrnn._C against the torch already installed: a CppExtension (csrc/ops.cpp + csrc/cpu/*.cpp)
-on a CPU torch; a CUDAExtension that adds csrc/cuda/*.cu and csrc/cuda/bindings.cpp when torch has CUDA,
-nvcc is found and FASTRNN_SKIP_CUDA_BUILD is not set.
+builds fastrnn._C against the torch already installed: a CppExtension (csrc/ops.cpp, the CPU dispatcher and
+the portable copy of the CPU kernels) on a CPU torch; a CUDAExtension that adds csrc/cuda/*.cu and
+csrc/cuda/bindings.cpp when torch has CUDA, nvcc is found and FASTRNN_SKIP_CUDA_BUILD is not set. On x86-64
+also fastrnn._C_avx2 and fastrnn._C_avx512: the same CPU kernels compiled for those instruction sets, one of
+which fastrnn._C loads at run time when the CPU has it (fastrnn/_build_cpu.py, docs/cpu.md "ISA dispatch").
 
 Switches (environment):
   FASTRNN_SKIP_CUDA_BUILD=1   CPU kernels only, even with a CUDA torch and nvcc
   FASTRNN_CUDA_ARCHS          CUDA architectures, default "8.0;9.0" (torch's TORCH_CUDA_ARCH_LIST format)
-  FASTRNN_CPU_CAPABILITY      "avx2" (default on x86-64: AVX2+FMA+F16C, at::vec on 256-bit registers) or
-                              "default" (portable; at::vec falls back to plain loops, ~3x slower gates)
+  FASTRNN_CPU_CAPABILITIES    the CPU capabilities to build besides the portable one, comma-separated
+                              (default on x86-64: "avx2,avx512"; "" is the same; e.g. "avx2" builds faster).
+                              Which one runs is chosen at run time (FASTRNN_CPU_CAPABILITY lowers it).
   MAX_JOBS                    parallel compile jobs (torch's cpp_extension)
 """
 
 import glob
+import importlib.util
 import os
-import platform
 
 from setuptools import find_packages, setup
 
@@ -39,27 +42,28 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-def _cpu_flags():
-    default = "avx2" if platform.machine() in ("x86_64", "AMD64") else "default"
-    capability = os.environ.get("FASTRNN_CPU_CAPABILITY", default)
-    if capability == "avx2":
-        # ATen's at::vec picks its 256-bit implementation from CPU_CAPABILITY_AVX2, as torch's own
-        # kernels do; the library then needs an AVX2+FMA CPU (fastrnn/backends/native.py checks).
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if capability == "default":
-        return []
-    raise RuntimeError(f"fastrnn: FASTRNN_CPU_CAPABILITY must be 'avx2' or 'default', got {capability!r}")
+def _load_build_cpu():
+    # fastrnn/_build_cpu.py by path: importing the fastrnn package here would import the half-built extension.
+    spec = importlib.util.spec_from_file_location("_fastrnn_build_cpu", os.path.join(ROOT, "fastrnn", "_build_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _extension():
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+BUILD_CPU = _load_build_cpu()
+
+
+def _extensions():
+    sources = list(BUILD_CPU.OP_LIBRARY_SOURCES)
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     bindings = os.path.join("csrc", "cuda", "bindings.cpp")
-    # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which gcc ignores (hundreds of lines).
-    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers (AT_PARALLEL_OPENMP);
-    # compiled without it, every parallel_for silently runs on one thread. The library then needs libgomp.so.1,
-    # which torch has already loaded (torch/lib ships it), so there is one OpenMP runtime and one thread pool.
-    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp", "-DFASTRNN_PYTHON_MODULE"] + _cpu_flags()
+    # The flags' reasons are in fastrnn/_build_cpu.py.
+    cxx = BUILD_CPU.COMMON_CXX_FLAGS + BUILD_CPU.OP_LIBRARY_CXX_FLAGS + ["-DFASTRNN_PYTHON_MODULE"]
+    # The capability libraries come after fastrnn._C: dispatch.cpp finds them next to it at run time.
+    capabilities = [
+        CppExtension(name, srcs, extra_compile_args={"cxx": flags}, extra_link_args=BUILD_CPU.LINK_FLAGS)
+        for name, srcs, flags in BUILD_CPU.capability_libraries()
+    ]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -69,13 +73,14 @@ def _extension():
     )
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTRNN_CUDA_ARCHS", "8.0;9.0")
-        return CUDAExtension(
+        return [CUDAExtension(
             "fastrnn._C",
             sources + cuda_sources + [bindings],
             extra_compile_args={"cxx": cxx + ["-DFASTRNN_WITH_CUDA"], "nvcc": ["-O3", "-DFASTRNN_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
-        )
-    return CppExtension("fastrnn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+            extra_link_args=BUILD_CPU.LINK_FLAGS,
+        )] + capabilities
+    return [CppExtension("fastrnn._C", sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=BUILD_CPU.LINK_FLAGS)] + capabilities
 
 
 setup(
@@ -86,7 +91,7 @@ setup(
     python_requires=">=3.10",
     # No upper bound and no pin: a pin could make pip replace the torch the extension was built against.
     install_requires=["torch>=2.4"],
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

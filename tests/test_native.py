@@ -306,6 +306,150 @@ def test_outputs_are_fresh():
     assert dh0.data_ptr() != bwd[1].data_ptr()
 
 
+# ----- the ISA capabilities (csrc/cpu/kernels.h, dispatch.cpp) ---------------------------------------
+
+BUILT = native.built_cpu_capabilities()
+
+
+def test_the_best_capability_runs():
+    """At load the kernels of the best capability this CPU runs (of those built) are active, unless a
+    variable lowers it (then this test's process would show it: the suite runs without one)."""
+    assert native.supported_cpu_capabilities()[0] == "default"
+    assert BUILT and BUILT[0] == "default" and set(BUILT) <= set(native.supported_cpu_capabilities())
+    if not (os.environ.get("FASTRNN_CPU_CAPABILITY") or os.environ.get("ATEN_CPU_CAPABILITY")):
+        assert native.cpu_capability() == BUILT[-1]
+
+
+def test_every_supported_capability_is_built():
+    """A build on x86-64 has every capability (setup.py, fastrnn/_build_cpu.py): this machine can run the
+    ones listed, so each must load here, or its path would go untested."""
+    if os.environ.get("FASTRNN_CPU_CAPABILITIES"):
+        pytest.skip("built with a chosen subset of capabilities (FASTRNN_CPU_CAPABILITIES)")
+    assert BUILT == native.supported_cpu_capabilities()
+
+
+@pytest.fixture(params=BUILT)
+def capability(request):
+    """Runs the test with the kernels of one capability active, then restores the one active before."""
+    previous = native.cpu_capability()
+    assert native.set_cpu_capability(request.param) == request.param
+    try:
+        assert native.cpu_capability() == request.param
+        vector = torch.ops.fastrnn_cpu.vector_floats()
+        assert vector == (16 if request.param == "avx512" else 8), vector
+        yield request.param
+    finally:
+        native.set_cpu_capability(previous)
+
+
+# Odd sizes against each capability's vector (8 or 16 floats) and panel (2 vectors) widths, the 64-row chunk
+# and the K slice (recurrence.h), both GEMM paths.
+@pytest.mark.parametrize("path", ["auto", "aten", "packed"])
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
+    pytest.param(torch.float32, 9, 5, 70, "var", True, id="fp32-T9-B5-H70-var-rev"),
+    pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
+    pytest.param(torch.bfloat16, 4, 6, 40, None, True, id="bf16-T4-B6-H40-full-rev"),
+    pytest.param(torch.float16, 3, 2, 17, None, False, id="fp16-T3-B2-H17-full-fwd"),
+    pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
+])
+def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    check_kernels(dtype, T, B, H, lengths, reverse)
+
+
+def test_activations_of_every_capability(capability):
+    test_tanh_and_sigmoid_accuracy()
+    test_saturation_is_finite()
+
+
+def test_capability_errors():
+    with pytest.raises(RuntimeError, match="the capability must be default, avx2 or avx512, got 'sse9'"):
+        native.set_cpu_capability("sse9")
+    above = [c for c in ("avx2", "avx512") if c not in native.supported_cpu_capabilities()]
+    for name in above:  # only on a CPU without it
+        with pytest.raises(RuntimeError, match=f"this CPU cannot run {name}"):
+            native.set_cpu_capability(name)
+
+
+CAPABILITY_CHECK = "from fastrnn.backends import native; print('capability', native.cpu_capability())"
+
+
+def run_with_env(code, **env):
+    full = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("FASTRNN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
+        full.pop(key, None)
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+@pytest.mark.parametrize("variable", ["FASTRNN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"])
+def test_a_variable_lowers_the_capability(variable):
+    """Each lower capability forced at load, in a fresh process (the choice is made once, at import)."""
+    for name in BUILT[:-1] or BUILT:
+        run = run_with_env(CAPABILITY_CHECK, **{variable: name})
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"capability {name}" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+def test_a_variable_never_raises_the_capability():
+    """Asking for more than the CPU runs gives what it runs (as ATEN_CPU_CAPABILITY does for torch)."""
+    run = run_with_env(CAPABILITY_CHECK, FASTRNN_CPU_CAPABILITY="avx512")
+    assert run.returncode == 0 and f"capability {BUILT[-1]}" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+def test_a_wrong_variable_is_an_error():
+    """A typo must not silently run another path: the native backend does not load, and backend="auto"
+    falls back with the registry's warning that carries the message."""
+    code = ("import warnings, torch, fastrnn\n"
+            "from fastrnn import backends\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print('auto', backends.resolve('auto', torch.device('cpu')))\n"
+            "print('warning', ' '.join(str(x.message) for x in w))\n")
+    run = run_with_env(code, FASTRNN_CPU_CAPABILITY="avx3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "auto reference" in run.stdout, run.stdout
+    assert "FASTRNN_CPU_CAPABILITY must be default, avx2 or avx512, got 'avx3'" in run.stdout, run.stdout
+
+
+def _functions_using(library, pattern):
+    """{function symbol: first matching instruction} over `objdump -d` of a library."""
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", library], capture_output=True, text=True,
+                          check=True).stdout
+    found, function = {}, None
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            function = line[line.index("<") + 1:-2]
+        elif function is not None and function not in found and pattern.search(line):
+            found[function] = line.strip()
+    return found
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_no_wide_instruction_outside_its_capability():
+    """The promise that one build runs on any x86-64 CPU, checked on the machine code: the op library
+    (what runs before and during the choice, and the default copy) has no AVX instruction at all; the avx2
+    library no AVX-512 one (a zmm or mask register, an EVEX-only register, or an EVEX-only instruction
+    such as vpternlog). A violation names the function, e.g. an inline function of a header compiled
+    with the wrong flags."""
+    import re
+
+    import fastrnn._C
+
+    here = os.path.dirname(fastrnn._C.__file__)
+    avx = re.compile(r":\s+v[a-z0-9]+\s|%ymm|%zmm")  # a VEX/EVEX mnemonic (vmovaps, vfmadd...) or register
+    avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to|vpternlog|vperm[it]2|vpmov[a-z]*2m|"
+                        r"vpmovm2|vrndscale|vgetexp|vscalef|vfixupimm|vpcompress|vexpand|vprol|vpror|valign[dq]")
+    found = _functions_using(fastrnn._C.__file__, avx)
+    assert not found, f"fastrnn._C (no ISA flags) has AVX instructions in {dict(list(found.items())[:5])}"
+    libraries = [f for f in os.listdir(here) if f.startswith("_C_avx2.") and f.endswith(".so")]
+    if "avx2" in BUILT:
+        assert libraries, os.listdir(here)
+    for f in libraries:
+        found = _functions_using(os.path.join(here, f), avx512)
+        assert not found, f"{f} has AVX-512 instructions in {dict(list(found.items())[:5])}"
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 
@@ -349,8 +493,10 @@ CMAKE_CHECK = textwrap.dedent(
     x = torch.randn(4, 3, 4 * 5, dtype=torch.float64)
     w, h0, c0 = (torch.randn(*s, dtype=torch.float64) for s in ((20, 5), (3, 5), (3, 5)))
     args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), True, True)
-    for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
-        torch.testing.assert_close(out, want)
+    for name in torch.ops.fastrnn_cpu.supported():  # the capability libraries beside it load and run
+        assert torch.ops.fastrnn_cpu.set_capability(name) == name
+        for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
+            torch.testing.assert_close(out, want)
     print("cmake library OK")
     """
 )

@@ -19,6 +19,7 @@
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 
 template <typename acc_t>
 constexpr int64_t panel_width() {
@@ -150,5 +151,6 @@ inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

@@ -37,6 +37,7 @@
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 
 // ---------------------------------------------------------------------------------------------------
 // Input checks: every message names the op and the argument.
@@ -546,5 +547,6 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

@@ -5,30 +5,16 @@ kernels and csrc/cuda/bindings.cpp the CUDA ones, and the dispatcher picks by th
 The fake (meta) kernels are the shared Python ones of schemas.py. Importing this module raises
 ImportError when fastrnn._C is not built (or cannot run here); the registry then warns once and
 backend="auto" falls back to the reference backend.
-"""
 
-import os
-import platform
+The CPU kernels exist in one copy per instruction set (csrc/cpu/kernels.h); fastrnn._C picks the best one
+this CPU runs when it loads (FASTRNN_CPU_CAPABILITY or ATEN_CPU_CAPABILITY lower it). cpu_capability() says
+which runs, set_cpu_capability() switches it (tests, benchmarks), supported_cpu_capabilities() lists what
+the CPU can run.
+"""
 
 import torch
 
 from .schemas import FAKES, register_fakes
-
-
-def _check_cpu():
-    # On x86-64 fastrnn._C is built with AVX2+FMA by default (setup.py, FASTRNN_CPU_CAPABILITY), so that
-    # at::vec uses 256-bit registers; loading it on a CPU without them would die of an illegal instruction
-    # rather than raise. A portable build (FASTRNN_CPU_CAPABILITY=default) says so with the same variable.
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("FASTRNN_CPU_CAPABILITY") == "default":
-        return
-    if not torch.cpu._is_avx2_supported():
-        raise ImportError(
-            "fastrnn._C is built for AVX2+FMA CPUs and this CPU has no AVX2; rebuild it with "
-            "FASTRNN_CPU_CAPABILITY=default (and set the same variable when running)"
-        )
-
-
-_check_cpu()
 
 try:
     from .. import _C  # noqa: E402,F401  (loads the library: the ops register themselves)
@@ -53,3 +39,42 @@ def devices():
     if torch.cuda.is_available() and _has_kernel("CUDA"):
         found.append("cuda")
     return tuple(found)
+
+
+def cpu_capability():
+    """The instruction set the CPU kernels run: "default", "avx2" or "avx512"."""
+    return torch.ops.fastrnn_cpu.capability()
+
+
+def set_cpu_capability(name):
+    """Runs the CPU kernels compiled for `name` from now on (process-wide); returns it. RuntimeError if this
+    CPU cannot run it or it was not built."""
+    return torch.ops.fastrnn_cpu.set_capability(name)
+
+
+def supported_cpu_capabilities():
+    """The capabilities this CPU can run, lowest first (whether or not each was built)."""
+    return tuple(torch.ops.fastrnn_cpu.supported())
+
+
+def built_cpu_capabilities():
+    """The capabilities this CPU can run and fastrnn._C can load, lowest first (switches to each and back)."""
+    current, found = cpu_capability(), []
+    try:
+        for name in supported_cpu_capabilities():
+            try:
+                set_cpu_capability(name)
+                found.append(name)
+            except RuntimeError:
+                pass
+    finally:
+        set_cpu_capability(current)
+    return tuple(found)
+
+
+# The choice is made here, at import, so that a bad FASTRNN_CPU_CAPABILITY fails the import (the registry
+# then falls back to the reference backend with a warning that carries the message) rather than an op call.
+try:
+    cpu_capability()
+except RuntimeError as e:
+    raise ImportError(f"fastrnn: the CPU kernels cannot start: {e}") from e
