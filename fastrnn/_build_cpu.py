@@ -26,7 +26,10 @@ LINK_FLAGS = ["-fopenmp"]
 
 # The op library's own C++ sources (csrc/cuda/bindings.cpp is added by setup.py when building CUDA).
 # -DCPU_CAPABILITY=DEFAULT: the default copy of the kernels and at::vec live in namespaces named DEFAULT.
-OP_LIBRARY_SOURCES = ["csrc/ops.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_default.cpp"]
+OP_LIBRARY_SOURCES = [
+    "csrc/ops.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_default.cpp",
+    "csrc/cpu/linear.cpp",  # fastrnn_cpu::linear / mm through oneDNN's brgemm (ISA-neutral: oneDNN JITs)
+]
 OP_LIBRARY_CXX_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
 
 # name -> (the one source of that copy, its flags). CPU_CAPABILITY_<X> selects at::vec's implementation (as in

@@ -450,6 +450,44 @@ def test_no_wide_instruction_outside_its_capability():
         assert not found, f"{f} has AVX-512 instructions in {dict(list(found.items())[:5])}"
 
 
+# ----- the big GEMMs (csrc/cpu/linear.cpp) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blas", ["onednn", "mkl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
+    """fastrnn_cpu::linear / mm against torch.nn.functional.linear / torch.mm on odd, transposed and empty
+    operands, on either path (FASTRNN_CPU_BLAS). fp32 tolerance: a different summation order over K = 67;
+    bf16: both round the fp32 accumulator to bf16 (an ulp, 2^-8 relative)."""
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", blas)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 8e-3}[dtype]
+    x, w, b = torch.randn(37, 67, dtype=dtype), torch.randn(29, 67, dtype=dtype), torch.randn(29, dtype=dtype)
+    assert_close("linear", native.linear(x, w, b), torch.nn.functional.linear(x, w, b), tol)
+    assert_close("linear no bias", native.linear(x, w), torch.nn.functional.linear(x, w), tol)
+    assert_close("mm", native.mm(x, w.t()), torch.mm(x, w.t()), tol)
+    assert_close("mm transposed a", native.mm(x.t(), x), torch.mm(x.t(), x), tol)
+    assert native.linear(x[:0], w, b).shape == (0, 29)
+    with pytest.raises(RuntimeError, match=r"fastrnn_cpu::linear: input \[37, 67\] and weight \[29, 66\] do not match"):
+        native.linear(x, w[:, 1:], b)
+
+
+def test_linear_path_rule(monkeypatch):
+    """fp32 takes oneDNN where torch has it (measured faster than MKL, docs/benchmarks.md); the switch is
+    checked; the op traces (fake kernel) inside torch.compile, where torch's own mkldnn op cannot."""
+    assert torch.ops.fastrnn_cpu.blas() == ("onednn" if torch.backends.mkldnn.is_available() else "mkl")
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "mkl")
+    assert torch.ops.fastrnn_cpu.blas() == "mkl"
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "blis")
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_BLAS must be onednn or mkl, got 'blis'"):
+        native.linear(torch.randn(2, 3), torch.randn(4, 3))
+    monkeypatch.delenv("FASTRNN_CPU_BLAS")
+    x, w, b = torch.randn(5, 7), torch.randn(8, 7), torch.randn(8)
+    compiled = torch.compile(lambda x: native.linear(x, w, b) + 1, fullgraph=True, backend="eager")
+    assert_close("compiled linear", compiled(x), torch.nn.functional.linear(x, w, b) + 1, 1e-5)
+    torch.library.opcheck(torch.ops.fastrnn_cpu.linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.fastrnn_cpu.mm.default, (x, w.t()))
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,17 @@ except ImportError as e:
 
 register_fakes("fastrnn")
 
+
+# fastrnn_cpu::mm / linear (csrc/cpu/linear.cpp): the big GEMMs on the fastest CPU path; shapes for tracing.
+@torch.library.register_fake("fastrnn_cpu::mm")
+def _mm_fake(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+@torch.library.register_fake("fastrnn_cpu::linear")
+def _linear_fake(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
 OPS = {name: getattr(torch.ops.fastrnn, name) for name in FAKES}
 
 
@@ -55,6 +66,18 @@ def set_cpu_capability(name):
 def supported_cpu_capabilities():
     """The capabilities this CPU can run, lowest first (whether or not each was built)."""
     return tuple(torch.ops.fastrnn_cpu.supported())
+
+
+def linear(x, w, bias=None):
+    """x [M, K] @ w [N, K]^T (+ bias [N]) like torch.nn.functional.linear on 2-D CPU input: fp32 through
+    oneDNN's matmul where torch has it (faster than MKL on AMD CPUs, csrc/cpu/linear.cpp), else torch.addmm.
+    No autograd formula: for use inside an autograd.Function's forward/backward."""
+    return torch.ops.fastrnn_cpu.linear(x, w, bias)
+
+
+def mm(a, b):
+    """a @ b like torch.mm (2-D CPU tensors), on the path of linear()."""
+    return torch.ops.fastrnn_cpu.mm(a, b)
 
 
 def built_cpu_capabilities():
