@@ -54,8 +54,8 @@ def main():
     torch.set_num_threads(args.threads)
     fns = paths()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, torch {torch.__version__} (torch ISA "
-          f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, brgemm fp32: "
-          f"{torch.ops.fastrnn_cpu.has_brgemm()}, load average {open('/proc/loadavg').read().split()[0]}")
+          f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, fastrnn's fp32 path: "
+          f"{torch.ops.fastrnn_cpu.blas()}, load average {open('/proc/loadavg').read().split()[0]}")
     print("| T, B, I, H | product | M, K, N | " + " | ".join(f"{p} GFLOP/s p50 (best)" for p in fns) + " |")
     print("|---|---|---|" + "---|" * len(fns))
     for size in args.sizes.split(";"):
