@@ -471,6 +471,25 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
         native.linear(x, w[:, 1:], b)
 
 
+def test_linear_and_mm_gradients():
+    """Their autograd formulas (native.py, register_autograd) against torch's: gradcheck in fp64 (the
+    addmm path) and fp32 gradients on the oneDNN path against F.linear's / torch.mm's."""
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(native.linear, (x, w, b))
+    assert torch.autograd.gradcheck(native.linear, (x, w, None))
+    assert torch.autograd.gradcheck(native.mm, (x, w.t()))
+    for fn, ref, args in ((native.linear, torch.nn.functional.linear, (x, w, b)), (native.mm, torch.mm, (x, w.t()))):
+        ours = [t.detach().float().requires_grad_() for t in args]
+        theirs = [t.detach().float().requires_grad_() for t in args]
+        grad = torch.randn(5, 4)
+        fn(*ours).backward(grad)
+        ref(*theirs).backward(grad)
+        for name, o, r in zip(("a", "b", "bias"), ours, theirs):
+            assert_close(f"{fn.__name__} d{name}", o.grad, r.grad, 1e-5)
+
+
 def test_linear_path_rule(monkeypatch):
     """fp32 takes oneDNN where torch has it (measured faster than MKL, docs/benchmarks.md); the switch is
     checked; the op traces (fake kernel) inside torch.compile, where torch's own mkldnn op cannot."""

@@ -37,6 +37,37 @@ def _mm_fake(a, b):
 def _linear_fake(x, w, bias):
     return x.new_empty(x.shape[0], w.shape[0])
 
+
+# Their gradients are products of the same kind, on the same path: linear's dx = dy w and dw = dy^T x (the
+# input projection's backward GEMMs), db = the column sums; mm's da = dc b^T and db = a^T dc.
+def _linear_setup(ctx, inputs, output):
+    x, w, bias = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    dx = torch.ops.fastrnn_cpu.mm(grad, w) if ctx.needs_input_grad[0] else None
+    dw = torch.ops.fastrnn_cpu.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+    db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+def _mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    da = torch.ops.fastrnn_cpu.mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+    db = torch.ops.fastrnn_cpu.mm(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+torch.library.register_autograd("fastrnn_cpu::linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("fastrnn_cpu::mm", _mm_backward, setup_context=_mm_setup)
+
 OPS = {name: getattr(torch.ops.fastrnn, name) for name in FAKES}
 
 
@@ -71,7 +102,7 @@ def supported_cpu_capabilities():
 def linear(x, w, bias=None):
     """x [M, K] @ w [N, K]^T (+ bias [N]) like torch.nn.functional.linear on 2-D CPU input: fp32 through
     oneDNN's matmul where torch has it (faster than MKL on AMD CPUs, csrc/cpu/linear.cpp), else torch.addmm.
-    No autograd formula: for use inside an autograd.Function's forward/backward."""
+    Differentiable (its backward runs the same path: dx = dy w, dw = dy^T x)."""
     return torch.ops.fastrnn_cpu.linear(x, w, bias)
 
 
