@@ -441,6 +441,10 @@ def test_no_wide_instruction_outside_its_capability():
     avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to|vpternlog|vperm[it]2|vpmov[a-z]*2m|"
                         r"vpmovm2|vrndscale|vgetexp|vscalef|vfixupimm|vpcompress|vexpand|vprol|vpror|valign[dq]")
     found = _functions_using(fastrnn._C.__file__, avx)
+    if torch.version.cuda is not None:
+        # A CUDA build links CUDA's host runtime code into fastrnn._C, which may carry its own
+        # CPUID-guarded AVX paths; the promise is about the code compiled from csrc/ and the headers it uses.
+        found = {f: i for f, i in found.items() if any(n in f for n in ("fastrnn", "at::", "c10::", "std::"))}
     assert not found, f"fastrnn._C (no ISA flags) has AVX instructions in {dict(list(found.items())[:5])}"
     libraries = [f for f in os.listdir(here) if f.startswith("_C_avx2.") and f.endswith(".so")]
     if "avx2" in BUILT:
