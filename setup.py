@@ -10,7 +10,7 @@ compile lives in fastrnn/_build.py, shared with the compile-on-first-use builder
 
 torch is deliberately not a build requirement: pip would install one into the isolated environment
 (a CUDA build, GBs), and an extension must be built against the torch it runs with anyway.
-Build switches: FASTRNN_SKIP_CUDA_BUILD, FASTRNN_CUDA_ARCHS, FASTRNN_CPU_CAPABILITY, MAX_JOBS (_build.py).
+Build switches: FASTRNN_SKIP_CUDA_BUILD, FASTRNN_CUDA_ARCHS, FASTRNN_CPU_CAPABILITIES, MAX_JOBS (_build.py).
 """
 
 import importlib.util

@@ -6,9 +6,11 @@ Two builders read this description and nothing else:
   fastrnn/_jit.py   on first use, with torch.utils.cpp_extension + ninja, when no prebuilt extension
                     loads (a plain `pip install .`: pip's isolated build environment has no torch).
 
-`extensions()` returns a list of `ExtensionSpec`: today one library, `_C` (csrc/ops.cpp + csrc/cpu/*.cpp,
-and the CUDA kernels when they are built). Several specs (e.g. the same CPU kernels compiled once per ISA
-with different flags) are built and loaded the same way, each under its own name.
+`extensions()` returns a list of `ExtensionSpec`: the op library `_C` (the schemas, the CPU dispatcher, the
+portable `default` copy of the CPU kernels, and the CUDA kernels when they are built) and, on x86-64, one
+companion library per CPU capability, `_C_avx2` and `_C_avx512`: the same kernel sources compiled with that
+capability's flags, which `_C` dlopens when the CPU runs them (csrc/cpu/dispatch.cpp; docs/cpu.md, "ISA
+dispatch"). Building a capability this machine cannot run is fine: it is only compiled, never run here.
 
 This file must import without torch (setup.py loads it by path in pip's isolated build environment, where
 torch is absent) and without the rest of the package (fastrnn/__init__.py imports torch).
@@ -17,8 +19,9 @@ Switches (environment), read by both builders:
   FASTRNN_SKIP_CUDA_BUILD=1   CPU kernels only, even with a CUDA torch and nvcc
   FASTRNN_CUDA_ARCHS          CUDA architectures (torch's TORCH_CUDA_ARCH_LIST format); default "8.0;9.0"
                               at install time, the visible GPUs' own on first use
-  FASTRNN_CPU_CAPABILITY      "avx2" (default on x86-64: AVX2+FMA+F16C, at::vec on 256-bit registers) or
-                              "default" (portable; at::vec falls back to plain loops, ~3x slower gates)
+  FASTRNN_CPU_CAPABILITIES    the CPU capabilities to build besides `default` (always built), comma-separated
+                              (default on x86-64: "avx2,avx512"; e.g. "avx2" builds faster). Which one runs
+                              is chosen at run time (FASTRNN_CPU_CAPABILITY lowers it: docs/api.md).
   MAX_JOBS                    parallel compile jobs (torch's cpp_extension)
 """
 
@@ -30,11 +33,40 @@ import platform
 
 # Install-time default of FASTRNN_CUDA_ARCHS: a wheel must serve the GPUs it will meet (A100, H100/H200).
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
-CPU_CAPABILITIES = ("avx2", "default")
 # The ISAs an ExtensionSpec may name, each running on every CPU that runs the ones after it.
 ISA_ORDER = ("default", "avx2", "avx512")
 # What ships in the wheel under fastrnn/csrc/ (setup.py) and what the JIT cache key hashes.
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+# Flags every C++ file of the extension gets (the op library adds -DFASTRNN_PYTHON_MODULE and CUDA's).
+# -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which gcc ignores (hundreds of lines).
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers (AT_PARALLEL_OPENMP);
+# compiled without it, every parallel_for silently runs on one thread. The library then needs libgomp.so.1,
+# which torch has already loaded (torch/lib ships it), so there is one OpenMP runtime and one thread pool.
+COMMON_CXX_FLAGS = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+
+# The op library's own C++ sources (csrc/cuda/bindings.cpp and the .cu files join them when building CUDA).
+# -DCPU_CAPABILITY=DEFAULT: the default copy of the kernels and at::vec live in namespaces named DEFAULT.
+OP_LIBRARY_SOURCES = [
+    "csrc/ops.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_default.cpp",
+    "csrc/cpu/linear.cpp",  # fastrnn_cpu::linear / mm through oneDNN's matmul (ISA-neutral: oneDNN JITs)
+]
+OP_LIBRARY_CXX_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
+
+# name -> (the one source of that copy, its flags). CPU_CAPABILITY_<X> selects at::vec's implementation (as in
+# ATen's build); -fvisibility=hidden keeps every symbol of the copy but its table entry out of the dynamic
+# symbol table, so nothing compiled with these flags can be bound to from outside (csrc/cpu/kernels.h).
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+X86_CAPABILITIES = {
+    "avx2": ("csrc/cpu/kernels_avx2.cpp", _AVX2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    "avx512": (
+        "csrc/cpu/kernels_avx512.cpp",
+        _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-DCPU_CAPABILITY=AVX512",
+                 "-DCPU_CAPABILITY_AVX512"],
+    ),
+}
+CAPABILITY_CXX_FLAGS = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +109,28 @@ def source_files(root):
     return sorted(os.path.relpath(p, root) for p in found)
 
 
-def cpu_capability():
-    default = "avx2" if platform.machine() in ("x86_64", "AMD64") else "default"
-    capability = os.environ.get("FASTRNN_CPU_CAPABILITY", default)
-    if capability not in CPU_CAPABILITIES:
-        raise RuntimeError(
-            f"fastrnn: FASTRNN_CPU_CAPABILITY must be one of {list(CPU_CAPABILITIES)}, got {capability!r}"
-        )
-    return capability
+def is_x86_64(machine=None):
+    return (machine or platform.machine()) in ("x86_64", "AMD64")
 
 
-def cpu_flags(capability):
-    if capability == "avx2":
-        # ATen's at::vec picks its 256-bit implementation from CPU_CAPABILITY_AVX2, as torch's own
-        # kernels do; the library then needs an AVX2+FMA CPU (fastrnn/backends/native.py checks).
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+def capability_libraries(machine=None, only=None):
+    """[(module name, [sources], [cxx flags])] of the capability libraries to build besides fastrnn._C.
+
+    only: None for FASTRNN_CPU_CAPABILITIES (all when unset), or an iterable of capability names."""
+    if not is_x86_64(machine):
+        return []
+    if only is None:
+        env = os.environ.get("FASTRNN_CPU_CAPABILITIES", "").strip()
+        only = [c.strip() for c in env.split(",") if c.strip()] if env else list(X86_CAPABILITIES)
+    only = [c for c in only if c != "default"]
+    unknown = sorted(set(only) - set(X86_CAPABILITIES))
+    if unknown:
+        raise RuntimeError(f"fastrnn: FASTRNN_CPU_CAPABILITIES has unknown capabilities {unknown}; "
+                           f"known: default, {', '.join(X86_CAPABILITIES)}")
+    return [
+        (f"fastrnn._C_{name}", [source], COMMON_CXX_FLAGS + CAPABILITY_CXX_FLAGS + flags)
+        for name, (source, flags) in X86_CAPABILITIES.items() if name in only
+    ]
 
 
 def cuda_reason(torch_cuda_version, cuda_home):
@@ -111,32 +149,32 @@ def cuda_archs(default=DEFAULT_CUDA_ARCHS):
 
 
 def extensions(root, with_cuda):
-    """The libraries to build from the sources under `root`; `with_cuda`: also the CUDA kernels, inside the
-    same libraries (their names must not depend on it: fastrnn/_jit.py looks the prebuilt ones up by name)."""
-    cpu = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"), root_dir=root))
+    """The libraries to build from the sources under `root`: the capability companions first, then `_C`;
+    `with_cuda`: also the CUDA kernels, inside `_C` (the names must not depend on it: fastrnn/_jit.py looks
+    the prebuilt ones up by name)."""
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"), root_dir=root))
     bindings = os.path.join("csrc", "cuda", "bindings.cpp")
     with_cuda = with_cuda and bool(cuda_sources) and os.path.isfile(os.path.join(root, bindings))
-    capability = cpu_capability()
-    # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which gcc ignores (hundreds of lines).
-    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers (AT_PARALLEL_OPENMP);
-    # compiled without it, every parallel_for silently runs on one thread. The library then needs libgomp.so.1,
-    # which torch has already loaded (torch/lib ships it), so there is one OpenMP runtime and one thread pool.
+    specs = [
+        ExtensionSpec(name=module.split(".")[-1], sources=tuple(sources), cxx_flags=tuple(flags),
+                      link_flags=tuple(LINK_FLAGS), isa=module.split("_C_")[-1], companion=True)
+        for module, sources, flags in capability_libraries()
+    ]
     # FASTRNN_PYTHON_MODULE: ops.cpp then defines PyInit__C, so that `import fastrnn._C` loads the library.
-    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp", "-DFASTRNN_PYTHON_MODULE"] + cpu_flags(capability)
+    cxx = COMMON_CXX_FLAGS + OP_LIBRARY_CXX_FLAGS + ["-DFASTRNN_PYTHON_MODULE"]
     if with_cuda:
-        return [ExtensionSpec(
+        specs.append(ExtensionSpec(
             name="_C",
-            sources=tuple(cpu + cuda_sources + [bindings]),
+            sources=tuple(OP_LIBRARY_SOURCES + cuda_sources + [bindings]),
             cxx_flags=tuple(cxx + ["-DFASTRNN_WITH_CUDA"]),
             nvcc_flags=("-O3", "-DFASTRNN_WITH_CUDA"),
-            link_flags=("-fopenmp",),
+            link_flags=tuple(LINK_FLAGS),
             cuda=True,
-            isa=capability,
-        )]
-    return [ExtensionSpec(
-        name="_C", sources=tuple(cpu), cxx_flags=tuple(cxx), link_flags=("-fopenmp",), isa=capability,
-    )]
+        ))
+    else:
+        specs.append(ExtensionSpec(name="_C", sources=tuple(OP_LIBRARY_SOURCES), cxx_flags=tuple(cxx),
+                                   link_flags=tuple(LINK_FLAGS)))
+    return specs
 
 
 def fingerprint(root, specs):

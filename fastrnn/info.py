@@ -50,6 +50,15 @@ def _extension_lines():
     return lines
 
 
+def _kernel_isa(cpu_backends):
+    """The instruction set the CPU kernels run (csrc/cpu/dispatch.cpp chose it when the extension loaded)."""
+    if "cpu" not in cpu_backends:
+        return "nothing (the compiled extension is not loaded)"
+    from .backends import native
+
+    return f"{native.cpu_capability()} (built and runnable here: {', '.join(native.built_cpu_capabilities())})"
+
+
 def lines():
     from .backends import available_backends
 
@@ -61,7 +70,7 @@ def lines():
         f"python {platform.python_version()} ({sys.executable})",
         f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}, triton {_triton_version()}",
         f"CPU: {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores, torch's CPU capability "
-        f"{capability}; fastrnn's kernels built for {_build.cpu_capability()}",
+        f"{capability}; fastrnn's CPU kernels run {_kernel_isa(backends['cpu'])}",
         "compiled extension:",
         *("  " + line for line in _extension_lines()),
         "GPUs:",

@@ -82,6 +82,10 @@ def test_bench_writes_a_row_per_case_pass_and_backend(smoke_rows):
         assert 0 < r["p20_s"] <= r["p50_s"] <= r["p80_s"]
         assert r["speedup"] == pytest.approx(r["torch_p50_s"] / r["p50_s"])
         assert r["roofline"] == pytest.approx(r["flops"] / r["p50_s"] / r["gemm_flops_per_s"])
+        # The roofline reference is the best GEMM path measured in the run; the row names the CPU and ISAs.
+        assert r["gemm_flops_per_s"] == max(r["gemm_rates"].values()) and r["gemm_path"] in r["gemm_rates"]
+        assert r["cpu"] and r["torch_isa"] == torch.backends.cpu.get_cpu_capability()
+        assert r["fastrnn_isa"] in ("default", "avx2", "avx512")
         if r["pass"] == "fwd+bwd":
             assert r["peak_bytes"] > 0, "forward+backward allocates at least the gradients"
     assert all(r["speedup"] == 1.0 for r in rows if r["backend"] == "torch.nn")

@@ -307,6 +307,211 @@ def test_outputs_are_fresh():
     assert dh0.data_ptr() != bwd[1].data_ptr()
 
 
+# ----- the ISA capabilities (csrc/cpu/kernels.h, dispatch.cpp) ---------------------------------------
+
+BUILT = native.built_cpu_capabilities()
+
+
+def test_the_best_capability_runs():
+    """At load the kernels of the best capability this CPU runs (of those built) are active, unless a
+    variable lowers it (then this test's process would show it: the suite runs without one)."""
+    assert native.supported_cpu_capabilities()[0] == "default"
+    assert BUILT and BUILT[0] == "default" and set(BUILT) <= set(native.supported_cpu_capabilities())
+    if not (os.environ.get("FASTRNN_CPU_CAPABILITY") or os.environ.get("ATEN_CPU_CAPABILITY")):
+        assert native.cpu_capability() == BUILT[-1]
+
+
+def test_every_supported_capability_is_built():
+    """A build on x86-64 has every capability (fastrnn/_build.py): this machine can run the
+    ones listed, so each must load here, or its path would go untested."""
+    if os.environ.get("FASTRNN_CPU_CAPABILITIES"):
+        pytest.skip("built with a chosen subset of capabilities (FASTRNN_CPU_CAPABILITIES)")
+    assert BUILT == native.supported_cpu_capabilities()
+
+
+@pytest.fixture(params=BUILT)
+def capability(request):
+    """Runs the test with the kernels of one capability active, then restores the one active before."""
+    previous = native.cpu_capability()
+    assert native.set_cpu_capability(request.param) == request.param
+    try:
+        assert native.cpu_capability() == request.param
+        vector = torch.ops.fastrnn_cpu.vector_floats()
+        assert vector == (16 if request.param == "avx512" else 8), vector
+        yield request.param
+    finally:
+        native.set_cpu_capability(previous)
+
+
+# Odd sizes against each capability's vector (8 or 16 floats) and panel (2 vectors) widths, the 64-row chunk
+# and the K slice (recurrence.h), both GEMM paths.
+@pytest.mark.parametrize("path", ["auto", "aten", "packed"])
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
+    pytest.param(torch.float32, 9, 5, 70, "var", True, id="fp32-T9-B5-H70-var-rev"),
+    pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
+    pytest.param(torch.bfloat16, 4, 6, 40, None, True, id="bf16-T4-B6-H40-full-rev"),
+    pytest.param(torch.float16, 3, 2, 17, None, False, id="fp16-T3-B2-H17-full-fwd"),
+    pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
+])
+def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    check_kernels(dtype, T, B, H, lengths, reverse)
+
+
+def test_activations_of_every_capability(capability):
+    test_tanh_and_sigmoid_accuracy()
+    test_saturation_is_finite()
+
+
+def test_capability_errors():
+    with pytest.raises(RuntimeError, match="the capability must be default, avx2 or avx512, got 'sse9'"):
+        native.set_cpu_capability("sse9")
+    above = [c for c in ("avx2", "avx512") if c not in native.supported_cpu_capabilities()]
+    for name in above:  # only on a CPU without it
+        with pytest.raises(RuntimeError, match=f"this CPU cannot run {name}"):
+            native.set_cpu_capability(name)
+
+
+CAPABILITY_CHECK = "from fastrnn.backends import native; print('capability', native.cpu_capability())"
+
+
+def run_with_env(code, **env):
+    full = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("FASTRNN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
+        full.pop(key, None)
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+@pytest.mark.parametrize("variable", ["FASTRNN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"])
+def test_a_variable_lowers_the_capability(variable):
+    """Each lower capability forced at load, in a fresh process (the choice is made once, at import)."""
+    for name in BUILT[:-1] or BUILT:
+        run = run_with_env(CAPABILITY_CHECK, **{variable: name})
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"capability {name}" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+def test_a_variable_never_raises_the_capability():
+    """Asking for more than the CPU runs gives what it runs (as ATEN_CPU_CAPABILITY does for torch)."""
+    run = run_with_env(CAPABILITY_CHECK, FASTRNN_CPU_CAPABILITY="avx512")
+    assert run.returncode == 0 and f"capability {BUILT[-1]}" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+def test_a_wrong_variable_is_an_error():
+    """A typo must not silently run another path: the native backend does not load, and backend="auto"
+    falls back with the registry's warning that carries the message."""
+    code = ("import warnings, torch, fastrnn\n"
+            "from fastrnn import backends\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print('auto', backends.resolve('auto', torch.device('cpu')))\n"
+            "print('warning', ' '.join(str(x.message) for x in w))\n")
+    run = run_with_env(code, FASTRNN_CPU_CAPABILITY="avx3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "auto reference" in run.stdout, run.stdout
+    assert "FASTRNN_CPU_CAPABILITY must be default, avx2 or avx512, got 'avx3'" in run.stdout, run.stdout
+
+
+def _functions_using(library, pattern):
+    """{function symbol: first matching instruction} over `objdump -d` of a library."""
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", library], capture_output=True, text=True,
+                          check=True).stdout
+    found, function = {}, None
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            function = line[line.index("<") + 1:-2]
+        elif function is not None and function not in found and pattern.search(line):
+            found[function] = line.strip()
+    return found
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_no_wide_instruction_outside_its_capability():
+    """The promise that one build runs on any x86-64 CPU, checked on the machine code: the op library
+    (what runs before and during the choice, and the default copy) has no AVX instruction at all; the avx2
+    library no AVX-512 one (a zmm or mask register, an EVEX-only register, or an EVEX-only instruction
+    such as vpternlog). A violation names the function, e.g. an inline function of a header compiled
+    with the wrong flags."""
+    import re
+
+    import fastrnn._C
+
+    here = os.path.dirname(fastrnn._C.__file__)
+    avx = re.compile(r":\s+v[a-z0-9]+\s|%ymm|%zmm")  # a VEX/EVEX mnemonic (vmovaps, vfmadd...) or register
+    avx512 = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to|vpternlog|vperm[it]2|vpmov[a-z]*2m|"
+                        r"vpmovm2|vrndscale|vgetexp|vscalef|vfixupimm|vpcompress|vexpand|vprol|vpror|valign[dq]")
+    found = _functions_using(fastrnn._C.__file__, avx)
+    if torch.version.cuda is not None:
+        # A CUDA build links CUDA's host runtime code into fastrnn._C, which may carry its own
+        # CPUID-guarded AVX paths; the promise is about the code compiled from csrc/ and the headers it uses.
+        found = {f: i for f, i in found.items() if any(n in f for n in ("fastrnn", "at::", "c10::", "std::"))}
+    assert not found, f"fastrnn._C (no ISA flags) has AVX instructions in {dict(list(found.items())[:5])}"
+    libraries = [f for f in os.listdir(here) if f.startswith("_C_avx2.") and f.endswith(".so")]
+    if "avx2" in BUILT:
+        assert libraries, os.listdir(here)
+    for f in libraries:
+        found = _functions_using(os.path.join(here, f), avx512)
+        assert not found, f"{f} has AVX-512 instructions in {dict(list(found.items())[:5])}"
+
+
+# ----- the big GEMMs (csrc/cpu/linear.cpp) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blas", ["onednn", "mkl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
+    """fastrnn_cpu::linear / mm against torch.nn.functional.linear / torch.mm on odd, transposed and empty
+    operands, on either path (FASTRNN_CPU_BLAS). fp32 tolerance: a different summation order over K = 67;
+    bf16: both round the fp32 accumulator to bf16 (an ulp, 2^-8 relative)."""
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", blas)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 8e-3}[dtype]
+    x, w, b = torch.randn(37, 67, dtype=dtype), torch.randn(29, 67, dtype=dtype), torch.randn(29, dtype=dtype)
+    assert_close("linear", native.linear(x, w, b), torch.nn.functional.linear(x, w, b), tol)
+    assert_close("linear no bias", native.linear(x, w), torch.nn.functional.linear(x, w), tol)
+    assert_close("mm", native.mm(x, w.t()), torch.mm(x, w.t()), tol)
+    assert_close("mm transposed a", native.mm(x.t(), x), torch.mm(x.t(), x), tol)
+    assert native.linear(x[:0], w, b).shape == (0, 29)
+    with pytest.raises(RuntimeError, match=r"fastrnn_cpu::linear: input \[37, 67\] and weight \[29, 66\] do not match"):
+        native.linear(x, w[:, 1:], b)
+
+
+def test_linear_and_mm_gradients():
+    """Their autograd formulas (native.py, register_autograd) against torch's: gradcheck in fp64 (the
+    addmm path) and fp32 gradients on the oneDNN path against F.linear's / torch.mm's."""
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(native.linear, (x, w, b))
+    assert torch.autograd.gradcheck(native.linear, (x, w, None))
+    assert torch.autograd.gradcheck(native.mm, (x, w.t()))
+    for fn, ref, args in ((native.linear, torch.nn.functional.linear, (x, w, b)), (native.mm, torch.mm, (x, w.t()))):
+        ours = [t.detach().float().requires_grad_() for t in args]
+        theirs = [t.detach().float().requires_grad_() for t in args]
+        grad = torch.randn(5, 4)
+        fn(*ours).backward(grad)
+        ref(*theirs).backward(grad)
+        for name, o, r in zip(("a", "b", "bias"), ours, theirs):
+            assert_close(f"{fn.__name__} d{name}", o.grad, r.grad, 1e-5)
+
+
+def test_linear_path_rule(monkeypatch):
+    """fp32 takes oneDNN where torch has it (measured faster than MKL, docs/benchmarks.md); the switch is
+    checked; the op traces (fake kernel) inside torch.compile, where torch's own mkldnn op cannot."""
+    assert torch.ops.fastrnn_cpu.blas() == ("onednn" if torch.backends.mkldnn.is_available() else "mkl")
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "mkl")
+    assert torch.ops.fastrnn_cpu.blas() == "mkl"
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "blis")
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_BLAS must be onednn or mkl, got 'blis'"):
+        native.linear(torch.randn(2, 3), torch.randn(4, 3))
+    monkeypatch.delenv("FASTRNN_CPU_BLAS")
+    x, w, b = torch.randn(5, 7), torch.randn(8, 7), torch.randn(8)
+    compiled = torch.compile(lambda x: native.linear(x, w, b) + 1, fullgraph=True, backend="eager")
+    assert_close("compiled linear", compiled(x), torch.nn.functional.linear(x, w, b) + 1, 1e-5)
+    torch.library.opcheck(torch.ops.fastrnn_cpu.linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.fastrnn_cpu.mm.default, (x, w.t()))
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 
@@ -350,8 +555,10 @@ CMAKE_CHECK = textwrap.dedent(
     x = torch.randn(4, 3, 4 * 5, dtype=torch.float64)
     w, h0, c0 = (torch.randn(*s, dtype=torch.float64) for s in ((20, 5), (3, 5), (3, 5)))
     args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), True, True)
-    for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
-        torch.testing.assert_close(out, want)
+    for name in torch.ops.fastrnn_cpu.supported():  # the capability libraries beside it load and run
+        assert torch.ops.fastrnn_cpu.set_capability(name) == name
+        for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):
+            torch.testing.assert_close(out, want)
     print("cmake library OK")
     """
 )

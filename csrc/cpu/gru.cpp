@@ -4,13 +4,13 @@
 // The loops are recurrence.h's (forward_loop, backward_loop: the hidden product, fused with the cell
 // for small sizes); this file has the GRU's pointwise step with the cell of csrc/cells/gru.h. Backward,
 // the cell also writes dh z, the part of dh_{t-1} that skips W_hh, which the loop adds to dgh_t W_hh.
-#include <torch/library.h>
-
 #include "../cells/gru.h"
+#include "kernels.h"
 #include "recurrence.h"
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy of these kernels per capability (kernels.h)
 namespace {
 
 // Rough cycles per unit of the pointwise step (3 transcendentals), to size the parallel grain.
@@ -141,6 +141,8 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   dh0 = dh.to(dh_n.scalar_type());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const std::optional<at::Tensor>& lengths, bool reverse,
@@ -192,12 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   return {dgx, dgh, dh0};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
-  m.impl("gru_fwd", &gru_fwd);
-  m.impl("gru_bwd", &gru_bwd);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

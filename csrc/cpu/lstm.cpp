@@ -5,13 +5,13 @@
 // for small sizes); this file has the LSTM's pointwise step: add gx_t, apply the cell of
 // csrc/cells/lstm.h on whole vectors, write the state, y_t and the saved gates/c. With a projection, one
 // more product per step (m_t W_hr^T forward, dh_t W_hr backward); dW_hr is one GEMM over all T*B rows.
-#include <torch/library.h>
-
 #include "../cells/lstm.h"
+#include "kernels.h"
 #include "recurrence.h"
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy of these kernels per capability (kernels.h)
 namespace {
 
 // Rough cycles per unit of the pointwise step (5 transcendentals per unit forward, a vector of 8 units at
@@ -218,6 +218,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
                : at::empty({0}, dy.options());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
@@ -280,12 +282,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   return {dgx, dh0, dc0, dw_hr};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
-  m.impl("lstm_fwd", &lstm_fwd);
-  m.impl("lstm_bwd", &lstm_bwd);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

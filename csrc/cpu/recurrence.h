@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
@@ -37,6 +38,7 @@
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 
 // ---------------------------------------------------------------------------------------------------
 // Input checks: every message names the op and the argument.
@@ -220,7 +222,10 @@ inline void zero_row(D* dst, int64_t n) {
 // same at every step, so a step allocates nothing.
 //
 // Two ways, chosen once per call: the packed panels of gemm.h (no dispatch, and the recurrence loops
-// below fuse them with the cell update), and at::mm_out (MKL). Single-threaded on this machine (Zen 3,
+// below fuse them with the cell update), and a library GEMM: fastrnn_cpu::linear (oneDNN for fp32 where
+// torch has it, else MKL; since 2026-12-02: on the Zen 5, 2 threads, it took the LSTM backward at B=64,
+// H=512 from 972 to 537 us a step and the RNN forward from 225 to 122 against MKL, B=32, H=256 1.1-1.4x).
+// The measurements below (Zen 3) compared the packed path with MKL. Single-threaded on this machine (Zen 3,
 // min of 200 runs) the packed tile does 18 GMAC/s at [1,128]x[128,512] where MKL does 9 (its per-call
 // overhead) and 42 vs 23 at B=8. From B=32 up, the choice was measured on whole steps (2 threads,
 // interleaved runs, us a step, packed with the K-sliced order of by_blocks vs MKL + a separate cell pass):
@@ -285,12 +290,18 @@ class HiddenGemm {
   HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows) : rows_(rows), groups_(groups), n_(r.size(1)) {
     const GemmPath path = gemm_path_override();
     const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
-    const bool packed_wins = groups > 1 || rows * K * bytes < kL1Bytes;
+    // With 512-bit vectors (the AVX-512 copy) the packed path wins at every batch measured, one group
+    // included (Zen 5, 2 threads, us a step, packed vs fastrnn_cpu::linear on oneDNN): backward LSTM B=32,
+    // H=256 53 vs 96, B=64, H=512 613 vs 913, B=128, H=256 273 vs 273; GRU 50 vs 86, 1017 vs 1201; RNN
+    // forward B=32, H=256 15 vs 33, B=128, H=256 54 vs 74. The AVX2 copy on the same CPU still loses at
+    // B=64, H=512 (LSTM backward 2124 vs 1113, RNN forward 217 vs 174), hence the rule below for it.
+    const bool wide = at::vec::Vectorized<acc_t>::size() * bytes == 64;
+    const bool packed_wins = wide || groups > 1 || rows * K * bytes < kL1Bytes;
     packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && packed_wins);
     if (packed_) {
       panels_ = Panels<acc_t>(r, groups);
     } else {
-      r_ = r;
+      w_nk_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
     }
   }
 
@@ -377,7 +388,15 @@ class HiddenGemm {
   // c = a @ r (a [rows, K], c [rows, N] contiguous).
   void product(const at::Tensor& a, at::Tensor& c) const {
     if (!packed_) {
-      at::mm_out(c, a, r_);
+      // Through fastrnn_cpu::linear (csrc/cpu/linear.cpp, registered by the op library; found through the
+      // dispatcher because this copy is a library of its own): oneDNN for fp32 where torch has it, MKL
+      // otherwise. oneDNN against MKL on one step's product, 2 threads, Zen 5 (bench/cpu_gemm.py):
+      // [64,512]x[512,2048] 41 vs 6 GFLOP/s p50, [32,256]x[256,1024] 166 vs 102.
+      static const auto linear = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("fastrnn_cpu::linear", "")
+                                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                       const std::optional<at::Tensor>&)>();
+      c.copy_(linear.call(a, w_nk_, std::nullopt));
       return;
     }
     const int64_t width = panels_.width;
@@ -434,7 +453,7 @@ class HiddenGemm {
 
   int64_t rows_, groups_, n_;
   bool packed_;
-  at::Tensor r_;
+  at::Tensor w_nk_;
   Panels<acc_t> panels_;
 };
 
@@ -546,5 +565,6 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

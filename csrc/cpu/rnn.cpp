@@ -4,13 +4,13 @@
 // The loops are recurrence.h's (forward_loop, backward_loop: the hidden product, fused with the cell
 // for small sizes); this file has the pointwise step with the cell of csrc/cells/rnn.h (tanh or relu, a
 // template constant).
-#include <torch/library.h>
-
 #include "../cells/rnn.h"
+#include "kernels.h"
 #include "recurrence.h"
 
 namespace fastrnn {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy of these kernels per capability (kernels.h)
 namespace {
 
 // Rough cycles per unit of the pointwise step (one tanh), to size the parallel grain.
@@ -96,6 +96,8 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   dh0 = dh.to(dh_n.scalar_type());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
   const Checker ck{"fastrnn::rnn_fwd"};
@@ -145,12 +147,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   return {dgx, dh0};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
-  m.impl("rnn_fwd", &rnn_fwd);
-  m.impl("rnn_bwd", &rnn_bwd);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fastrnn

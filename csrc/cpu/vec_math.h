@@ -14,6 +14,7 @@
 
 namespace fastrnn {
 namespace cells {
+inline namespace CPU_CAPABILITY {  // V's width depends on the capability (kernels.h)
 
 template <typename S>
 struct VecMath {
@@ -75,6 +76,8 @@ struct VecMath {
   static V relu(const V& x) { return V::blendv(x, V(0), x < V(0)); }
   static V where_pos(const V& h, const V& g) { return V::blendv(g, V(0), h <= V(0)); }
 };
+
+}  // namespace CPU_CAPABILITY
 
 template <>
 struct Math<at::vec::Vectorized<float>> : VecMath<float> {};

@@ -3,39 +3,68 @@
 csrc/ops.cpp declares the six schemas of docs/contract.md once; csrc/cpu/*.cpp registers the CPU
 kernels and csrc/cuda/bindings.cpp the CUDA ones, and the dispatcher picks by the tensors' device.
 The fake (meta) kernels are the shared Python ones of schemas.py. Importing this module raises
-ImportError when the extension is neither prebuilt nor compiled on first use (fastrnn/_jit.py), or cannot run
-here; the registry then warns once and backend="auto" falls back to the reference backend.
-"""
+ImportError when the extension is neither prebuilt nor compiled on first use (fastrnn/_jit.py), or cannot
+run here; the registry then warns once and backend="auto" falls back to the reference backend.
 
-import os
-import platform
+The CPU kernels exist in one copy per instruction set (csrc/cpu/kernels.h); fastrnn._C picks the best one
+this CPU runs when it loads (FASTRNN_CPU_CAPABILITY or ATEN_CPU_CAPABILITY lower it). cpu_capability() says
+which runs, set_cpu_capability() switches it (tests, benchmarks), supported_cpu_capabilities() lists what
+the CPU can run.
+"""
 
 import torch
 
 from .. import _jit
 from .schemas import FAKES, register_fakes
 
-
-def _check_cpu():
-    # On x86-64 fastrnn._C is built with AVX2+FMA by default (setup.py, FASTRNN_CPU_CAPABILITY), so that
-    # at::vec uses 256-bit registers; loading it on a CPU without them would die of an illegal instruction
-    # rather than raise. A portable build (FASTRNN_CPU_CAPABILITY=default) says so with the same variable.
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("FASTRNN_CPU_CAPABILITY") == "default":
-        return
-    if not torch.cpu._is_avx2_supported():
-        raise ImportError(
-            "fastrnn._C is built for AVX2+FMA CPUs and this CPU has no AVX2; rebuild it with "
-            "FASTRNN_CPU_CAPABILITY=default (and set the same variable when running)"
-        )
-
-
-_check_cpu()
-
 # The prebuilt fastrnn._C, else the one compiled on first use (fastrnn/_jit.py); the ops register themselves
-# as the library loads. Raises ImportError with the reason and how to get the compiled ops.
+# as the library loads, and _C loads the best CPU-capability library beside it. Raises ImportError with the
+# reason and how to get the compiled ops.
 EXTENSIONS = _jit.load()
 
 register_fakes("fastrnn")
+
+
+# fastrnn_cpu::mm / linear (csrc/cpu/linear.cpp): the big GEMMs on the fastest CPU path; shapes for tracing.
+@torch.library.register_fake("fastrnn_cpu::mm")
+def _mm_fake(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+@torch.library.register_fake("fastrnn_cpu::linear")
+def _linear_fake(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+# Their gradients are products of the same kind, on the same path: linear's dx = dy w and dw = dy^T x (the
+# input projection's backward GEMMs), db = the column sums; mm's da = dc b^T and db = a^T dc.
+def _linear_setup(ctx, inputs, output):
+    x, w, bias = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    dx = torch.ops.fastrnn_cpu.mm(grad, w) if ctx.needs_input_grad[0] else None
+    dw = torch.ops.fastrnn_cpu.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+    db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+def _mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    da = torch.ops.fastrnn_cpu.mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+    db = torch.ops.fastrnn_cpu.mm(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+torch.library.register_autograd("fastrnn_cpu::linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("fastrnn_cpu::mm", _mm_backward, setup_context=_mm_setup)
 
 OPS = {name: getattr(torch.ops.fastrnn, name) for name in FAKES}
 
@@ -50,3 +79,54 @@ def devices():
     if torch.cuda.is_available() and _has_kernel("CUDA"):
         found.append("cuda")
     return tuple(found)
+
+
+def cpu_capability():
+    """The instruction set the CPU kernels run: "default", "avx2" or "avx512"."""
+    return torch.ops.fastrnn_cpu.capability()
+
+
+def set_cpu_capability(name):
+    """Runs the CPU kernels compiled for `name` from now on (process-wide); returns it. RuntimeError if this
+    CPU cannot run it or it was not built."""
+    return torch.ops.fastrnn_cpu.set_capability(name)
+
+
+def supported_cpu_capabilities():
+    """The capabilities this CPU can run, lowest first (whether or not each was built)."""
+    return tuple(torch.ops.fastrnn_cpu.supported())
+
+
+def linear(x, w, bias=None):
+    """x [M, K] @ w [N, K]^T (+ bias [N]) like torch.nn.functional.linear on 2-D CPU input: fp32 through
+    oneDNN's matmul where torch has it (faster than MKL on AMD CPUs, csrc/cpu/linear.cpp), else torch.addmm.
+    Differentiable (its backward runs the same path: dx = dy w, dw = dy^T x)."""
+    return torch.ops.fastrnn_cpu.linear(x, w, bias)
+
+
+def mm(a, b):
+    """a @ b like torch.mm (2-D CPU tensors), on the path of linear()."""
+    return torch.ops.fastrnn_cpu.mm(a, b)
+
+
+def built_cpu_capabilities():
+    """The capabilities this CPU can run and fastrnn._C can load, lowest first (switches to each and back)."""
+    current, found = cpu_capability(), []
+    try:
+        for name in supported_cpu_capabilities():
+            try:
+                set_cpu_capability(name)
+                found.append(name)
+            except RuntimeError:
+                pass
+    finally:
+        set_cpu_capability(current)
+    return tuple(found)
+
+
+# The choice is made here, at import, so that a bad FASTRNN_CPU_CAPABILITY fails the import (the registry
+# then falls back to the reference backend with a warning that carries the message) rather than an op call.
+try:
+    cpu_capability()
+except RuntimeError as e:
+    raise ImportError(f"fastrnn: the CPU kernels cannot start: {e}") from e

@@ -193,7 +193,7 @@ def table(outcomes):
 def main(devices=None, backends=None):
     """Checks `backends` (default: every available one) on `devices` (default: the CPU, and CUDA when
     present); prints the table and returns the exit status (1 on any FAIL)."""
-    from .machine import device_name
+    from .machine import cpu_isa, device_name
 
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     plan = {d: [b for b in fastrnn.available_backends(d) if backends is None or b in backends] for d in devices}
@@ -204,7 +204,9 @@ def main(devices=None, backends=None):
         return 1
     outcomes = []
     for device, names in plan.items():
-        print(f"fastrnn check on {device_name(device)} ({device}), torch {torch.__version__}, backends {names}")
+        isa = cpu_isa()
+        print(f"fastrnn check on {device_name(device)} ({device}), torch {torch.__version__}, backends {names}, "
+              f"CPU ISA: fastrnn {isa['fastrnn_isa']}, torch {isa['torch_isa']}")
         with warnings.catch_warnings():
             # torch.nn's own notice that oneDNN has no LSTM with proj_size (it runs its native kernel).
             warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")

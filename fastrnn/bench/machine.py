@@ -70,12 +70,27 @@ def versions():
     }
 
 
+def cpu_isa():
+    """{fastrnn_isa: the instruction set fastrnn's CPU kernels run (None without the extension),
+    torch_isa: torch's own (torch.backends.cpu.get_cpu_capability(): what oneDNN/torch.nn use)}."""
+    try:
+        from ..backends import native
+
+        ours = native.cpu_capability()
+    except ImportError:
+        ours = None
+    return {"fastrnn_isa": ours, "torch_isa": torch.backends.cpu.get_cpu_capability()}
+
+
 def environment(device):
-    """The fields every row of one run shares."""
+    """The fields every row of one run shares (the CPU's ISA paths also on CUDA rows: the host runs the
+    reference parts and the benchmark's own loop there)."""
     device = torch.device(device)
     return {
         "device": device_name(device),
         "device_type": device.type,
+        "cpu": cpu_name(),
+        **cpu_isa(),
         "commit": commit(),
         **versions(),
         "threads": torch.get_num_threads(),

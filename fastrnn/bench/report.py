@@ -93,13 +93,19 @@ def header(rows):
         f"torch {first['torch']}   triton {first['triton']}   python {first['python']}   "
         f"case set: {first['case_set']}   run: {first['run_id']}",
     ]
+    if first["device_type"] == "cpu" or first.get("fastrnn_isa"):
+        lines.append(f"CPU ISA: fastrnn {first.get('fastrnn_isa')}, torch {first.get('torch_isa')}")
     rates = {}
     for row in rows:
-        rates.setdefault(row["dtype"], row["gemm_flops_per_s"])
+        rates.setdefault(row["dtype"], row)
     lines.append(
-        "GEMM rate (torch.mm, the roofline): "
-        + ", ".join(f"{dtype} {rate / 1e9:.1f} GFLOP/s" for dtype, rate in rates.items())
+        "GEMM rate (best path measured in this run, the roofline): "
+        + ", ".join(f"{dtype} {r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s ({r.get('gemm_path', 'torch.mm')})"
+                    for dtype, r in rates.items())
     )
+    peak = next((r.get("fma_peak_flops_per_s") for r in rows if r.get("fma_peak_flops_per_s")), None)
+    if peak:
+        lines.append(f"FMA peak (ISA lanes x 2 FMA units x threads x clock): fp32 {peak / 1e9:.0f} GFLOP/s")
     return lines
 
 

@@ -1,4 +1,5 @@
-"""FLOPs of a case counted from the math, and the device's GEMM rate measured with torch.mm.
+"""FLOPs of a case counted from the math, the device's GEMM rate measured with torch.mm, and on the CPU
+the best GEMM path measured in the same run (MKL's torch.mm, oneDNN's linear) and the FMA peak.
 
 The roofline fraction of a measurement is (FLOPs / seconds) / (GEMM FLOP/s): how close the recurrent
 module comes to running as fast as one dense matrix product does on the same device, in the same dtype,
@@ -54,3 +55,51 @@ def gemm_rate(device, dtype):
     out = torch.empty(M, N, device=device, dtype=dtype)
     seconds = percentile(measure(lambda: torch.mm(a, b, out=out), device, _GEMM_REPEATS), 50)
     return 2 * M * K * N / seconds
+
+
+# fp32 FLOPs a core does per cycle with each of fastrnn's ISA capabilities: lanes x 2 (an FMA is two FLOPs) x
+# 2 FMA pipes. AVX-512 assumes two full-width (512-bit) FMA units (Intel Xeon Gold/Platinum, AMD Zen 5); on a
+# CPU with one (Zen 4 double-pumps 256-bit units, some Xeon Silver/Bronze) the real peak is half of it.
+FLOPS_PER_CYCLE = {"default": 8, "avx2": 32, "avx512": 64}
+
+
+def cpu_clock_hz():
+    """The clock /proc/cpuinfo reports (in a VM usually the nominal one; turbo can run above it), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":", 1)[1]) for line in f if line.startswith("cpu MHz")]
+        return max(mhz) * 1e6 if mhz else None
+    except (OSError, ValueError):
+        return None
+
+
+def fma_peak(isa, threads=None):
+    """{flops, formula} of the fp32 FMA peak on `threads` cores (torch's thread count) with `isa`, or None
+    when the clock cannot be read."""
+    threads = threads or torch.get_num_threads()
+    clock = cpu_clock_hz()
+    if clock is None or isa not in FLOPS_PER_CYCLE:
+        return None
+    per = FLOPS_PER_CYCLE[isa]
+    return {"flops": per * threads * clock,
+            "formula": f"{isa}: {per} FLOP/cycle x {threads} cores x {clock / 1e9:.2f} GHz"}
+
+
+def best_gemm(device, dtype, repeats=_GEMM_REPEATS):
+    """{rates: {path: FLOP/s}, best, best_flops}: the GEMM paths torch offers on the CPU at GEMM_SHAPES["cpu"],
+    in one run: torch.mm (MKL, which on AMD CPUs runs its AVX2 code) and oneDNN's linear
+    (torch.ops.mkldnn._linear_pointwise, JIT-compiled for the running ISA). The best of them is the
+    roofline reference: torch.mm alone under-states an AVX-512 AMD CPU by ~2.5x (docs/benchmarks.md)."""
+    device = torch.device(device)
+    rates = {"torch.mm": gemm_rate(device, dtype)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        M, K, N = GEMM_SHAPES["cpu"]
+        a, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
+        try:
+            linear = torch.ops.mkldnn._linear_pointwise
+            seconds = percentile(measure(lambda: linear(a, w, None, "none", [], ""), device, repeats), 50)
+            rates["onednn linear"] = 2 * M * K * N / seconds
+        except (AttributeError, RuntimeError):
+            pass
+    best = max(rates, key=rates.get)
+    return {"rates": rates, "best": best, "best_flops": rates[best]}

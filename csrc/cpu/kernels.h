@@ -1,0 +1,115 @@
+// The CPU kernels of one instruction-set capability, as a table of the six ops, and how a capability's
+// code is kept apart from the others (docs/cpu.md, "ISA dispatch").
+//
+// Legend: a capability is the instruction set a copy of the kernels is compiled for, ATen's names:
+//   default  portable x86-64 (SSE2) or any other CPU; at::vec emulates 256-bit vectors in plain loops
+//   avx2     AVX2 + FMA + F16C; at::vec on 256-bit registers (8 floats)
+//   avx512   AVX-512 F/BW/VL/DQ on top of avx2; at::vec on 512-bit registers (16 floats)
+//
+// One source, several copies: lstm.cpp, gru.cpp and rnn.cpp (with recurrence.h, gemm.h, vec_math.h) are
+// compiled once per capability by kernels_<capability>.cpp, with that capability's compiler flags and
+// -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> (plus CPU_CAPABILITY_AVX2/AVX512, which select at::vec's
+// implementation, as in ATen's own build). Everything those files define sits in
+// `namespace fastrnn::cpu::CPU_CAPABILITY` (and at::vec in `at::vec::CPU_CAPABILITY`), so no two copies
+// share a symbol. The vector width is a compile-time parameter of that one source (Vectorized<float>::size()).
+//
+// The default copy is linked into the op library itself (fastrnn._C / libfastrnn_ops.so), which is
+// compiled with no ISA flag at all. The avx2 and avx512 copies are separate shared libraries
+// (fastrnn/_C_avx2*.so, _C_avx512*.so; CMake: libfastrnn_cpu_avx2.so, ...) built with
+// -fvisibility=hidden that export only their table function; dispatch.cpp loads the best one the CPU
+// supports with dlopen(RTLD_LOCAL) when the kernels are first needed. So no AVX-512 instruction can run
+// on a CPU without it: not an inline function's copy picked by the linker (the copies live in another
+// library, and hidden), not a static initialiser (that library is never loaded there).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace fastrnn {
+namespace cpu {
+
+using LstmFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, bool, bool);
+using LstmBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+using GruFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&, bool, bool);
+using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&, bool);
+using RnnFwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, bool, bool);
+using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const std::optional<at::Tensor>&, bool, bool);
+
+// Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
+// rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
+constexpr int64_t kKernelsAbi = 1;
+
+struct Kernels {
+  int64_t abi;
+  int64_t size;            // sizeof(Kernels) where the table was compiled
+  const char* capability;  // "default", "avx2", "avx512"
+  int64_t vector_floats;   // at::vec::Vectorized<float>::size() in that copy
+  LstmFwd lstm_fwd;
+  LstmBwd lstm_bwd;
+  GruFwd gru_fwd;
+  GruBwd gru_bwd;
+  RnnFwd rnn_fwd;
+  RnnBwd rnn_bwd;
+};
+
+// The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
+    const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
+    const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
+    const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
+    const std::optional<at::Tensor>& lengths, bool reverse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
+                                                       const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       bool save);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
+                                                       const at::Tensor& w_hh, const at::Tensor& y,
+                                                       const at::Tensor& h0, const at::Tensor& saved,
+                                                       const std::optional<at::Tensor>& lengths, bool reverse);
+std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
+                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu);
+std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
+                                           const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+                                           bool reverse, bool relu);
+}  // namespace CPU_CAPABILITY
+#endif
+
+}  // namespace cpu
+}  // namespace fastrnn
+
+// The one symbol a capability's copy exports: extern "C" const Kernels* fastrnn_cpu_kernels_<name>().
+#define FASTRNN_CPU_KERNELS_ENTRY(name) fastrnn_cpu_kernels_##name
+#define FASTRNN_DEFINE_CPU_KERNELS(name)                                                                       \
+  extern "C" __attribute__((visibility("default"))) const fastrnn::cpu::Kernels* FASTRNN_CPU_KERNELS_ENTRY(  \
+      name)() {                                                                                                \
+    namespace k = fastrnn::cpu::CPU_CAPABILITY;                                                                \
+    static const fastrnn::cpu::Kernels table{fastrnn::cpu::kKernelsAbi,                                        \
+                                             static_cast<int64_t>(sizeof(fastrnn::cpu::Kernels)),              \
+                                             #name,                                                            \
+                                             at::vec::Vectorized<float>::size(),                               \
+                                             &k::lstm_fwd,                                                     \
+                                             &k::lstm_bwd,                                                     \
+                                             &k::gru_fwd,                                                      \
+                                             &k::gru_bwd,                                                      \
+                                             &k::rnn_fwd,                                                      \
+                                             &k::rnn_bwd};                                                     \
+    return &table;                                                                                             \
+  }

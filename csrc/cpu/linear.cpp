@@ -1,0 +1,102 @@
+// The big GEMMs of a layer on the CPU (input projection x W_ih^T + b; backward's dx = dgx W_ih and
+// dW_ih = dgx^T x) through the fastest path torch offers here, as custom ops that torch.compile treats as
+// opaque: fastrnn_cpu::linear and fastrnn_cpu::mm.
+//
+// Paths, fp32 (docs/benchmarks.md, "The big GEMMs", bench/cpu_gemm.py): torch.mm / F.linear call MKL, which
+// on AMD CPUs runs its AVX2 code whatever the CPU has; oneDNN's matmul (torch's mkldnn::_linear_pointwise)
+// JIT-compiles for the running ISA. On the Zen 5 of 2026-12-02 (2 threads, AVX-512) oneDNN was faster in
+// all eight products measured, 1.1x-2.1x on the p50 (e.g. [6400,512]x[512,2048]: 38 vs 18 GFLOP/s, both
+// under a load average of 12). Calling the mkldnn op from Python inside a compiled graph fails (Inductor
+// lowers it only with a frozen weight), hence these ops. The mkldnn op is found through the dispatcher at
+// run time, so a torch without it (no MKLDNN) links and falls back to at::addmm / at::mm.
+// FASTRNN_CPU_BLAS=mkl|onednn forces a path (benchmarks); the choice never depends on timing, so results
+// are the same run to run. ISA-neutral source (oneDNN does its own dispatch): compiled into fastrnn._C.
+//
+// Legend: x [M, K], w [N, K], bias [N], a [M, K], b [K, N].
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+namespace fastrnn {
+namespace cpu {
+namespace {
+
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+// The oneDNN linear op of this torch, if it has one with this signature (typed() checks it; a torch whose
+// signature differs falls back to MKL rather than failing).
+std::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear() {
+  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+      return std::nullopt;
+    }
+    try {
+      return op->typed<LinearPointwise>();
+    } catch (const c10::Error&) {
+      return std::nullopt;
+    }
+  }();
+  return handle;
+}
+
+bool use_onednn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  const char* env = std::getenv("FASTRNN_CPU_BLAS");
+  const std::string choice = env == nullptr ? "" : env;
+  TORCH_CHECK(choice.empty() || choice == "onednn" || choice == "mkl",
+              "FASTRNN_CPU_BLAS must be onednn or mkl, got '", choice, "'");
+  // oneDNN's linear takes fp32/bf16/fp16; fp32 is the measured case. Empty operands: at::addmm's rules.
+  return choice != "mkl" && onednn_linear().has_value() && x.scalar_type() == at::kFloat &&
+         w.scalar_type() == at::kFloat && (!bias.has_value() || bias->scalar_type() == at::kFloat) &&
+         x.numel() > 0 && w.numel() > 0;
+}
+
+// x @ w^T (+ bias), as torch.nn.functional.linear on 2-D input.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "fastrnn_cpu::linear: input ", x.sizes(),
+              " and weight ", w.sizes(), " do not match (x [M, K], w [N, K])");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0)),
+              "fastrnn_cpu::linear: bias must have shape [", w.size(0), "], got ", bias->sizes());
+  if (use_onednn(x, w, bias)) {
+    return onednn_linear()->call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+}
+
+// a @ b, as torch.mm.
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "fastrnn_cpu::mm: shapes ", a.sizes(),
+              " and ", b.sizes(), " cannot be multiplied");
+  return linear(a, b.t(), std::nullopt);
+}
+
+// "onednn" or "mkl": the path fp32 products take here.
+std::string blas() {
+  const auto x = at::empty({1, 1}, at::kFloat);
+  return use_onednn(x, x, std::nullopt) ? "onednn" : "mkl";
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
+  m.def("blas() -> str", &blas);
+}
+
+TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("mm", &mm);
+}
+
+}  // namespace cpu
+}  // namespace fastrnn
