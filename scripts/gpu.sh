@@ -21,9 +21,9 @@
 #   gpu-tests        pytest -m gpu: test_cuda's ops, the parity suite on CUDA
 #                    tensors (cuda and triton backends), in parallel shards     limit 130 s
 #   check            python -m fastrnn check (every backend vs torch.nn)        limit 45 s
-#   bench            python -m fastrnn bench on cuda: the "gpu" case set when
-#                    fastrnn/bench has it, else --quick (fastrnns default per
-#                    cell, small-batch LSTM, long bf16)                         limit 120 s
+#   bench            python -m fastrnn bench --quick on cuda: fastrnns default
+#                    per cell in fp32 and bf16, LSTM at B = 1, 8 (fp32, bf16),
+#                    the long bf16 LSTM                                         limit 120 s
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
@@ -173,13 +173,9 @@ if [ $dry = 0 ]; then
   # test_cuda's op tests, the parity suite's CUDA cases (cuda and triton backends), every other gpu test.
   pytest_shards gpu-tests 130 "$shards" tests -m "gpu and not slow" -k "not graph and not tensors_device"
   step check 45 "$out/check.log" "$py" -m fastrnn check --device cuda
-  # The GPU set (fp32 and bf16, B in 1/8/64, the fastrnns default, B=16 T=1024 H=768 bf16) is a
-  # case set named "gpu" once fastrnn/bench/cases.py has it; until then the cuda quick set.
-  set_args=(--quick)
-  if "$py" -c "import sys; from fastrnn.bench import cases; sys.exit('gpu' not in cases.SET_NAMES)" 2> /dev/null; then
-    set_args=(--cases gpu)
-  fi
-  step bench 120 "$out/bench.log" "$py" -m fastrnn bench "${set_args[@]}" --device cuda --results "$out/bench"
+  # The cuda quick set is the GPU set: fp32 and bf16, B in 1/8/64, the fastrnns default size,
+  # B=16 T=1024 H=768 bf16 (fastrnn/bench/cases.py).
+  step bench 120 "$out/bench.log" "$py" -m fastrnn bench --quick --device cuda --results "$out/bench"
   # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
   pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
 else

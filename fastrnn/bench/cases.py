@@ -104,9 +104,11 @@ _SETS = {
         "cuda": CaseSet(
             "quick",
             _each_cell((FASTRNNS_DEFAULT,))
-            + _sweep((1, 16), (256, 1024), ("lstm",))
+            + _each_cell((FASTRNNS_DEFAULT,), dtype="bfloat16")
+            + tuple(Case("lstm", 100, b, 512, 512, dtype=d) for b in (1, 8) for d in ("float32", "bfloat16"))
             + (Case("lstm", *LONG_SEQUENCE, dtype="bfloat16"),),
-            help="fastrnns default per cell, 4 small-batch LSTM points, the long bf16 LSTM",
+            help="scripts/gpu.sh's set: fastrnns default per cell in fp32 and bf16, LSTM at B = 1 and 8 "
+                 "(fp32, bf16), the long bf16 LSTM (FlashRNN's B=16, T=1024, H=768)",
         ),
     },
     "full": {
