@@ -132,6 +132,12 @@ FIRST_USE = textwrap.dedent(
 )
 
 
+def _states(printed):
+    """The distinct states FIRST_USE printed, one per library (_C and the CPU-capability companions this CPU
+    runs, fastrnn/_build.py): ("jit-built",) when every library was compiled by that process."""
+    return tuple(sorted(set(printed.strip().removeprefix("state ")[1:-1].replace("'", "").split(", "))))
+
+
 @pytest.mark.install
 @pytest.mark.slow
 def test_plain_pip_install_into_a_fresh_venv_compiles_on_first_use(tmp_path):
@@ -172,15 +178,16 @@ def test_plain_pip_install_into_a_fresh_venv_compiles_on_first_use(tmp_path):
     compile_s = time.monotonic() - start
     for rc, out, err in results:
         assert rc == 0, out + err
-    outs = sorted(out.strip() for _, out, _ in results)
-    assert outs == ["state ['jit-built']", "state ['jit-cached']"], outs
+    # One state per library: _C and the CPU-capability companions this CPU runs (fastrnn/_build.py).
+    states = sorted(_states(out) for _, out, _ in results)
+    assert states == [("jit-built",), ("jit-cached",)], [out for _, out, _ in results]
     errs = "".join(err for _, _, err in results)
     assert errs.count("compiling the C++ kernels") == 1, errs
     assert errs.count("waiting for another process") == 1, errs
 
     # A later process loads the cached library: no message, no compile.
     again = subprocess.run([python, "-c", FIRST_USE], capture_output=True, text=True, env=env, cwd=work)
-    assert again.returncode == 0 and again.stdout.strip() == "state ['jit-cached']", again.stdout + again.stderr
+    assert again.returncode == 0 and _states(again.stdout) == ("jit-cached",), again.stdout + again.stderr
     assert "compiling" not in again.stderr, again.stderr
     info = subprocess.run([python, "-m", "fastrnn", "info"], capture_output=True, text=True, env=env, cwd=work)
     assert info.returncode == 0 and ": jit-cached, " in info.stdout, info.stdout + info.stderr
