@@ -45,10 +45,35 @@ def previous_hidden(y, h0, lengths, reverse):
     return torch.cat([h0.unsqueeze(0), y[:-1]])
 
 
-def hidden_weight_grad(dgh, y, h0, lengths, reverse):
-    """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows."""
-    prev = previous_hidden(y, h0, lengths, reverse)
-    return dgh.flatten(0, 1).t() @ prev.flatten(0, 1).to(dgh.dtype)
+def hidden_weight_grad(dgh, y, h0, lengths, reverse, backend):
+    """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows (on the cpu backend
+    in fp32 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection)."""
+    prev = previous_hidden(y, h0, lengths, reverse).flatten(0, 1).to(dgh.dtype)
+    dgh = dgh.flatten(0, 1).t()
+    if backend == "cpu" and dgh.dtype == torch.float32 and not transformed():
+        from .backends import native
+
+        return native.mm(dgh, prev)
+    return dgh @ prev
+
+
+def transformed():
+    """Whether a forward-AD dual level or a torch.func transform is active (they see only torch ops and
+    fastrnn's recurrence ops, whose batching and jvp rules live in this package)."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+def input_projection(x, w_ih, b_in, backend):
+    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 through
+    fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA; MKL's sgemm runs its AVX2
+    code on AMD CPUs: 1.2-2.3x slower per product on the Zen 5, docs/cpu.md), differentiable twice through
+    its own autograd formula; under a torch.func transform, F.linear (that op has no batching rule)."""
+    if backend == "cpu" and x.dtype == torch.float32 and not transformed():
+        from .backends import native
+
+        T, B = x.shape[:2]
+        return native.linear(x.reshape(T * B, x.shape[2]), w_ih, b_in).view(T, B, w_ih.shape[0])
+    return F.linear(x, w_ih, b_in).contiguous()
 
 
 def function_for(plain, forward_mode, *tensors):
@@ -60,9 +85,7 @@ def function_for(plain, forward_mode, *tensors):
     used, or the tangents would be silently dropped. It is a separate class because Dynamo refuses to trace
     an autograd.Function that defines jvp; forward-mode AD is not available under torch.compile anyway.
     """
-    if not torch.compiler.is_compiling() and (
-        forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
-    ):
+    if not torch.compiler.is_compiling() and transformed():
         return forward_mode
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return plain
@@ -75,7 +98,7 @@ def function_for(plain, forward_mode, *tensors):
 
 def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
     """y, h_n, c_n."""
-    gx = F.linear(x, w_ih, b_in).contiguous()
+    gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
     if function is not None:
         y, h_n, c_n, _, _ = function.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in)
@@ -86,7 +109,7 @@ def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
 
 def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
     """y, h_n."""
-    gx = F.linear(x, w_ih, b_in).contiguous()
+    gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
     if function is not None:
         y, h_n, _ = function.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in)
@@ -97,7 +120,7 @@ def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
 
 def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
     """y, h_n (the op saves nothing beyond y)."""
-    gx = F.linear(x, w_ih, b_in).contiguous()
+    gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
     if function is not None:
         return function.apply(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in)
@@ -212,7 +235,8 @@ class LSTMFunction(torch.autograd.Function):
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
         )
-        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
+        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
+            else None
         return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None, None, None, None
 
 
@@ -253,7 +277,8 @@ class GRUFunction(torch.autograd.Function):
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, ctx.reverse
         )
-        dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
+        dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
+            else None
         db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
         return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None
 
@@ -294,7 +319,8 @@ class RNNFunction(torch.autograd.Function):
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, ctx.reverse, ctx.relu
         )
-        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse) if ctx.needs_input_grad[1] else None
+        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
+            else None
         return dgx, dw_hh, dh0, None, None, None, None, None, None, None
 
 
