@@ -1,8 +1,9 @@
 """One autograd.Function per cell, for one layer and one direction (docs/contract.md, docs/transforms.md).
 
-The input projection Gx = x W_ih^T + b is a plain F.linear outside these Functions, so autograd does the
-big dx / dW_ih GEMMs over all T*B rows. Inside, only the recurrence runs through the backend's ops; the
-hidden-weight gradient dW_hh = sum_t dGh_t^T h_{t-1} is then one GEMM over all T*B rows too.
+The input projection Gx = x W_ih^T + b is one GEMM over all T*B rows outside these Functions
+(`input_projection`), so autograd does the big dx / dW_ih GEMMs. Inside, only the recurrence runs through
+the backend's ops; the hidden-weight gradient dW_hh = sum_t dGh_t^T h_{t-1} is then one GEMM over all T*B
+rows too.
 
 Two backwards per Function:
 - first order (the usual `loss.backward()`, grad mode off inside backward): the backend's backward op;
@@ -10,7 +11,7 @@ Two backwards per Function:
   opaque to autograd, so the returned gradients must come from something autograd can differentiate. The
   recurrence is recomputed from the saved inputs with plain torch ops (the reference backend's forward,
   reference.py), Gx included from the saved (x, W_ih, b), and differentiated with `create_graph`. The
-  projection inputs are already saved by F.linear, so first-order memory and speed do not change.
+  projection's own backward saves those inputs already, so first-order memory and speed do not change.
 
 The Functions use `setup_context` and `generate_vmap_rule`, so torch.func transforms them; the ops carry
 batching rules (fastrnn/backends/vmap.py).
@@ -45,6 +46,12 @@ def previous_hidden(y, h0, lengths, reverse):
     return torch.cat([h0.unsqueeze(0), y[:-1]])
 
 
+def transformed():
+    """Whether a forward-AD dual level or a torch.func transform is active (they see only torch ops and
+    fastrnn's recurrence ops, whose batching and jvp rules live in this package)."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
 def hidden_weight_grad(dgh, y, h0, lengths, reverse, backend):
     """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows (on the cpu backend
     in fp32 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection)."""
@@ -55,12 +62,6 @@ def hidden_weight_grad(dgh, y, h0, lengths, reverse, backend):
 
         return native.mm(dgh, prev)
     return dgh @ prev
-
-
-def transformed():
-    """Whether a forward-AD dual level or a torch.func transform is active (they see only torch ops and
-    fastrnn's recurrence ops, whose batching and jvp rules live in this package)."""
-    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
 def input_projection(x, w_ih, b_in, backend):
