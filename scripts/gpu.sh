@@ -194,7 +194,9 @@ fi
 # ---- profile -------------------------------------------------------------------------------------------
 # One case per scheme (the cuda backend's step and persistent schemes, triton's step and persistent
 # kernels): the top kernels by CUDA time, forward + backward of an LSTM at T=100, B=8, H=256, fp32.
-cat > "$scratch/profile.py" << 'PROFILE'
+# Not named profile.py: the script's directory comes first on sys.path, and cProfile (imported by torch on
+# the way) would import the script as the standard library's `profile` module.
+cat > "$scratch/profile_schemes.py" << 'PROFILE'
 import contextlib, os, sys, torch, fastrnn
 from torch.profiler import ProfilerActivity, profile
 device = sys.argv[1]
@@ -231,9 +233,9 @@ else:
     run("cpu", "cpu kernels (dry run)")
 PROFILE
 if [ $dry = 0 ]; then
-  step profile 60 "$out/bench.log" "$py" "$scratch/profile.py" cuda
+  step profile 60 "$out/bench.log" "$py" "$scratch/profile_schemes.py" cuda
 else
-  step profile 30 "$out/bench.log" "$py" "$scratch/profile.py" cpu
+  step profile 30 "$out/bench.log" "$py" "$scratch/profile_schemes.py" cpu
 fi
 
 passed=$(grep -cE '^[a-z-]+ +PASS' "$out/summary.txt")
