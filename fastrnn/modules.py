@@ -17,10 +17,14 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import autograd, functional
 from .functional import LayerWeights
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
+
+# backend="auto" on the CPU hands fp32 LSTMs of at least this batch to torch.nn's own forward (measured:
+# _RecurrentMixin._torch_nn_is_faster).
+AUTO_TORCH_NN_MIN_BATCH = 8
 
 
 def _check_backend(backend):
@@ -80,7 +84,29 @@ class _RecurrentMixin(_FastRNNModule):
         num_directions = 2 if self.bidirectional else 1
         return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
 
+    def _torch_nn_is_faster(self, input):
+        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels:
+        on the CPU, fp32, batch >= 8 (ratio torch.nn / fastrnn 0.75-0.98 there on an AVX-512 Zen 5, against
+        1.46-1.51 at B = 1: docs/api.md, "Where auto hands the layer to torch.nn"). Never under torch.compile or export
+        (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching
+        rule): there the custom ops serve every shape."""
+        if self.backend != "auto" or self._cell != "lstm":
+            return False
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if data.device.type != "cpu" or data.dtype != torch.float32 or data.dim() not in (2, 3):
+            return False
+        if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
+            return False
+        if packed:
+            batch = int(input.batch_sizes[0]) if input.batch_sizes.numel() else 0
+        else:
+            batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+        return batch >= AUTO_TORCH_NN_MIN_BATCH
+
     def forward(self, input, hx=None):
+        if self._torch_nn_is_faster(input):
+            return super().forward(input, hx)
         lstm = self._cell == "lstm"
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
@@ -190,3 +191,16 @@ def assert_all_close(ref, out, atol, rtol):
 def max_errors(ref, out):
     """Per tensor, the largest |out - ref| (for the low-precision rule: compare against torch.nn's own)."""
     return {n: float((out[n] - ref[n]).abs().max()) if ref[n].numel() else 0.0 for n in ref}
+
+
+class CountOps(TorchDispatchMode):
+    """Records the fastrnn ops (recurrence and GEMM) that reach a kernel while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "fastrnn" in str(func):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))

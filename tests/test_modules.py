@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from conftest import backend_params
 from parity import (
-    FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, assert_all_close, make_inputs, make_pair, run_case,
+    FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, CountOps, assert_all_close, make_inputs, make_pair, run_case,
 )
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -328,3 +328,26 @@ def test_autocast_runs_in_the_autocast_dtype(cell):
     expected, _ = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, atol=0, rtol=0)
+
+
+def test_auto_hands_fp32_cpu_lstm_of_batch_8_and_more_to_torch_nn():
+    """backend="auto" runs torch.nn's own LSTM where it measured faster (CPU, fp32, B >= 8): the result is
+    torch.nn's to the bit and no fastrnn op runs; below that batch, with an explicit backend, and under a
+    torch.func transform, fastrnn's ops run."""
+    model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True)
+    oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+    oracle.load_state_dict(model.state_dict())
+    big = torch.randn(3, fastrnn.modules.AUTO_TORCH_NN_MIN_BATCH, 4)
+    packed = pack_padded_sequence(big, torch.full((big.shape[1],), 3))
+    for x in (big, packed):
+        with CountOps() as counter:
+            got = model(x)
+        assert counter.calls == []
+        expected = oracle(x)
+        assert torch.equal(got[0].data if x is packed else got[0], expected[0].data if x is packed else expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+    for runs_ours in (lambda: model(big[:, :1]), lambda: fastrnn.LSTM(4, 5, backend="cpu")(big),
+                      lambda: torch.func.vmap(model)(big.unsqueeze(0))):
+        with CountOps() as counter:
+            runs_ours()
+        assert any("lstm_fwd" in c for c in counter.calls), counter.calls

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, stack_module_state, vjp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import backend_params, case_params, interpreted
-from parity import FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, assert_close, make_inputs, make_pair
+from parity import FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, CountOps, assert_close, make_inputs, make_pair
 from torch.nn.utils.rnn import pack_padded_sequence
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -168,19 +167,6 @@ def test_torch_func_reverse_and_forward_mode(cell, kw, device, backend):
         _close(name, expected, got)
 
 
-class _CountOps(TorchDispatchMode):
-    """Records the fastrnn recurrence ops that reach a kernel."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "fastrnn" in str(func):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("cell,kw,device,backend", _func_params())
 def test_vmap_over_inputs_is_one_batched_call(cell, kw, device, backend):
     """vmap over the input folds the vmapped dimension into the batch: one op call per layer and
@@ -195,7 +181,7 @@ def test_vmap_over_inputs_is_one_batched_call(cell, kw, device, backend):
         state = (h, torch.zeros(2, 2, 4, dtype=h.dtype, device=h.device)) if cell == "lstm" else h
         return functional_call(model, params, (x, state))[0]
 
-    with _CountOps() as counter, torch.no_grad():
+    with CountOps() as counter, torch.no_grad():
         got = vmap(run)(xs.to(device), hx.to(device))
     namespace = "fastrnn" if backend in ("cpu", "cuda") else f"fastrnn_{backend}"
     assert counter.calls == [f"{namespace}.{cell.split('_')[0]}_fwd.default"] * 2, counter.calls
