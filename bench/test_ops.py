@@ -19,10 +19,10 @@ def _op_inputs(case):
     T, B, H, G = case.T, case.B, case.H, case.gates
     gx, w_hh, h0 = randn(T, B, G * H), randn(G * H, H, scale=H**-0.5), randn(B, H)
     if case.cell == "lstm":
-        return (gx, w_hh, h0, randn(B, H), None, None, False, True)
+        return (gx, w_hh, h0, randn(B, H), None, None, None, False, True)
     if case.cell == "gru":
-        return (gx, w_hh, randn(G * H), h0, None, False, True)
-    return (gx, w_hh, h0, None, False, False)
+        return (gx, w_hh, randn(G * H), h0, None, None, False, True)
+    return (gx, w_hh, h0, None, None, False, False)
 
 
 def _backward_call(case, table, args):
@@ -35,11 +35,11 @@ def _backward_call(case, table, args):
         _, w_hh, _, c0 = args[:4]
         c_n, gates, cs = outputs[2:5]
         dc_n = torch.randn_like(c_n)
-        return lambda: bwd(dy, dh_n, dc_n, w_hh, c0, None, gates, cs, None, False)
+        return lambda: bwd(dy, dh_n, dc_n, w_hh, c0, None, gates, cs, None, None, False)
     if case.cell == "gru":
         w_hh, h0, saved = args[1], args[3], outputs[2]
-        return lambda: bwd(dy, dh_n, w_hh, y, h0, saved, None, False)
-    return lambda: bwd(dy, dh_n, args[1], y, None, False, False)
+        return lambda: bwd(dy, dh_n, w_hh, y, h0, saved, None, None, False)
+    return lambda: bwd(dy, dh_n, args[1], y, None, None, False, False)
 
 
 @pytest.mark.one_layer

@@ -8,21 +8,23 @@
 
 TORCH_LIBRARY(fastrnn, m) {
   m.def(
-      "lstm_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, bool reverse, "
-      "bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "lstm_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, Tensor? resets, "
+      "bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lstm_bwd(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor c0, Tensor? w_hr, Tensor gates, "
-      "Tensor cs, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor cs, Tensor? lengths, Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gru_fwd(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, bool save) "
-      "-> (Tensor, Tensor, Tensor)");
+      "gru_fwd(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, "
+      "bool save) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gru_bwd(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor h0, Tensor saved, Tensor? lengths, "
-      "bool reverse) -> (Tensor, Tensor, Tensor)");
-  m.def("rnn_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, bool reverse, bool relu) -> (Tensor, Tensor)");
+      "Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "rnn_bwd(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, bool reverse, bool relu) "
+      "rnn_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "rnn_bwd(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, Tensor? resets, bool reverse, "
+      "bool relu) -> (Tensor, Tensor)");
 }
 
 // `import fastrnn._C` loads this library (and with it the registrations above). The module itself is

@@ -29,7 +29,7 @@ from .backends import ops
 from .backends import reference
 
 
-def previous_hidden(y, h0, lengths, reverse):
+def previous_hidden(y, h0, lengths, resets, reverse):
     """[T, B, Hout]: the state h_{t-1} each step t started from, rebuilt from the outputs.
 
     Forward, an active step t >= 1 follows an active step, so h_{t-1} = y[t-1]. Reverse, step t+1 may be
@@ -42,8 +42,11 @@ def previous_hidden(y, h0, lengths, reverse):
             T = y.shape[0]
             starts_here = torch.arange(1, T + 1, device=y.device).unsqueeze(1) >= lengths.unsqueeze(0)
             prev = torch.where(starts_here.unsqueeze(2), h0.unsqueeze(0), prev)
-        return prev
-    return torch.cat([h0.unsqueeze(0), y[:-1]])
+    else:
+        prev = torch.cat([h0.unsqueeze(0), y[:-1]])
+    if resets is not None:  # a step that resets started from zeros
+        prev = prev.masked_fill(resets.unsqueeze(2), 0)
+    return prev
 
 
 def transformed():
@@ -52,10 +55,10 @@ def transformed():
     return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
-def hidden_weight_grad(dgh, y, h0, lengths, reverse, backend):
+def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows (on the cpu backend
     in fp32 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection)."""
-    prev = previous_hidden(y, h0, lengths, reverse).flatten(0, 1).to(dgh.dtype)
+    prev = previous_hidden(y, h0, lengths, resets, reverse).flatten(0, 1).to(dgh.dtype)
     dgh = dgh.flatten(0, 1).t()
     if backend == "cpu" and dgh.dtype == torch.float32 and not transformed():
         from .backends import native
@@ -97,35 +100,36 @@ def function_for(plain, forward_mode, *tensors):
 # `b_in` is the bias folded into Gx.
 
 
-def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, reverse, backend):
+def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend):
     """y, h_n, c_n."""
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
     if function is not None:
-        y, h_n, c_n, _, _ = function.apply(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in)
+        y, h_n, c_n, _, _ = function.apply(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih,
+                                              b_in)
         return y, h_n, c_n
-    y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, False)
+    y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False)
     return y, h_n, c_n
 
 
-def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, reverse, backend):
+def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, resets, reverse, backend):
     """y, h_n."""
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
     if function is not None:
-        y, h_n, _ = function.apply(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in)
+        y, h_n, _ = function.apply(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in)
         return y, h_n
-    y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, False)
+    y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, False)
     return y, h_n
 
 
-def rnn(x, w_ih, b_in, w_hh, h0, lengths, reverse, relu, backend):
+def rnn(x, w_ih, b_in, w_hh, h0, lengths, resets, reverse, relu, backend):
     """y, h_n (the op saves nothing beyond y)."""
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
     if function is not None:
-        return function.apply(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in)
-    return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
+        return function.apply(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in)
+    return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
 
 
 def without_autocast(backward):
@@ -149,16 +153,17 @@ def without_autocast(backward):
 # differentiable inputs: what the create_graph backward and the jvp rules differentiate.
 
 
-def lstm_in_torch_ops(lengths, reverse):
-    return lambda gx, w_hh, h0, c0, w_hr: reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, False)[:3]
+def lstm_in_torch_ops(lengths, resets, reverse):
+    return lambda gx, w_hh, h0, c0, w_hr: reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse,
+                                                             False)[:3]
 
 
-def gru_in_torch_ops(lengths, reverse):
-    return lambda gx, w_hh, b_hh, h0: reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, False)[:2]
+def gru_in_torch_ops(lengths, resets, reverse):
+    return lambda gx, w_hh, b_hh, h0: reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, False)[:2]
 
 
-def rnn_in_torch_ops(lengths, reverse, relu):
-    return lambda gx, w_hh, h0: reference.rnn_fwd(gx, w_hh, h0, lengths, reverse, relu)
+def rnn_in_torch_ops(lengths, resets, reverse, relu):
+    return lambda gx, w_hh, h0: reference.rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu)
 
 
 def _over_present(fn, args):
@@ -213,32 +218,34 @@ class LSTMFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in):
-        return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, reverse, True)
+    def forward(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in):
+        return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, c0, w_hr, lengths, reverse, backend, x, w_ih, b_in = inputs
+        gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in = inputs
         y, _, _, gates, cs = output
         ctx.mark_non_differentiable(gates, cs)
-        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in)
-        ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths)
+        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
-        w_hh, h0, c0, w_hr, lengths, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = differentiable_backward(lstm_in_torch_ops(lengths, ctx.reverse), (x, w_ih, b_in),
+            grads = differentiable_backward(lstm_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
                                             (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
-            dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, ctx.reverse
+            dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, resets,
+            ctx.reverse,
         )
-        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
-            else None
-        return dgx, dw_hh, dh0, dc0, (dw_hr if w_hr is not None else None), None, None, None, None, None, None
+        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
+            if ctx.needs_input_grad[1] else None
+        dw_hr = dw_hr if w_hr is not None else None
+        return dgx, dw_hh, dh0, dc0, dw_hr, None, None, None, None, None, None, None
 
 
 class LSTMForwardModeFunction(LSTMFunction):
@@ -246,8 +253,8 @@ class LSTMForwardModeFunction(LSTMFunction):
 
     @staticmethod
     def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, *_):
-        gx, w_hh, h0, c0, w_hr, lengths = ctx.saved_tensors
-        recurrence = lstm_in_torch_ops(lengths, ctx.reverse)
+        gx, w_hh, h0, c0, w_hr, lengths, resets = ctx.saved_tensors
+        recurrence = lstm_in_torch_ops(lengths, resets, ctx.reverse)
         return (*forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr), (dgx, dw_hh, dh0, dc0, dw_hr)), None, None)
 
 
@@ -255,33 +262,33 @@ class GRUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in):
-        return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, reverse, True)
+    def forward(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in):
+        return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, b_hh, h0, lengths, reverse, backend, x, w_ih, b_in = inputs
+        gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in = inputs
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
-        ctx.save_for_backward(w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in)
-        ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths)
+        ctx.save_for_backward(w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, _dsaved):
-        w_hh, b_hh, h0, lengths, y, saved, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = differentiable_backward(gru_in_torch_ops(lengths, ctx.reverse), (x, w_ih, b_in),
+            grads = differentiable_backward(gru_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
                                             (w_hh, b_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
-            dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, ctx.reverse
+            dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, resets, ctx.reverse
         )
-        dw_hh = hidden_weight_grad(dgh, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
-            else None
+        dw_hh = hidden_weight_grad(dgh, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
+            if ctx.needs_input_grad[1] else None
         db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
-        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None
+        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None, None
 
 
 class GRUForwardModeFunction(GRUFunction):
@@ -289,8 +296,8 @@ class GRUForwardModeFunction(GRUFunction):
 
     @staticmethod
     def jvp(ctx, dgx, dw_hh, db_hh, dh0, *_):
-        gx, w_hh, b_hh, h0, lengths = ctx.saved_tensors
-        recurrence = gru_in_torch_ops(lengths, ctx.reverse)
+        gx, w_hh, b_hh, h0, lengths, resets = ctx.saved_tensors
+        recurrence = gru_in_torch_ops(lengths, resets, ctx.reverse)
         return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0), (dgx, dw_hh, db_hh, dh0)), None)
 
 
@@ -298,31 +305,31 @@ class RNNFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in):
-        return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, reverse, relu)
+    def forward(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in):
+        return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, lengths, reverse, relu, backend, x, w_ih, b_in = inputs
+        gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in = inputs
         y, _ = output
-        ctx.save_for_backward(w_hh, h0, lengths, y, x, w_ih, b_in)
-        ctx.save_for_forward(gx, w_hh, h0, lengths)
+        ctx.save_for_backward(w_hh, h0, lengths, resets, y, x, w_ih, b_in)
+        ctx.save_for_forward(gx, w_hh, h0, lengths, resets)
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n):
-        w_hh, h0, lengths, y, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, h0, lengths, resets, y, x, w_ih, b_in = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = differentiable_backward(rnn_in_torch_ops(lengths, ctx.reverse, ctx.relu), (x, w_ih, b_in),
+            grads = differentiable_backward(rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu), (x, w_ih, b_in),
                                             (w_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None)
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
-            dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, ctx.reverse, ctx.relu
+            dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, resets, ctx.reverse, ctx.relu
         )
-        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, ctx.reverse, ctx.backend) if ctx.needs_input_grad[1] \
-            else None
-        return dgx, dw_hh, dh0, None, None, None, None, None, None, None
+        dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
+            if ctx.needs_input_grad[1] else None
+        return dgx, dw_hh, dh0, None, None, None, None, None, None, None, None
 
 
 class RNNForwardModeFunction(RNNFunction):
@@ -330,5 +337,6 @@ class RNNForwardModeFunction(RNNFunction):
 
     @staticmethod
     def jvp(ctx, dgx, dw_hh, dh0, *_):
-        gx, w_hh, h0, lengths = ctx.saved_tensors
-        return forward_tangents(rnn_in_torch_ops(lengths, ctx.reverse, ctx.relu), (gx, w_hh, h0), (dgx, dw_hh, dh0))
+        gx, w_hh, h0, lengths, resets = ctx.saved_tensors
+        recurrence = rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu)
+        return forward_tangents(recurrence, (gx, w_hh, h0), (dgx, dw_hh, dh0))

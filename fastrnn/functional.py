@@ -29,7 +29,7 @@ class LayerWeights(NamedTuple):
     w_hr: Optional[Tensor]
 
 
-def recurrence(cell, x, h0, c0, weights, lengths, reverse, backend):
+def recurrence(cell, x, h0, c0, weights, lengths, resets, reverse, backend):
     """One layer, one direction. x [T, B, I] -> y [T, B, Hout], h_n [B, Hout], c_n [B, H] (LSTM) or None.
 
     LSTM and RNN fold both biases into the input projection; GRU keeps b_hh for the recurrence, since
@@ -37,20 +37,22 @@ def recurrence(cell, x, h0, c0, weights, lengths, reverse, backend):
     """
     w = weights
     if cell == "gru":
-        y, h_n = autograd.gru(x, w.w_ih, w.b_ih, w.w_hh, w.b_hh, h0, lengths, reverse, backend)
+        y, h_n = autograd.gru(x, w.w_ih, w.b_ih, w.w_hh, w.b_hh, h0, lengths, resets, reverse, backend)
         return y, h_n, None
     bias = None if w.b_ih is None else w.b_ih + w.b_hh
     if cell == "lstm":
-        return autograd.lstm(x, w.w_ih, bias, w.w_hh, h0, c0, w.w_hr, lengths, reverse, backend)
-    y, h_n = autograd.rnn(x, w.w_ih, bias, w.w_hh, h0, lengths, reverse, cell == "rnn_relu", backend)
+        return autograd.lstm(x, w.w_ih, bias, w.w_hh, h0, c0, w.w_hr, lengths, resets, reverse, backend)
+    y, h_n = autograd.rnn(x, w.w_ih, bias, w.w_hh, h0, lengths, resets, reverse, cell == "rnn_relu", backend)
     return y, h_n, None
 
 
-def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dropout, training, backend):
+def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dropout, training, backend,
+            resets=None):
     """The multi-layer network on padded, time-major input.
 
     x [T, B, I]; h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in torch's order
-    (layer-major, forward before reverse); lengths [B] int64 on x's device or None.
+    (layer-major, forward before reverse); lengths [B] int64 on x's device or None; resets [T, B] bool on
+    x's device or None (episode starts, docs/api.md "Episode resets"; the same in every layer).
     Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
     """
     if x.shape[0] == 0:
@@ -59,6 +61,7 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
     backend = backends.resolve(backend, x.device)
     num_directions = 2 if bidirectional else 1
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)
+    resets_of = (resets, reverse_resets(resets) if bidirectional else None)
     h_n, c_n = [], []
     layer_input = x
     for layer in range(num_layers):
@@ -67,7 +70,7 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
             k = layer * num_directions + direction
             y, h, c = recurrence(
                 cell, layer_input, h0[k], c0[k] if c0 is not None else None, weights[k], lengths,
-                direction == 1, backend,
+                resets_of[direction], direction == 1, backend,
             )
             outputs.append(y)
             h_n.append(h)
@@ -78,6 +81,15 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
     # torch.stack even for one layer: a view of the op's h_n would not take in-place ops such as
     # h.detach_() (truncated BPTT), which work on torch.nn's fresh h_n (tests/test_modules.py).
     return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+
+def reverse_resets(resets):
+    """The reverse direction's mask: a reset between steps t-1 and t (resets[t]) means that the reverse
+    walk, coming from step t, enters step t-1 from zero; the ops index the mask by the step entered
+    (docs/contract.md). One small [T, B] copy, no host synchronisation."""
+    if resets is None:
+        return None
+    return torch.cat([resets[1:], torch.zeros_like(resets[:1])])
 
 
 def unpack(data, batch_sizes):
@@ -97,5 +109,5 @@ def cell_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend):
     weights = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
     backend = backends.resolve(backend, x.device)
     y, h, c = recurrence(cell, x.unsqueeze(0), h0.contiguous(), c0.contiguous() if c0 is not None else None,
-                         weights, None, False, backend)
+                         weights, None, None, False, backend)
     return h, c

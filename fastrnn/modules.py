@@ -104,8 +104,11 @@ class _RecurrentMixin(_FastRNNModule):
             batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
         return batch >= AUTO_TORCH_NN_MIN_BATCH
 
-    def forward(self, input, hx=None):
-        if self._torch_nn_is_faster(input):
+    def forward(self, input, hx=None, *, resets=None):
+        """torch.nn's forward, plus `resets` (keyword only): a bool mask of episode starts, [T, B] for
+        time-major input, [B, T] with batch_first, [T] unbatched; where resets[t, b] is true no state crosses
+        between steps t-1 and t of sequence b (docs/api.md, "Episode resets"). None: torch.nn's behaviour."""
+        if resets is None and self._torch_nn_is_faster(input):
             return super().forward(input, hx)
         lstm = self._cell == "lstm"
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -113,6 +116,11 @@ class _RecurrentMixin(_FastRNNModule):
         sorted_indices = unsorted_indices = batch_sizes = None
         is_batched = True
         if packed:
+            if resets is not None:
+                raise ValueError(
+                    "fastrnn: resets= takes padded input, not a PackedSequence (pad it with "
+                    "torch.nn.utils.rnn.pad_packed_sequence, or run without resets)"
+                )
             data, batch_sizes, sorted_indices, unsorted_indices = input
             x, host_lengths = functional.unpack(data, batch_sizes)
             batch = x.shape[1]
@@ -126,6 +134,7 @@ class _RecurrentMixin(_FastRNNModule):
             if hx is not None:
                 hx = self._check_hidden_dims(hx, is_batched)
             x = input.transpose(0, 1) if self.batch_first else input
+            resets = _time_major_resets(resets, x, self.batch_first, is_batched)
             host_lengths = None
             batch = x.shape[1]
             check_input = input
@@ -151,7 +160,7 @@ class _RecurrentMixin(_FastRNNModule):
             y, h_n, c_n = functional.stacked(
                 self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
                 num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
-                training=self.training, backend=self.backend,
+                training=self.training, backend=self.backend, resets=resets,
             )
 
         hidden = (h_n, c_n) if lstm else h_n
@@ -164,6 +173,33 @@ class _RecurrentMixin(_FastRNNModule):
             y = y.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if lstm else h_n.squeeze(1)
         return y, hidden
+
+
+def _time_major_resets(resets, x, batch_first, is_batched):
+    """The user's resets as the ops take it, [T, B] bool contiguous on x's device (x is [T, B, I], after
+    unbatched input got its batch of one), or None; a clear error for anything else."""
+    if resets is None:
+        return None
+    T, B = x.shape[:2]
+    if not isinstance(resets, torch.Tensor):
+        raise TypeError(f"fastrnn: resets must be a bool tensor or None, got {type(resets).__name__}")
+    if resets.dtype != torch.bool:
+        raise TypeError(f"fastrnn: resets must be a bool tensor (e.g. dones.bool()), got {resets.dtype}")
+    if resets.device != x.device:
+        raise ValueError(f"fastrnn: resets is on {resets.device} but the input is on {x.device}")
+    if not is_batched:
+        want, layout = (T,), "[T]"
+    elif batch_first:
+        want, layout = (B, T), "[B, T] (batch_first=True)"
+    else:
+        want, layout = (T, B), "[T, B]"
+    if tuple(resets.shape) != want:
+        raise ValueError(f"fastrnn: resets must have shape {layout} = {list(want)}, got {list(resets.shape)}")
+    if not is_batched:
+        resets = resets.unsqueeze(1)
+    elif batch_first:
+        resets = resets.t()
+    return resets.contiguous()
 
 
 def _check_state_dtype(x, h0, c0):

@@ -185,17 +185,17 @@ def random_inputs(cell, T, B, H, proj, dtype, device, gen):
 def run_cell(op, cell, x, lengths, reverse):
     """Forward then backward of one cell through one op table; returns {name: tensor}."""
     if cell == "lstm":
-        y, h_n, c_n, gates, cs = op.lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], lengths, reverse, True)
+        y, h_n, c_n, gates, cs = op.lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], lengths, None, reverse, True)
         dgx, dh0, dc0, dw_hr = op.lstm_bwd(x["dy"], x["dh_n"], x["dc_n"], x["w_hh"], x["c0"], x["w_hr"], gates, cs,
-                                           lengths, reverse)
+                                           lengths, None, reverse)
         return dict(y=y, h_n=h_n, c_n=c_n, gates=gates, cs=cs, dgx=dgx, dh0=dh0, dc0=dc0, dw_hr=dw_hr)
     if cell == "gru":
-        y, h_n, saved = op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], lengths, reverse, True)
-        dgx, dgh, dh0 = op.gru_bwd(x["dy"], x["dh_n"], x["w_hh"], y, x["h0"], saved, lengths, reverse)
+        y, h_n, saved = op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], lengths, None, reverse, True)
+        dgx, dgh, dh0 = op.gru_bwd(x["dy"], x["dh_n"], x["w_hh"], y, x["h0"], saved, lengths, None, reverse)
         return dict(y=y, h_n=h_n, saved=saved, dgx=dgx, dgh=dgh, dh0=dh0)
     relu = cell == "rnn_relu"
-    y, h_n = op.rnn_fwd(x["gx"], x["w_hh"], x["h0"], lengths, reverse, relu)
-    dgx, dh0 = op.rnn_bwd(x["dy"], x["dh_n"], x["w_hh"], y, lengths, reverse, relu)
+    y, h_n = op.rnn_fwd(x["gx"], x["w_hh"], x["h0"], lengths, None, reverse, relu)
+    dgx, dh0 = op.rnn_bwd(x["dy"], x["dh_n"], x["w_hh"], y, lengths, None, reverse, relu)
     return dict(y=y, h_n=h_n, dgx=dgx, dh0=dh0)
 
 
@@ -269,7 +269,7 @@ def test_projection_refuses_forced_persistent(monkeypatch):
     monkeypatch.setenv("FASTRNN_CUDA_SCHEME", "persistent")
     x = random_inputs("lstm", 3, 2, 8, 4, torch.float32, "cuda", torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="persistent kernel does not apply.*projections"):
-        cuda_ops().lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], None, False, True)
+        cuda_ops().lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], None, None, False, True)
 
 
 @gpu
@@ -290,7 +290,7 @@ def test_deterministic(cell, scheme):
 def test_empty(B, scheme):
     """B = 0 returns empty outputs without launching; save=False returns [0]-shaped saved tensors."""
     x = random_inputs("lstm", 4, B, 8, 0, torch.float32, "cuda", torch.Generator().manual_seed(0))
-    y, h_n, c_n, gates, cs = cuda_ops().lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], None, None, False, False)
+    y, h_n, c_n, gates, cs = cuda_ops().lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], None, None, None, False, False)
     assert y.shape == (4, B, 8) and h_n.shape == (B, 8) and c_n.shape == (B, 8)
     assert gates.shape == (0,) and cs.shape == (0,)
 
@@ -301,15 +301,15 @@ def test_bad_inputs_raise():
     op = cuda_ops()
     x = random_inputs("gru", 3, 2, 8, 0, torch.float32, "cuda", torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="w_hh has shape"):
-        op.gru_fwd(x["gx"], x["w_hh"][:-1], x["b_hh"], x["h0"], None, False, True)
+        op.gru_fwd(x["gx"], x["w_hh"][:-1], x["b_hh"], x["h0"], None, None, False, True)
     with pytest.raises(RuntimeError, match="dtype"):
-        op.gru_fwd(x["gx"], x["w_hh"].double(), x["b_hh"], x["h0"], None, False, True)
+        op.gru_fwd(x["gx"], x["w_hh"].double(), x["b_hh"], x["h0"], None, None, False, True)
     with pytest.raises(RuntimeError, match="lengths must be int64"):
-        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], torch.ones(2, device="cuda"), False, True)
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], torch.ones(2, device="cuda"), None, False, True)
     with pytest.raises(RuntimeError, match="is on cpu"):
-        op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, False, True)
+        op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, None, False, True)
     with pytest.raises(RuntimeError, match="3 \\* H"):
-        op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, False, True)
+        op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, None, False, True)
 
 
 @gpu
@@ -491,7 +491,7 @@ class EmulatedOps:
         self._forward("gru", gx, w_hh, b_hh, h0, None, None, lengths, reverse, y, h_n, None, saved, None)
         return y, h_n, saved
 
-    def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
+    def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, None, reverse):
         T, B, H = dy.shape
         dgx, dgh, dh0 = _nan(T, B, 3 * H, dtype=dy.dtype), _nan(T, B, 3 * H, dtype=dy.dtype), _nan(B, H,
                                                                                                   dtype=dy.dtype)
@@ -506,7 +506,7 @@ class EmulatedOps:
         self._forward(cell, gx, w_hh, None, h0, None, None, lengths, reverse, y, h_n, None, None, None)
         return y, h_n
 
-    def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, reverse, relu):
+    def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, None, reverse, relu):
         T, B, H = dy.shape
         dgx, dh0 = _nan(T, B, H, dtype=dy.dtype), _nan(B, H, dtype=dy.dtype)
         cell = "rnn_relu" if relu else "rnn_tanh"

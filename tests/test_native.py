@@ -85,7 +85,7 @@ def lengths_for(B, T, kind):
     return lengths
 
 
-def lstm_args(T, B, H, proj, dtype, lengths, reverse):
+def lstm_args(T, B, H, proj, dtype, lengths, reverse, resets=None):
     Hout = proj or H
     fwd = (
         rand(T, B, 4 * H, dtype=dtype),
@@ -94,29 +94,30 @@ def lstm_args(T, B, H, proj, dtype, lengths, reverse):
         rand(B, H, dtype=dtype),
         weight(Hout, H, dtype) if proj else None,
         lengths,
+        resets,
         reverse,
     )
     gx, w_hh, h0, c0, w_hr = fwd[:5]
     _, _, _, gates, cs = REF["lstm_fwd"](*fwd, True)
     bwd = (rand(T, B, Hout, dtype=dtype), rand(B, Hout, dtype=dtype), rand(B, H, dtype=dtype), w_hh, c0, w_hr,
-           gates, cs, lengths, reverse)
+           gates, cs, lengths, resets, reverse)
     return fwd, bwd
 
 
-def gru_args(T, B, H, bias, dtype, lengths, reverse):
+def gru_args(T, B, H, bias, dtype, lengths, reverse, resets=None):
     gx, w_hh, h0 = rand(T, B, 3 * H, dtype=dtype), weight(3 * H, H, dtype), rand(B, H, dtype=dtype)
     b_hh = rand(3 * H, dtype=dtype) if bias else None
-    fwd = (gx, w_hh, b_hh, h0, lengths, reverse)
+    fwd = (gx, w_hh, b_hh, h0, lengths, resets, reverse)
     y, _, saved = REF["gru_fwd"](*fwd, True)
-    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, h0, saved, lengths, reverse)
+    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, h0, saved, lengths, resets, reverse)
     return fwd, bwd
 
 
-def rnn_args(T, B, H, relu, dtype, lengths, reverse):
+def rnn_args(T, B, H, relu, dtype, lengths, reverse, resets=None):
     gx, w_hh, h0 = rand(T, B, H, dtype=dtype), weight(H, H, dtype), rand(B, H, dtype=dtype)
-    fwd = (gx, w_hh, h0, lengths, reverse, relu)
+    fwd = (gx, w_hh, h0, lengths, resets, reverse, relu)
     y, _ = REF["rnn_fwd"](*fwd)
-    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, lengths, reverse, relu)
+    bwd = (rand(T, B, H, dtype=dtype), rand(B, H, dtype=dtype), w_hh, y, lengths, resets, reverse, relu)
     return fwd, bwd
 
 
@@ -255,10 +256,10 @@ def test_saturation_is_finite():
     gx = torch.full((T, B, 4 * H), 1e4)
     gx[:, 1] = -1e4
     y, h_n, c_n, gates, cs = torch.ops.fastrnn.lstm_fwd(gx, torch.zeros(4 * H, H), torch.zeros(B, H),
-                                                        torch.zeros(B, H), None, None, False, True)
+                                                        torch.zeros(B, H), None, None, None, False, True)
     assert torch.isfinite(y).all() and torch.isfinite(gates).all()
     assert set(gates.unique().tolist()) <= {0.0, 1.0, -1.0}
-    y, _ = torch.ops.fastrnn.rnn_fwd(gx[..., :H].contiguous(), torch.zeros(H, H), torch.zeros(B, H), None, False, False)
+    y, _ = torch.ops.fastrnn.rnn_fwd(gx[..., :H].contiguous(), torch.zeros(H, H), torch.zeros(B, H), None, None, False, False)
     assert y[:, 0].eq(1).all() and y[:, 1].eq(-1).all()
 
 
@@ -289,11 +290,11 @@ def test_tanh_and_sigmoid_accuracy():
     B = -(-x.numel() // H)
     x = torch.cat([x, x.new_zeros(B * H - x.numel())]).view(1, B, H)
     zeros = torch.zeros(B, H)
-    y, _ = torch.ops.fastrnn.rnn_fwd(x, torch.zeros(H, H), zeros, None, False, False)
+    y, _ = torch.ops.fastrnn.rnn_fwd(x, torch.zeros(H, H), zeros, None, None, False, False)
     assert not y.isnan().any()
     assert max_ulps(y, torch.tanh(x.double())) <= 4
     gx = torch.cat([x, x.new_zeros(1, B, 3 * H)], dim=2)
-    gates = torch.ops.fastrnn.lstm_fwd(gx, torch.zeros(4 * H, H), zeros, zeros, None, None, False, True)[3]
+    gates = torch.ops.fastrnn.lstm_fwd(gx, torch.zeros(4 * H, H), zeros, zeros, None, None, None, False, True)[3]
     assert not gates.isnan().any()
     assert max_ulps(gates[..., :H], torch.sigmoid(x.double())) <= 4
 
@@ -520,28 +521,28 @@ def test_bad_input_gives_clear_errors():
     gx, w_hh, h0 = fwd[:3]
     rnn = torch.ops.fastrnn.rnn_fwd
     with pytest.raises(RuntimeError, match=r"fastrnn::rnn_fwd: h0 \[B, H\] must have dtype Float"):
-        rnn(gx, w_hh, h0.double(), None, False, False)
+        rnn(gx, w_hh, h0.double(), None, None, False, False)
     with pytest.raises(RuntimeError, match=r"w_hh \[H, H\] must have shape \[4, 4\], got \[4, 5\]"):
-        rnn(gx, torch.zeros(4, 5), h0, None, False, False)
+        rnn(gx, torch.zeros(4, 5), h0, None, None, False, False)
     with pytest.raises(RuntimeError, match="gx must be 3-D"):
-        rnn(gx[0], w_hh, h0, None, False, False)
+        rnn(gx[0], w_hh, h0, None, None, False, False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        rnn(gx, w_hh.t(), h0, None, False, False)
+        rnn(gx, w_hh.t(), h0, None, None, False, False)
     with pytest.raises(RuntimeError, match="gx must be float32, float64, float16 or bfloat16, got Int"):
-        rnn(gx.int(), w_hh.int(), h0.int(), None, False, False)
+        rnn(gx.int(), w_hh.int(), h0.int(), None, None, False, False)
     with pytest.raises(RuntimeError, match=r"lengths\[1\] = 4 is outside \[0, T = 3\]"):
-        rnn(gx, w_hh, h0, torch.tensor([3, 4]), False, False)
+        rnn(gx, w_hh, h0, torch.tensor([3, 4]), None, False, False)
     with pytest.raises(RuntimeError, match=r"lengths\[0\] = -1 is outside"):
-        rnn(gx, w_hh, h0, torch.tensor([-1, 2]), False, False)
+        rnn(gx, w_hh, h0, torch.tensor([-1, 2]), None, False, False)
     with pytest.raises(RuntimeError, match="lengths must be int64, got Int"):
-        rnn(gx, w_hh, h0, torch.tensor([3, 2], dtype=torch.int32), False, False)
+        rnn(gx, w_hh, h0, torch.tensor([3, 2], dtype=torch.int32), None, False, False)
     with pytest.raises(RuntimeError, match=r"lengths must have shape \[2\]"):
-        rnn(gx, w_hh, h0, torch.tensor([3, 2, 1]), False, False)
+        rnn(gx, w_hh, h0, torch.tensor([3, 2, 1]), None, False, False)
     fwd, _ = lstm_args(3, 2, 4, 0, torch.float32, None, False)
     with pytest.raises(RuntimeError, match=r"fastrnn::lstm_fwd: without w_hr, h0 \[B, Hout\] must have Hout = H = 4"):
-        torch.ops.fastrnn.lstm_fwd(fwd[0], torch.zeros(16, 2), torch.zeros(2, 2), fwd[3], None, None, False, True)
+        torch.ops.fastrnn.lstm_fwd(fwd[0], torch.zeros(16, 2), torch.zeros(2, 2), fwd[3], None, None, None, False, True)
     with pytest.raises(RuntimeError, match=r"gx \[T, B, 4H\] must have shape \[3, 2, 20\]"):
-        torch.ops.fastrnn.lstm_fwd(fwd[0], fwd[1], fwd[2], torch.zeros(2, 5), None, None, False, True)
+        torch.ops.fastrnn.lstm_fwd(fwd[0], fwd[1], fwd[2], torch.zeros(2, 5), None, None, None, False, True)
 
 
 # ----- the CMake build --------------------------------------------------------------------------------
@@ -554,7 +555,7 @@ CMAKE_CHECK = textwrap.dedent(
     ref = ops("reference")
     x = torch.randn(4, 3, 4 * 5, dtype=torch.float64)
     w, h0, c0 = (torch.randn(*s, dtype=torch.float64) for s in ((20, 5), (3, 5), (3, 5)))
-    args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), True, True)
+    args = (x, w, h0, c0, None, torch.tensor([4, 1, 3]), None, True, True)
     for name in torch.ops.fastrnn_cpu.supported():  # the capability libraries beside it load and run
         assert torch.ops.fastrnn_cpu.set_capability(name) == name
         for out, want in zip(torch.ops.fastrnn.lstm_fwd(*args), ref["lstm_fwd"](*args)):

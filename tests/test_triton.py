@@ -60,22 +60,22 @@ def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=
     dy, dh_n = r(T, B, Hout), r(B, Hout)
     if cell == "lstm":
         c0, w_hr, dc_n = r(B, H), (r(Hout, H, scale=H**-0.5) if P else None), r(B, H)
-        fwd = (gx, w, h0, c0, w_hr, lens, reverse, True)
+        fwd = (gx, w, h0, c0, w_hr, lens, None, reverse, True)
 
         def bwd(out):
-            return "lstm_bwd", (dy, dh_n, dc_n, w, c0, w_hr, out[3], out[4], lens, reverse)
+            return "lstm_bwd", (dy, dh_n, dc_n, w, c0, w_hr, out[3], out[4], lens, None, reverse)
         return "lstm_fwd", fwd, bwd
     if cell == "gru":
-        fwd = (gx, w, r(3 * H) if bias else None, h0, lens, reverse, True)
+        fwd = (gx, w, r(3 * H) if bias else None, h0, lens, None, reverse, True)
 
         def bwd(out):
-            return "gru_bwd", (dy, dh_n, w, out[0], h0, out[2], lens, reverse)
+            return "gru_bwd", (dy, dh_n, w, out[0], h0, out[2], lens, None, reverse)
         return "gru_fwd", fwd, bwd
     relu = cell == "rnn_relu"
 
     def bwd(out):
-        return "rnn_bwd", (dy, dh_n, w, out[0], lens, reverse, relu)
-    return "rnn_fwd", (gx, w, h0, lens, reverse, relu), bwd
+        return "rnn_bwd", (dy, dh_n, w, out[0], lens, None, reverse, relu)
+    return "rnn_fwd", (gx, w, h0, lens, None, reverse, relu), bwd
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ def test_unsupported_dtype_is_a_clear_error():
     x = torch.zeros(2, 1, 4, dtype=torch.int32, device=DEVICE)
     with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
         ops("triton")["rnn_fwd"](x, torch.zeros(4, 4, dtype=torch.int32, device=DEVICE),
-                                 torch.zeros(1, 4, dtype=torch.int32, device=DEVICE), None, False, False)
+                                 torch.zeros(1, 4, dtype=torch.int32, device=DEVICE), None, None, False, False)
 
 
 @pytest.mark.parametrize("G,H,dtype,persistent", [
@@ -354,7 +354,7 @@ def test_compile_sees_one_op_for_every_length():
         return gm.forward
 
     def f(gx, w_hh, h0, c0):
-        y, h_n, c_n, _, _ = ops("triton")["lstm_fwd"](gx, w_hh, h0, c0, None, None, False, False)
+        y, h_n, c_n, _, _ = ops("triton")["lstm_fwd"](gx, w_hh, h0, c0, None, None, None, False, False)
         return y.sum() + h_n.sum() + c_n.sum()
 
     torch._dynamo.reset()

@@ -195,40 +195,46 @@ int64_t vector_floats() { return active().vector_floats; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
-  return active().lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
+  return active().lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_bwd(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
-  return active().lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse);
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
+  return active().lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> active_gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse,
                                                        bool save) {
-  return active().gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save);
+  return active().gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> active_gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
                                                        const at::Tensor& w_hh, const at::Tensor& y,
                                                        const at::Tensor& h0, const at::Tensor& saved,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse) {
-  return active().gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse);
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
+  return active().gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor> active_rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
-                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
-  return active().rnn_fwd(gx, w_hh, h0, lengths, reverse, relu);
+                                           const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
+  return active().rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor> active_rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu) {
-  return active().rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu);
+  return active().rnn_bwd(dy, dh_n, w_hh, y, lengths, resets, reverse, relu);
 }
 
 }  // namespace

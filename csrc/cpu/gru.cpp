@@ -145,7 +145,8 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse,
                                                        bool save) {
   const Checker ck{"fastrnn::gru_fwd"};
   ck.dims(gx, "gx", 3);
@@ -159,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
     ck.tensor(*b_hh, "b_hh [3H]", {3 * H}, gx);
   }
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, H}, gx.options());
   at::Tensor saved = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
@@ -172,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
                                                        const at::Tensor& w_hh, const at::Tensor& y,
                                                        const at::Tensor& h0, const at::Tensor& saved,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse) {
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
   const Checker ck{"fastrnn::gru_bwd"};
   ck.dims(y, "y", 3);
   ck.floating(y, "y");
@@ -184,6 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   ck.tensor(saved, "saved [T, B, 4H]", {T, B, 4 * H}, y);
   ck.tensor(w_hh, "w_hh [3H, H]", {3 * H, H}, y);
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, 3 * H}, y.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, y.options());

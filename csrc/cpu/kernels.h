@@ -33,25 +33,30 @@ namespace cpu {
 
 using LstmFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, bool, bool);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool);
 using LstmBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, bool);
 using GruFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                   const std::optional<at::Tensor>&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&,
                                                                   const std::optional<at::Tensor>&, bool, bool);
 using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&,
                                                                   const std::optional<at::Tensor>&, bool);
 using RnnFwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&,
                                                       const std::optional<at::Tensor>&, bool, bool);
 using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, const std::optional<at::Tensor>&, bool, bool);
+                                                      const at::Tensor&, const std::optional<at::Tensor>&,
+                                                      const std::optional<at::Tensor>&, bool, bool);
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 1;
+constexpr int64_t kKernelsAbi = 2;  // 2: the resets argument
 
 struct Kernels {
   int64_t abi;
@@ -71,23 +76,29 @@ struct Kernels {
 inline namespace CPU_CAPABILITY {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool save);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
-    const std::optional<at::Tensor>& lengths, bool reverse);
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse,
                                                        bool save);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
                                                        const at::Tensor& w_hh, const at::Tensor& y,
                                                        const at::Tensor& h0, const at::Tensor& saved,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse);
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse);
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
-                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu);
+                                           const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu);
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu);
 }  // namespace CPU_CAPABILITY
 #endif

@@ -222,7 +222,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
   const Checker ck{"fastrnn::lstm_fwd"};
   ck.dims(gx, "gx", 3);
   ck.floating(gx, "gx");
@@ -239,6 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     TORCH_CHECK(Hout == H, ck.op, ": without w_hr, h0 [B, Hout] must have Hout = H = ", H, ", got ", Hout);
   }
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, Hout}, gx.options());
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
@@ -253,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
   const Checker ck{"fastrnn::lstm_bwd"};
   ck.dims(gates, "gates", 3);
   ck.floating(gates, "gates");
@@ -273,6 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     TORCH_CHECK(Hout == H, ck.op, ": without w_hr, dh_n [B, Hout] must have Hout = H = ", H, ", got ", Hout);
   }
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, 4 * H}, gates.options());
   at::Tensor dh0, dc0, dw_hr;

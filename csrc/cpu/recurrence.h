@@ -82,6 +82,20 @@ struct Checker {
     }
     return p;
   }
+
+  // resets: None or bool [T, B] on the CPU (docs/contract.md). Returns the data pointer or nullptr.
+  const bool* resets(const std::optional<at::Tensor>& resets, int64_t T, int64_t B) const {
+    if (!resets.has_value()) {
+      return nullptr;
+    }
+    const at::Tensor& r = *resets;
+    TORCH_CHECK(r.device().is_cpu(), op, ": resets must be on the CPU like the other tensors, got ", r.device());
+    TORCH_CHECK(r.scalar_type() == at::kBool, op, ": resets must be bool, got ", r.scalar_type());
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == T && r.size(1) == B, op, ": resets must have shape [", T, ", ", B,
+                "], got ", r.sizes());
+    TORCH_CHECK(r.is_contiguous(), op, ": resets must be contiguous");
+    return r.const_data_ptr<bool>();
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
-                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
+                                           const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
   const Checker ck{"fastrnn::rnn_fwd"};
   ck.dims(gx, "gx", 3);
   ck.floating(gx, "gx");
@@ -109,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   ck.tensor(h0, "h0 [B, H]", {B, H}, gx);
   ck.tensor(w_hh, "w_hh [H, H]", {H, H}, gx);
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, H}, gx.options());
   at::Tensor h_n;
@@ -124,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu) {
   const Checker ck{"fastrnn::rnn_bwd"};
   ck.dims(y, "y", 3);
@@ -134,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   ck.tensor(dh_n, "dh_n [B, H]", {B, H}, y);
   ck.tensor(w_hh, "w_hh [H, H]", {H, H}, y);
   const int64_t* len = ck.lengths(lengths, T, B);
+  const bool* rst = ck.resets(resets, T, B);
+  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, H}, y.options());
   at::Tensor dh0;

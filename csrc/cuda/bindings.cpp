@@ -287,7 +287,8 @@ at::Tensor saved_or_empty(bool save, const at::Tensor& like, at::IntArrayRef sha
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse, bool save) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
   const char* op = "fastrnn::lstm_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
   TORCH_CHECK(c0.dim() == 2 && h0.dim() == 2, op, ": h0 and c0 must be [B, Hout] and [B, H], got ", h0.sizes(),
@@ -302,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   x.h0 = chk(h0, "h0", {B, Hout});
   x.c0 = chk(c0, "c0", {B, H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, Hout}, gx.options());
   x.h_n = at::empty({B, Hout}, gx.options());
@@ -315,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
-    const std::optional<at::Tensor>& lengths, bool reverse) {
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
   const char* op = "fastrnn::lstm_bwd (CUDA)";
   const Checker chk(op, dy, "dy", 3);
   TORCH_CHECK(gates.dim() == 3, op, ": gates must be [T, B, 4H], got ", gates.sizes());
@@ -333,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   x.c0 = chk(c0, "c0", {B, H});
   x.cs = chk(cs, "cs", {T, B, H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, 4 * H}, dy.options());
   x.dh0 = at::empty({B, Hout}, dy.options());
@@ -344,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, const at::Tensor& w_hh,
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse,
                                                        bool save) {
   const char* op = "fastrnn::gru_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
@@ -355,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   x.b_hh = chk.optional(b_hh, "b_hh", {3 * H});
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
@@ -366,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
                                                        const at::Tensor& w_hh, const at::Tensor& y,
                                                        const at::Tensor& h0, const at::Tensor& saved,
-                                                       const std::optional<at::Tensor>& lengths, bool reverse) {
+                                                       const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse) {
   const char* op = "fastrnn::gru_bwd (CUDA)";
   const Checker chk(op, dy, "dy", 3);
   const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
@@ -378,6 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   x.h0 = chk(h0, "h0", {B, H});
   x.saved = chk(saved, "saved", {T, B, 4 * H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, 3 * H}, dy.options());
   x.dgh = at::empty({T, B, 3 * H}, dy.options());
@@ -387,7 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
-                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
+                                           const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
   const char* op = "fastrnn::rnn_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2);
@@ -396,6 +405,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   x.w_hh = chk(w_hh, "w_hh", {H, H});
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
@@ -405,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu) {
   const char* op = "fastrnn::rnn_bwd (CUDA)";
   const Checker chk(op, dy, "dy", 3);
@@ -415,6 +426,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   x.w_hh = chk(w_hh, "w_hh", {H, H});
   x.y = chk(y, "y", {T, B, H});
   x.lengths = chk.lengths(lengths, B);
+  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, H}, dy.options());
   x.dh0 = at::empty({B, H}, dy.options());

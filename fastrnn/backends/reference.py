@@ -28,15 +28,26 @@ def _active(lengths, t, B, device):
     return (lengths > t).unsqueeze(1)
 
 
-def _previous_output(y, h0, lengths, t, reverse):
+def _cut_at_resets(resets, t, *state):
+    """The state (or the carried gradient) with the rows of the sequences that reset at step t zeroed:
+    step t starts from a zero state there, and no gradient flows back across the reset."""
+    if resets is None:
+        return state if len(state) > 1 else state[0]
+    cut = tuple(torch.where(resets[t].unsqueeze(1), 0.0, s) for s in state)
+    return cut if len(cut) > 1 else cut[0]
+
+
+def _previous_output(y, h0, lengths, resets, t, reverse):
     """h_{t-1} of step t rebuilt from the outputs (contract: GRU backward)."""
     T = y.shape[0]
     tp = t + 1 if reverse else t - 1
     if tp < 0 or tp >= T:
-        return h0
-    if reverse and lengths is not None:
-        return torch.where((lengths > tp).unsqueeze(1), y[tp], h0)
-    return y[tp]
+        prev = h0
+    elif reverse and lengths is not None:
+        prev = torch.where((lengths > tp).unsqueeze(1), y[tp], h0)
+    else:
+        prev = y[tp]
+    return _cut_at_resets(resets, t, prev)
 
 
 def _empty(like):
@@ -68,7 +79,7 @@ def lstm_cell(a, c_prev):
     return torch.cat([i, f, g, o], dim=1), c, o * torch.tanh(c)
 
 
-def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
+def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -76,7 +87,8 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     h, c = h0.to(ct), c0.to(ct)
     ys, gates_all, cs = [], [], []
     for t in _steps(T, reverse):
-        gates, c_new, m = lstm_cell(gx[t].to(ct) + h @ w_hh_c.t(), c)
+        h_in, c_in = _cut_at_resets(resets, t, h, c)
+        gates, c_new, m = lstm_cell(gx[t].to(ct) + h_in @ w_hh_c.t(), c_in)
         h_new = m @ w_hr_c.t() if w_hr_c is not None else m
         act = _active(lengths, t, B, gx.device)
         h, c = torch.where(act, h_new, h), torch.where(act, c_new, c)
@@ -90,7 +102,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     return y, h_n, c_n, _stack_steps(gates_all, reverse, gx.dtype), _stack_steps(cs, reverse, gx.dtype)
 
 
-def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
+def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
     T, B, _ = gates.shape
     ct = _compute_dtype(gates)
     w_hh_c = w_hh.to(ct)
@@ -100,7 +112,7 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
     dw_hr = torch.zeros_like(w_hr_c) if w_hr_c is not None else None
     for t in _steps(T, not reverse):
         tp = t + 1 if reverse else t - 1
-        c_prev = cs[tp].to(ct) if 0 <= tp < T else c0.to(ct)
+        c_prev = _cut_at_resets(resets, t, cs[tp].to(ct) if 0 <= tp < T else c0.to(ct))
         i, f, g, o = _gates(gates[t].to(ct), 4)
         tc = torch.tanh(cs[t].to(ct))
         dh_t = dh + dy[t].to(ct)
@@ -114,8 +126,8 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
         act = _active(lengths, t, B, gates.device)
         da = torch.where(act, da, 0.0)
         # dw_hr above took dh_t of inactive rows too; those rows of m are o*tanh(c) = 0 (gates are 0 there).
-        dh = torch.where(act, da @ w_hh_c, dh)
-        dc = torch.where(act, dct * f, dc)
+        dh_prev, dc_prev = _cut_at_resets(resets, t, da @ w_hh_c, dct * f)
+        dh, dc = torch.where(act, dh_prev, dh), torch.where(act, dc_prev, dc)
         dgx[t] = da
     dw_hr = dw_hr.to(w_hr.dtype) if dw_hr is not None else _empty(dy)
     return dgx, dh.to(dh_n.dtype), dc.to(dc_n.dtype), dw_hr
@@ -133,7 +145,7 @@ def gru_cell(gx_t, gh, h_prev):
     return (1 - z) * n + z * h_prev, torch.cat([r, z, n, hn], dim=1)
 
 
-def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
+def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -141,10 +153,11 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     h = h0.to(ct)
     ys, saved = [], []
     for t in _steps(T, reverse):
-        gh = h @ w_hh_c.t()
+        h_in = _cut_at_resets(resets, t, h)
+        gh = h_in @ w_hh_c.t()
         if b_hh_c is not None:
             gh = gh + b_hh_c
-        h_new, s = gru_cell(gx[t].to(ct), gh, h)
+        h_new, s = gru_cell(gx[t].to(ct), gh, h_in)
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
         ys.append(torch.where(act, h_new, 0.0))
@@ -154,7 +167,7 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
     return _stack_steps(ys, reverse, gx.dtype), h.to(h0.dtype), saved
 
 
-def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
+def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
     T, B, H = y.shape
     ct = _compute_dtype(saved)
     w_hh_c = w_hh.to(ct)
@@ -163,7 +176,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
     dgh = saved.new_zeros(T, B, 3 * H)
     for t in _steps(T, not reverse):
         r, z, n, ghn = _gates(saved[t].to(ct), 4)
-        h_prev = _previous_output(y, h0, lengths, t, reverse).to(ct)
+        h_prev = _previous_output(y, h0, lengths, resets, t, reverse).to(ct)
         dh_t = dh + dy[t].to(ct)
         dan = dh_t * (1 - z) * (1 - n * n)
         dar = dan * ghn * r * (1 - r)
@@ -171,7 +184,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
         act = _active(lengths, t, B, y.device)
         dx_t = torch.where(act, torch.cat([dar, daz, dan], 1), 0.0)
         dh_gates = torch.where(act, torch.cat([dar, daz, dan * r], 1), 0.0)
-        dh = torch.where(act, dh_t * z + dh_gates @ w_hh_c, dh)
+        dh = torch.where(act, _cut_at_resets(resets, t, dh_t * z + dh_gates @ w_hh_c), dh)
         dgx[t], dgh[t] = dx_t, dh_gates
     return dgx, dgh, dh.to(dh_n.dtype)
 
@@ -179,7 +192,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
 # ----- RNN (tanh / relu) -----
 
 
-def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
+def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -187,14 +200,14 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
     ys = []
     act_fn = torch.relu if relu else torch.tanh
     for t in _steps(T, reverse):
-        h_new = act_fn(gx[t].to(ct) + h @ w_hh_c.t())
+        h_new = act_fn(gx[t].to(ct) + _cut_at_resets(resets, t, h) @ w_hh_c.t())
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
         ys.append(torch.where(act, h_new, 0.0))
     return _stack_steps(ys, reverse, gx.dtype), h.to(h0.dtype)
 
 
-def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
+def rnn_bwd(dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
     T, B, H = y.shape
     ct = _compute_dtype(y)
     w_hh_c = w_hh.to(ct)
@@ -206,7 +219,7 @@ def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
         da = dh_t * (h_t > 0) if relu else dh_t * (1 - h_t * h_t)
         act = _active(lengths, t, B, y.device)
         da = torch.where(act, da, 0.0)
-        dh = torch.where(act, da @ w_hh_c, dh)
+        dh = torch.where(act, _cut_at_resets(resets, t, da @ w_hh_c), dh)
         dgx[t] = da
     return dgx, dh.to(dh_n.dtype)
 

@@ -10,17 +10,18 @@ import torch
 from . import vmap
 
 SCHEMAS = {
-    "lstm_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, bool reverse, "
-    "bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "lstm_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, Tensor? resets, "
+    "bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "lstm_bwd": "(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor c0, Tensor? w_hr, Tensor gates, "
-    "Tensor cs, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)",
-    "gru_fwd": "(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, bool save) "
-    "-> (Tensor, Tensor, Tensor)",
+    "Tensor cs, Tensor? lengths, Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)",
+    "gru_fwd": "(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, "
+    "bool save) -> (Tensor, Tensor, Tensor)",
     "gru_bwd": "(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor h0, Tensor saved, Tensor? lengths, "
-    "bool reverse) -> (Tensor, Tensor, Tensor)",
-    "rnn_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, bool reverse, bool relu) -> (Tensor, Tensor)",
-    "rnn_bwd": "(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, bool reverse, bool relu) "
+    "Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor)",
+    "rnn_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu) "
     "-> (Tensor, Tensor)",
+    "rnn_bwd": "(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, Tensor? resets, bool reverse, "
+    "bool relu) -> (Tensor, Tensor)",
 }
 
 
@@ -28,7 +29,7 @@ def _saved_or_empty(save, gx, shape):
     return gx.new_empty(shape if save else (0,))
 
 
-def lstm_fwd_fake(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
+def lstm_fwd_fake(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
     T, B, _ = gx.shape
     H = c0.shape[1]
     return (
@@ -40,27 +41,27 @@ def lstm_fwd_fake(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
     )
 
 
-def lstm_bwd_fake(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
+def lstm_bwd_fake(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
     dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else dy.new_empty(0)
     return gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape), dc_n.new_empty(dc_n.shape), dw_hr
 
 
-def gru_fwd_fake(gx, w_hh, b_hh, h0, lengths, reverse, save):
+def gru_fwd_fake(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
     T, B, _ = gx.shape
     H = h0.shape[1]
     return gx.new_empty(T, B, H), h0.new_empty(h0.shape), _saved_or_empty(save, gx, (T, B, 4 * H))
 
 
-def gru_bwd_fake(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
+def gru_bwd_fake(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
     T, B, H = y.shape
     return dy.new_empty(T, B, 3 * H), dy.new_empty(T, B, 3 * H), dh_n.new_empty(dh_n.shape)
 
 
-def rnn_fwd_fake(gx, w_hh, h0, lengths, reverse, relu):
+def rnn_fwd_fake(gx, w_hh, h0, lengths, resets, reverse, relu):
     return gx.new_empty(gx.shape), h0.new_empty(h0.shape)
 
 
-def rnn_bwd_fake(dy, dh_n, w_hh, y, lengths, reverse, relu):
+def rnn_bwd_fake(dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
     return dy.new_empty(dy.shape), dh_n.new_empty(dh_n.shape)
 
 

@@ -14,12 +14,12 @@ import torch
 
 # op -> (argument layouts, output layouts), in the order of schemas.SCHEMAS.
 LAYOUTS = {
-    "lstm_fwd": (("tb", "w", "b", "b", "w", "b", None, None), ("tb", "b", "b", "tb", "tb")),
-    "lstm_bwd": (("tb", "b", "b", "w", "b", "w", "tb", "tb", "b", None), ("tb", "b", "b", "w")),
-    "gru_fwd": (("tb", "w", "w", "b", "b", None, None), ("tb", "b", "tb")),
-    "gru_bwd": (("tb", "b", "w", "tb", "b", "tb", "b", None), ("tb", "tb", "b")),
-    "rnn_fwd": (("tb", "w", "b", "b", None, None), ("tb", "b")),
-    "rnn_bwd": (("tb", "b", "w", "tb", "b", None, None), ("tb", "b")),
+    "lstm_fwd": (("tb", "w", "b", "b", "w", "b", "tb", None, None), ("tb", "b", "b", "tb", "tb")),
+    "lstm_bwd": (("tb", "b", "b", "w", "b", "w", "tb", "tb", "b", "tb", None), ("tb", "b", "b", "w")),
+    "gru_fwd": (("tb", "w", "w", "b", "b", "tb", None, None), ("tb", "b", "tb")),
+    "gru_bwd": (("tb", "b", "w", "tb", "b", "tb", "b", "tb", None), ("tb", "tb", "b")),
+    "rnn_fwd": (("tb", "w", "b", "b", "tb", None, None), ("tb", "b")),
+    "rnn_bwd": (("tb", "b", "w", "tb", "b", "tb", None, None), ("tb", "b")),
 }
 
 _BATCH_DIM = {"tb": 1, "b": 0}

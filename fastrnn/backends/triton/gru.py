@@ -219,7 +219,9 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, sa
 
 
 @rec.guarded
-def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
+def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::gru_fwd: resets is not implemented yet")
     op = "gru_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 3)
     rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths, B)
@@ -255,7 +257,9 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, reverse, save):
 
 
 @rec.guarded
-def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, reverse):
+def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::gru_bwd: resets is not implemented yet")
     op = "gru_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
     specs = {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (3 * H, H)), "h0": (h0, (B, H)),

@@ -326,7 +326,9 @@ def _hout(op, name, t, H, w_hr):
 
 
 @rec.guarded
-def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
+def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::lstm_fwd: resets is not implemented yet")
     op = "lstm_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 4)
     Hout = _hout(op, "h0", h0, H, w_hr)
@@ -378,7 +380,9 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
 
 
 @rec.guarded
-def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
+def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::lstm_bwd: resets is not implemented yet")
     op = "lstm_bwd"
     T, B, H = rec.check_sizes(op, "gates", gates, 4)
     Hout = _hout(op, "dh_n", dh_n, H, w_hr)

@@ -156,7 +156,9 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, dgx_ptr, d
 
 
 @rec.guarded
-def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
+def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::rnn_fwd: resets is not implemented yet")
     op = "rnn_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 1)
     rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H))}, lengths, B)
@@ -189,7 +191,9 @@ def rnn_fwd(gx, w_hh, h0, lengths, reverse, relu):
 
 
 @rec.guarded
-def rnn_bwd(dy, dh_n, w_hh, y, lengths, reverse, relu):
+def rnn_bwd(dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
+    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
+        raise NotImplementedError("fastrnn_triton::rnn_bwd: resets is not implemented yet")
     op = "rnn_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
     rec.check_inputs(op, y, {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (H, H))}, lengths, B)
