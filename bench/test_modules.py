@@ -16,8 +16,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 @pytest.mark.parametrize("pass_name", ["fwd", "fwd+bwd"])
 def test_module(benchmark, case, backend, pass_name):
     module = runner.build_modules(case, [] if backend == runner.TORCH_NN else [backend], DEVICE)[backend]
-    x, grad_y = runner.make_inputs(case, DEVICE)
-    call, reset = runner.calls(module, x, grad_y, pass_name)
+    x, grad_y, kwargs = runner.make_inputs(case, DEVICE)
+    call, reset = runner.calls(module, x, grad_y, pass_name, kwargs)
     benchmark.group = f"module {case.name} {pass_name}"
     benchmark.extra_info.update(flops=roofline.flops(case, pass_name), device=str(DEVICE))
     benchmark.pedantic(synchronized(call), setup=reset, rounds=ROUNDS, warmup_rounds=1)

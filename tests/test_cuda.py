@@ -465,7 +465,7 @@ class EmulatedOps:
         if w_hr is not None:
             torch.mm(dht.reshape(T * B, Hout).t(), m.reshape(T * B, H), out=dw_hr)
 
-    def lstm_fwd(self, gx, w_hh, h0, c0, w_hr, lengths, reverse, save):
+    def lstm_fwd(self, gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
         T, B, G4 = gx.shape
         H, Hout, dt = G4 // 4, h0.shape[1], gx.dtype
         y, h_n, c_n = _nan(T, B, Hout, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
@@ -474,7 +474,7 @@ class EmulatedOps:
         self._forward("lstm", gx, w_hh, None, h0, c0, w_hr, lengths, reverse, y, h_n, c_n, gates, cs)
         return y, h_n, c_n, gates, cs
 
-    def lstm_bwd(self, dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, reverse):
+    def lstm_bwd(self, dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
         T, B, Hout = dy.shape
         H, dt = gates.shape[2] // 4, dy.dtype
         dgx, dh0, dc0 = _nan(T, B, 4 * H, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
@@ -483,7 +483,7 @@ class EmulatedOps:
                        dh0, dc0, dw_hr)
         return dgx, dh0, dc0, dw_hr
 
-    def gru_fwd(self, gx, w_hh, b_hh, h0, lengths, reverse, save):
+    def gru_fwd(self, gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
         T, B, G3 = gx.shape
         H, dt = G3 // 3, gx.dtype
         y, h_n = _nan(T, B, H, dtype=dt), _nan(B, H, dtype=dt)
@@ -491,7 +491,7 @@ class EmulatedOps:
         self._forward("gru", gx, w_hh, b_hh, h0, None, None, lengths, reverse, y, h_n, None, saved, None)
         return y, h_n, saved
 
-    def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, None, reverse):
+    def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
         T, B, H = dy.shape
         dgx, dgh, dh0 = _nan(T, B, 3 * H, dtype=dy.dtype), _nan(T, B, 3 * H, dtype=dy.dtype), _nan(B, H,
                                                                                                   dtype=dy.dtype)
@@ -499,14 +499,14 @@ class EmulatedOps:
                        None, None)
         return dgx, dgh, dh0
 
-    def rnn_fwd(self, gx, w_hh, h0, lengths, reverse, relu):
+    def rnn_fwd(self, gx, w_hh, h0, lengths, resets, reverse, relu):
         T, B, H = gx.shape
         y, h_n = _nan(T, B, H, dtype=gx.dtype), _nan(B, H, dtype=gx.dtype)
         cell = "rnn_relu" if relu else "rnn_tanh"
         self._forward(cell, gx, w_hh, None, h0, None, None, lengths, reverse, y, h_n, None, None, None)
         return y, h_n
 
-    def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, None, reverse, relu):
+    def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
         T, B, H = dy.shape
         dgx, dh0 = _nan(T, B, H, dtype=dy.dtype), _nan(B, H, dtype=dy.dtype)
         cell = "rnn_relu" if relu else "rnn_tanh"

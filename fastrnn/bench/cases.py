@@ -28,6 +28,9 @@ class Case:
     bidirectional: bool = False
     proj: int = 0
     dtype: str = "float32"
+    # Episode resets (issue 15): the fraction of (step, sequence) pairs where an episode starts. fastrnn runs
+    # them with resets=, torch.nn as the per-step loop recurrent RL code writes (runner.PerStepLoop).
+    resets: float = 0.0
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -47,6 +50,8 @@ class Case:
             name += "-bidir"
         if self.proj:
             name += f"-P{self.proj}"
+        if self.resets:
+            name += "-resets"
         return name + _DTYPE_TAGS[self.dtype]
 
     @property
@@ -83,6 +88,9 @@ SWEEP_BATCHES = (1, 2, 4, 8, 16)
 SWEEP_HIDDEN = (128, 256, 512, 1024)
 # DESIGN.md section 7's long sequence: T=1024, B=16, H=768, bf16.
 LONG_SEQUENCE = (1024, 16, 768, 768)
+# CleanRL's ppo_atari_lstm rollout: LSTM(512, 128), 128 steps x 8 environments, episodes ending anywhere
+# (2% of the steps start one), forward+backward as the PPO update runs it (issue 15).
+RL_ROLLOUT = Case("lstm", 128, 8, 512, 128, resets=0.02)
 
 
 def _sweep(batches, hiddens, cells, dtype="float32"):
@@ -100,15 +108,16 @@ _SETS = {
         "cuda": CaseSet("cpu", _CPU_TARGETS, help="the CPU kernel's 12 target cases, run on the GPU"),
     },
     "quick": {
-        "cpu": CaseSet("quick", _CPU_TARGETS, help="the 12 CPU target cases (about 2 minutes on 2 cores)"),
+        "cpu": CaseSet("quick", _CPU_TARGETS + (RL_ROLLOUT,),
+                       help="the 12 CPU target cases and the RL rollout with resets (about 2 minutes on 2 cores)"),
         "cuda": CaseSet(
             "quick",
             _each_cell((FASTRNNS_DEFAULT,))
             + _each_cell((FASTRNNS_DEFAULT,), dtype="bfloat16")
             + tuple(Case("lstm", 100, b, 512, 512, dtype=d) for b in (1, 8) for d in ("float32", "bfloat16"))
-            + (Case("lstm", *LONG_SEQUENCE, dtype="bfloat16"),),
+            + (Case("lstm", *LONG_SEQUENCE, dtype="bfloat16"), RL_ROLLOUT),
             help="scripts/gpu.sh's set: fastrnns default per cell in fp32 and bf16, LSTM at B = 1 and 8 "
-                 "(fp32, bf16), the long bf16 LSTM (FlashRNN's B=16, T=1024, H=768)",
+                 "(fp32, bf16), the long bf16 LSTM (FlashRNN's B=16, T=1024, H=768), the RL rollout with resets",
         ),
     },
     "full": {
@@ -120,8 +129,9 @@ _SETS = {
             + _sweep((1, 4, 16), SWEEP_HIDDEN, ("lstm", "gru"))
             + (Case("lstm", *FASTRNNS_DEFAULT, layers=2, bidirectional=True),
                Case("lstm", 100, 64, 512, 1024, proj=256),
-               Case("lstm", *LONG_SEQUENCE)),
-            help="CPU targets, the small-batch sweep, a 2-layer bidirectional LSTM, proj, the long sequence",
+               Case("lstm", *LONG_SEQUENCE), RL_ROLLOUT),
+            help="CPU targets, the small-batch sweep, a 2-layer bidirectional LSTM, proj, the long sequence, "
+                 "the RL rollout with resets",
         ),
         "cuda": CaseSet(
             "full",
@@ -130,12 +140,15 @@ _SETS = {
             + _sweep(SWEEP_BATCHES, SWEEP_HIDDEN, ("lstm", "gru"))
             + (Case("lstm", *FASTRNNS_DEFAULT, layers=2, bidirectional=True),
                Case("lstm", 100, 64, 512, 1024, proj=256))
-            + _each_cell((LONG_SEQUENCE,), cells=("lstm", "gru"), dtype="bfloat16"),
-            help="fastrnns default (fp32, bf16), the full small-batch sweep, 2-layer bidir, proj, long bf16",
+            + _each_cell((LONG_SEQUENCE,), cells=("lstm", "gru"), dtype="bfloat16") + (RL_ROLLOUT,),
+            help="fastrnns default (fp32, bf16), the full small-batch sweep, 2-layer bidir, proj, long bf16, "
+                 "the RL rollout with resets",
         ),
     },
     # Sizes for the pytest-benchmark microbenchmarks (bench/test_*.py): big enough to time the
     # recurrence, small enough that every backend runs each in well under a second on 2 cores.
+    # The RL rollout alone: fastrnn with resets= against the per-step torch.nn loop.
+    "rl": {dev: CaseSet("rl", (RL_ROLLOUT,), help="CleanRL's LSTM rollout with episode resets") for dev in ("cpu", "cuda")},
     "micro": {
         dev: CaseSet("micro", _each_cell(((50, 1, 64, 128), (100, 32, 256, 256))), help="microbenchmark sizes")
         for dev in ("cpu", "cuda")
@@ -144,7 +157,8 @@ _SETS = {
     "smoke": {
         dev: CaseSet(
             "smoke",
-            _each_cell(((5, 2, 3, 4),)) + (Case("lstm", 4, 3, 5, 6, layers=2, bidirectional=True, proj=3),),
+            _each_cell(((5, 2, 3, 4),)) + (Case("lstm", 4, 3, 5, 6, layers=2, bidirectional=True, proj=3),
+                                           Case("gru", 6, 3, 5, 4, resets=0.3)),
             help="tiny sizes that exercise every code path of the runner",
         )
         for dev in ("cpu", "cuda")

@@ -41,12 +41,37 @@ def module_kwargs(case):
     return kwargs
 
 
+class PerStepLoop(torch.nn.Module):
+    """What recurrent RL code runs today for a rollout with episode ends (CleanRL's ppo_atari_lstm,
+    sb3-contrib's RecurrentPPO): torch.nn cannot reset a sequence's state inside one call, so the rollout
+    is a Python loop, one torch.nn call per step, the state zeroed first where an episode starts."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hx=None, *, resets):
+        lstm = isinstance(self.rnn, torch.nn.LSTM)
+        state = hx
+        if state is None:
+            shape = (self.rnn.num_layers * (2 if self.rnn.bidirectional else 1), x.shape[1], self.rnn.hidden_size)
+            state = (x.new_zeros(shape), x.new_zeros(shape)) if lstm else x.new_zeros(shape)
+        ys = []
+        for t in range(x.shape[0]):
+            keep = (~resets[t]).to(x.dtype).view(1, -1, 1)
+            state = (state[0] * keep, state[1] * keep) if lstm else state * keep
+            y, state = self.rnn(x[t : t + 1], state)
+            ys.append(y)
+        return torch.cat(ys), state
+
+
 def build_modules(case, backends, device):
-    """{name: module} for torch.nn and each backend, sharing torch.nn's (seeded) parameters."""
+    """{name: module} for torch.nn and each backend, sharing torch.nn's (seeded) parameters. With resets,
+    torch.nn is the per-step loop (PerStepLoop)."""
     torch.manual_seed(0)
     baseline = _TORCH_CLASSES[case.cell](case.I, case.H, **module_kwargs(case))
     state = baseline.state_dict()
-    modules = {TORCH_NN: baseline}
+    modules = {TORCH_NN: PerStepLoop(baseline) if case.resets else baseline}
     for backend in backends:
         module = getattr(fastrnn, _FASTRNN_CLASSES[case.cell])(case.I, case.H, backend=backend, **module_kwargs(case))
         module.load_state_dict(state)
@@ -55,29 +80,34 @@ def build_modules(case, backends, device):
 
 
 def make_inputs(case, device):
-    """x [T, B, I] and the gradient of the output y [T, B, D*Hout], seeded."""
+    """x [T, B, I], the gradient of the output y [T, B, D*Hout] and the episode starts (the keyword
+    arguments of every call: {} or {"resets": [T, B] bool}), seeded."""
     generator = torch.Generator().manual_seed(1)
     directions = 2 if case.bidirectional else 1
     x = torch.randn(case.T, case.B, case.I, generator=generator)
     grad_y = torch.randn(case.T, case.B, directions * (case.proj or case.H), generator=generator)
-    return x.to(device=device, dtype=case.torch_dtype), grad_y.to(device=device, dtype=case.torch_dtype)
+    kwargs = {}
+    if case.resets:
+        kwargs["resets"] = (torch.rand(case.T, case.B, generator=generator) < case.resets).to(device)
+    return x.to(device=device, dtype=case.torch_dtype), grad_y.to(device=device, dtype=case.torch_dtype), kwargs
 
 
-def calls(module, x, grad_y, pass_name):
+def calls(module, x, grad_y, pass_name, kwargs=None):
     """(call, reset) for one pass. fwd runs under no_grad (inference: nothing saved); fwd+bwd takes
     gradients for the input and every parameter; reset drops them so backward never times an add."""
+    kwargs = kwargs or {}
     if pass_name == "fwd":
 
         def forward():
             with torch.no_grad():
-                module(x)
+                module(x, **kwargs)
 
         return forward, None
     x = x.detach().requires_grad_(True)
     params = list(module.parameters())
 
     def forward_backward():
-        y, _ = module(x)
+        y, _ = module(x, **kwargs)
         y.backward(grad_y)
 
     def reset():
@@ -124,11 +154,11 @@ def run(case_set, device, backends, passes, repeats, progress, measure_memory=Tr
 
 def _run_case(case, device, backends, passes, repeats, progress, measure_memory, common):
     modules = build_modules(case, backends, device)
-    x, grad_y = make_inputs(case, device)
+    x, grad_y, kwargs = make_inputs(case, device)
     rows = []
     for pass_name in passes:
         progress.start(f"{case.name} {pass_name}: {', '.join(modules)}")
-        results = _measure_pass(modules, x, grad_y, pass_name, device, repeats, measure_memory)
+        results = _measure_pass(modules, x, grad_y, kwargs, pass_name, device, repeats, measure_memory)
         progress.advance(len(modules))
         baseline_p50 = results[TORCH_NN].get("p50_s")
         case_flops = roofline.flops(case, pass_name)
@@ -143,13 +173,13 @@ def _run_case(case, device, backends, passes, repeats, progress, measure_memory,
     return rows
 
 
-def _measure_pass(modules, x, grad_y, pass_name, device, repeats, measure_memory):
+def _measure_pass(modules, x, grad_y, kwargs, pass_name, device, repeats, measure_memory):
     """{name: result fields} for one pass of every module, timed round-robin (measure_interleaved).
     A backend that raises on its first call becomes a row with the error (shown in the table and
     counted in the exit status), and the others are still measured."""
     results, runnable = {}, {}
     for name, module in modules.items():
-        call, reset = calls(module, x, grad_y, pass_name)
+        call, reset = calls(module, x, grad_y, pass_name, kwargs)
         try:
             call_once(call, reset)  # also the first warm-up call
         except Exception as e:  # reported in the row, the table and the exit status
