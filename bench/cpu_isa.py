@@ -32,14 +32,14 @@ def op_args(cell, T, B, H):
     ops = torch.ops.fastrnn
     if cell == "lstm":
         c0 = torch.randn(B, H)
-        return (ops.lstm_fwd, (gx, w_hh, h0, c0, None, None, False, True), ops.lstm_bwd,
-                lambda out: (dy, dh, torch.randn(B, H), w_hh, c0, None, out[3], out[4], None, False))
+        return (ops.lstm_fwd, (gx, w_hh, h0, c0, None, None, None, False, True), ops.lstm_bwd,
+                lambda out: (dy, dh, torch.randn(B, H), w_hh, c0, None, out[3], out[4], None, None, False))
     if cell == "gru":
         b_hh = torch.randn(G)
-        return (ops.gru_fwd, (gx, w_hh, b_hh, h0, None, False, True), ops.gru_bwd,
-                lambda out: (dy, dh, w_hh, out[0], h0, out[2], None, False))
-    return (ops.rnn_fwd, (gx, w_hh, h0, None, False, False), ops.rnn_bwd,
-            lambda out: (dy, dh, w_hh, out[0], None, False, False))
+        return (ops.gru_fwd, (gx, w_hh, b_hh, h0, None, None, False, True), ops.gru_bwd,
+                lambda out: (dy, dh, w_hh, out[0], h0, out[2], None, None, False))
+    return (ops.rnn_fwd, (gx, w_hh, h0, None, None, False, False), ops.rnn_bwd,
+            lambda out: (dy, dh, w_hh, out[0], None, None, False, False))
 
 
 def main():

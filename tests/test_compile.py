@@ -71,17 +71,18 @@ def test_ops_pass_opcheck():
     y = torch.randn(T, B, H, **f64)
     calls = {
         "lstm_fwd": (torch.randn(T, B, 4 * H, **f64), torch.randn(4 * H, P, **f64), torch.randn(B, P, **f64),
-                     torch.randn(B, H, **f64), torch.randn(P, H, **f64), L, True, True),
+                     torch.randn(B, H, **f64), torch.randn(P, H, **f64), L, None, True, True),
         "lstm_bwd": (torch.randn(T, B, P, **f64), torch.randn(B, P, **f64), torch.randn(B, H, **f64),
                      torch.randn(4 * H, P, **f64), torch.randn(B, H, **f64), torch.randn(P, H, **f64),
-                     torch.rand(T, B, 4 * H, **f64), torch.randn(T, B, H, **f64), L, False),
+                     torch.rand(T, B, 4 * H, **f64), torch.randn(T, B, H, **f64), L, None, False),
         "gru_fwd": (torch.randn(T, B, 3 * H, **f64), torch.randn(3 * H, H, **f64), torch.randn(3 * H, **f64),
-                    torch.randn(B, H, **f64), None, False, True),
+                    torch.randn(B, H, **f64), None, None, False, True),
         "gru_bwd": (torch.randn(T, B, H, **f64), torch.randn(B, H, **f64), torch.randn(3 * H, H, **f64), y,
-                    torch.randn(B, H, **f64), torch.rand(T, B, 4 * H, **f64), L, True),
-        "rnn_fwd": (torch.randn(T, B, H, **f64), torch.randn(H, H, **f64), torch.randn(B, H, **f64), L, True, True),
+                    torch.randn(B, H, **f64), torch.rand(T, B, 4 * H, **f64), L, None, True),
+        "rnn_fwd": (torch.randn(T, B, H, **f64), torch.randn(H, H, **f64), torch.randn(B, H, **f64), L, None, True,
+                    True),
         "rnn_bwd": (torch.randn(T, B, H, **f64), torch.randn(B, H, **f64), torch.randn(H, H, **f64), y.tanh(), None,
-                    False, False),
+                    None, False, False),
     }
     for name, args in calls.items():
         torch.library.opcheck(ref[name], args)
