@@ -3,7 +3,8 @@ against torch.nn, in seconds.
 
 Each backend runs small LSTM (with and without proj_size), GRU and RNN (tanh, relu) modules in fp32 and
 fp64 on odd sizes: one layer; two bidirectional layers on an unsorted PackedSequence with batch_first;
-one step of one sequence without biases. Every output (y, h_n, c_n) and every gradient (input, h0, c0,
+one step of one sequence without biases; two layers with episode resets (`resets=`, against torch.nn run
+as the per-step loop RL code writes). Every output (y, h_n, c_n) and every gradient (input, h0, c0,
 each weight and bias) is compared with torch.nn in fp64 on the CPU (the oracle), with the weights
 copied by state_dict.
 
@@ -21,6 +22,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
+
+from .runner import PerStepLoop
 
 FLOORS = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -56,6 +59,7 @@ class Layout:
     batch_first: bool = False
     bias: bool = True
     lengths: tuple = ()  # a PackedSequence (enforce_sorted=False) of these lengths; () = a padded tensor
+    resets: tuple = ()  # (t, b) where an episode starts (resets=; torch.nn runs as the per-step RL loop)
 
 
 # Odd sizes on purpose (H not a multiple of 8; T=1; B=1; unsorted lengths including 1 and T).
@@ -64,6 +68,7 @@ LAYOUTS = (
     Layout("L2-bidir-packed", T=6, B=4, I=5, H=7, layers=2, bidirectional=True, batch_first=True,
            lengths=(6, 2, 5, 1)),
     Layout("T1-B1-nobias", T=1, B=1, I=3, H=5, bias=False),
+    Layout("L2-resets", T=7, B=3, I=5, H=6, layers=2, resets=((0, 1), (3, 0), (3, 2), (6, 1))),
 )
 
 
@@ -98,7 +103,14 @@ def _run(module, variant, layout, inputs, device, dtype, grad_seed=1):
     if layout.lengths:
         x = pack_padded_sequence(x, torch.tensor(layout.lengths), batch_first=layout.batch_first, enforce_sorted=False)
     hx = (leaves["h0"], leaves["c0"]) if "c0" in leaves else leaves["h0"]
-    out, hidden = module(x, hx)
+    params = dict(module.named_parameters())
+    if layout.resets:
+        resets = torch.zeros(layout.T, layout.B, dtype=torch.bool, device=device)
+        resets[tuple(zip(*layout.resets))] = True
+        call = module if isinstance(module, fastrnn.modules._RecurrentMixin) else PerStepLoop(module)
+        out, hidden = call(x, hx, resets=resets)
+    else:
+        out, hidden = module(x, hx)
     outputs = {"y": out.data if layout.lengths else out}
     if isinstance(hidden, tuple):
         outputs["h_n"], outputs["c_n"] = hidden
@@ -109,7 +121,6 @@ def _run(module, variant, layout, inputs, device, dtype, grad_seed=1):
         (value * torch.randn(value.shape, generator=generator, dtype=torch.float64).to(device, dtype)).sum()
         for value in outputs.values()
     )
-    params = dict(module.named_parameters())
     wrt = {**{f"d{k}": v for k, v in leaves.items()}, **{f"d{k}": v for k, v in params.items()}}
     grads = torch.autograd.grad(loss, list(wrt.values()))
     values = {**outputs, **dict(zip(wrt, grads))}
