@@ -306,12 +306,13 @@ def test_projection_refuses_forced_persistent(monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("resets", ["absent", "random"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_deterministic(cell, scheme):
+def test_deterministic(cell, scheme, resets):
     """Two runs give bitwise equal results (no atomics; cuBLAS is deterministic on one stream)."""
     shape = (7, 5, 37, 0, True, False)
-    first = check_against_reference(cell, shape, torch.float32, scheme)
-    second = check_against_reference(cell, shape, torch.float32, scheme)
+    first = check_against_reference(cell, shape, torch.float32, scheme, resets=resets)
+    second = check_against_reference(cell, shape, torch.float32, scheme, resets=resets)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
@@ -342,6 +343,46 @@ def test_bad_inputs_raise():
         op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, None, False, True)
     with pytest.raises(RuntimeError, match="3 \\* H"):
         op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, None, False, True)
+    resets = torch.zeros(3, 2, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match="resets must be bool"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.float(), False, True)
+    with pytest.raises(RuntimeError, match="resets must have shape \\[3, 2\\]"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.t(), False, True)
+    with pytest.raises(RuntimeError, match="resets is on cpu"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.cpu(), False, True)
+
+
+# Episode resets on the GPU (each pattern of make_resets, defined below with the emulated tests): the
+# real kernels, cuBLAS and bindings.cpp's loop (step_bwd_finish included) against the reference ops.
+# (shape, dtype, pattern): every pattern on a shape with lengths and reverse in fp64; B=1 (tile 1) with
+# lengths in fp32; two batch passes (B=13) with H=300 (several units per block) reverse in fp64.
+GPU_RESET_CASES = [(SHAPES[1], torch.float64, p) for p in ("first", "last", "all", "seq_ends", "random", "none")] + [
+    (SHAPES[2], torch.float32, "random"), (SHAPES[3], torch.float64, "random")]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape,dtype,pattern", GPU_RESET_CASES,
+                         ids=[f"{shape_id(s)}-{str(d)[6:]}-{p}" for s, d, p in GPU_RESET_CASES])
+@pytest.mark.parametrize("cell", CELLS)
+def test_ops_with_resets_match_reference(cell, shape, dtype, pattern, scheme):
+    check_against_reference(cell, shape, dtype, scheme, resets=pattern)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("pattern", ["seq_ends", "random", "none"])
+@pytest.mark.parametrize("shape", PROJ_SHAPES, ids=shape_id)
+def test_lstm_projection_with_resets(shape, pattern, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CUDA_SCHEME", "step")
+    check_against_reference("lstm", shape, torch.float64, "step", resets=pattern)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cell", CELLS)
+def test_resets_low_precision(cell, scheme):
+    check_against_reference(cell, SHAPES[1], torch.bfloat16, scheme, resets="random")
 
 
 @gpu
