@@ -708,10 +708,12 @@ def test_emulated_resets_persistent_block_counts(emulator, cell, units):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["random", "none"])
 @pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_emulated_resets_low_precision(emulator, cell, dtype, emu_scheme):
-    """The float paths with a random mask (tolerances of `tolerance`, as without resets)."""
+def test_emulated_resets_low_precision(emulator, cell, dtype, emu_scheme, pattern):
+    """The float paths with a random mask (tolerances of `tolerance`, as without resets), and all false =
+    None bit for bit where the state is rounded (step_bwd_finish's dc0 against copy_)."""
     check_against_reference(cell, EMU_RESET_SHAPES[1], dtype, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu",
-                            resets="random")
+                            resets=pattern)
