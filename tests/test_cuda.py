@@ -387,6 +387,48 @@ def test_resets_low_precision(cell, scheme):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("cell,kwargs", [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {}),
+                                         ("RNN", {"nonlinearity": "relu"})], ids=["lstm", "lstm-proj", "gru", "rnn"])
+def test_modules_with_resets_match_reference(cell, kwargs, scheme):
+    """The modules (autograd.py over the CUDA ops: 2 layers, bidirectional, batch_first, the reverse
+    direction's shifted mask) against the same modules on the reference backend, fp64, values and the
+    gradients of x, h0 and every parameter."""
+    import fastrnn
+
+    if scheme == "persistent" and "proj_size" in kwargs:
+        pytest.skip("the persistent kernel has no projection (test_projection_refuses_forced_persistent)")
+    cuda_ops()
+    torch.manual_seed(0)
+    make = getattr(fastrnn, cell)
+    m = make(6, 8, num_layers=2, bidirectional=True, batch_first=True, backend="cuda", **kwargs)
+    ref = make(6, 8, num_layers=2, bidirectional=True, batch_first=True, backend="reference", **kwargs)
+    ref.load_state_dict(m.state_dict())
+    m, ref = m.to("cuda", torch.float64), ref.to("cuda", torch.float64)
+    B, T = 4, 7
+    x = torch.randn(B, T, 6, device="cuda", dtype=torch.float64)
+    hout = kwargs.get("proj_size", 8)
+    h0 = torch.randn(4, B, hout, device="cuda", dtype=torch.float64)
+    hx = (h0, torch.randn(4, B, 8, device="cuda", dtype=torch.float64)) if cell == "LSTM" else h0
+    resets = torch.rand(B, T, device="cuda") < 0.3
+    resets[0, 0] = resets[1, T - 1] = True
+
+    def run(module):
+        xs = x.clone().requires_grad_()
+        hs = tuple(h.clone().requires_grad_() for h in hx) if cell == "LSTM" else hx.clone().requires_grad_()
+        out, h_n = module(xs, hs, resets=resets)
+        finals = h_n if cell == "LSTM" else (h_n,)
+        (out.square().sum() + sum(h.square().sum() for h in finals)).backward()
+        inputs = (xs, *hs) if cell == "LSTM" else (xs, hs)
+        return [t.detach() for t in [out, *finals]] + [t.grad for t in inputs] + [p.grad for p in module.parameters()]
+
+    names = ["out", "h_n", "c_n"][:2 + (cell == "LSTM")] + ["dx", "dh0", "dc0"][:2 + (cell == "LSTM")] + [
+        f"d{n}" for n, _ in m.named_parameters()]
+    for name, got, want in zip(names, run(m), run(ref), strict=True):
+        compare(name, want, got, **tolerance(torch.float64, T))
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graph_capture_and_replay(dtype, scheme):
     """Both schemes inside torch.cuda.graph: the persistent plan's set-up is cached per device by the
