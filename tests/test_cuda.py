@@ -466,10 +466,10 @@ def _struct(name, ints, pointers):
 
 
 # ctypes mirrors of csrc/cuda/cuda_api.h (checked against sizeof by test_emulator_layout).
-FwdParams = _struct("FwdParams", True, ["lengths", "resets", "gx", "w_hh", "b_hh", "h0", "c0", "y", "h_n", "c_n", "saved",
-                                         "cs"])
-BwdParams = _struct("BwdParams", True, ["lengths", "resets", "dy", "dh_n", "dc_n", "w_hh", "h0", "c0", "y", "saved", "cs",
-                                         "dgx", "dgh", "dh0", "dc0", "m"])
+FwdParams = _struct("FwdParams", True, ["lengths", "resets", "gx", "w_hh", "b_hh", "h0", "c0", "y", "h_n", "c_n",
+                                         "saved", "cs"])
+BwdParams = _struct("BwdParams", True, ["lengths", "resets", "dy", "dh_n", "dc_n", "w_hh", "h0", "c0", "y", "saved",
+                                         "cs", "dgx", "dgh", "dh0", "dc0", "m"])
 StepFwdWork = _struct("StepFwdWork", False, ["gh", "h", "c", "m"])
 StepBwdWork = _struct("StepBwdWork", False, ["dh", "dc", "dm"])
 

@@ -18,10 +18,10 @@
 //       (and dgh[t]), zeros when inactive; dg out = the rows that multiply W_hh for dh_{t-1} (dgx for
 //       LSTM/RNN, dgh for GRU), zeros when inactive.
 // Episode resets (docs/contract.md) live here too, for the step itself: at an active step that starts
-// from a zero state (starts_from_zero; resets_at here, at active steps only), fwd takes h_{t-1} = 0 (so gh = b_hh for GRU, 0 otherwise) and
-// c_{t-1} = 0, and bwd reads c_{t-1} / h_{t-1} as 0. The cut of the gradient carried across the reset
-// (dh, dc into step t-1) is the schemes' (carried_gradient_is_cut, where they read it): bwd returns
-// direct, dc and dg as if there were no reset.
+// from a zero state (starts_from_zero; resets_at here, at active steps only), fwd takes h_{t-1} = 0 (so
+// gh = b_hh for GRU, 0 otherwise) and c_{t-1} = 0, and bwd reads c_{t-1} / h_{t-1} as 0. The cut of the
+// gradient carried across the reset (dh, dc into step t-1) is the schemes' (carried_gradient_is_cut,
+// where they read it): bwd returns direct, dc and dg as if there were no reset.
 #pragma once
 
 #include "../cells/gru.h"
