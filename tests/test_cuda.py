@@ -243,14 +243,17 @@ def shape_id(s):
         "-reverse" if reverse else "")
 
 
-def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda", resets="absent"):
+def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda", resets="absent", lengths=None):
     """The ops under test (the CUDA ops by default) against the reference ops in fp64 on the same data;
     `resets` names a mask pattern (make_resets). With "none" (all false) the ops must also give the
-    result of resets=None bit for bit."""
+    result of resets=None bit for bit. `lengths` (a list) replaces make_lengths' when given."""
     T, B, H, proj, with_lengths, reverse = shape
     gen = torch.Generator().manual_seed(1234)
     x = random_inputs(cell, T, B, H, proj, dtype, device, gen)
-    lengths = make_lengths(B, T, device) if with_lengths else None
+    if lengths is not None:
+        lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+    elif with_lengths:
+        lengths = make_lengths(B, T, device)
     mask = make_resets(resets, T, B, lengths, device)
     ops = ops if ops is not None else cuda_ops()
     out = run_cell(ops, cell, x, lengths, reverse, mask)
@@ -759,3 +762,15 @@ def test_emulated_resets_low_precision(emulator, cell, dtype, emu_scheme, patter
     None bit for bit where the state is rounded (step_bwd_finish's dc0 against copy_)."""
     check_against_reference(cell, EMU_RESET_SHAPES[1], dtype, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu",
                             resets=pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["all", "random"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_resets_ignored_where_inactive(emulator, cell, emu_scheme, reverse, pattern):
+    """Lengths 0 (never active: the mask is ignored at every step, h_n = h0, dh0 = dh_n), T and in
+    between: a reset at an inactive step changes nothing (docs/contract.md)."""
+    check_against_reference(cell, (5, 4, 7, 0, True, reverse), torch.float64, emu_scheme,
+                            EmulatedOps(emulator, emu_scheme), "cpu", resets=pattern, lengths=[0, 5, 2, 1])
