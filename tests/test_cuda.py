@@ -182,20 +182,44 @@ def random_inputs(cell, T, B, H, proj, dtype, device, gen):
     )
 
 
-def run_cell(op, cell, x, lengths, reverse):
+def make_resets(pattern, T, B, lengths, device):
+    """The episode-reset mask [T, B] (docs/contract.md) of a named pattern, or None for "absent"."""
+    if pattern == "absent":
+        return None
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    if pattern == "first":
+        resets[0] = True
+    elif pattern == "last":
+        resets[T - 1] = True
+    elif pattern == "all":
+        resets[:] = True
+    elif pattern == "random":
+        resets = torch.rand(T, B, generator=torch.Generator().manual_seed(99)) < 0.35
+    elif pattern == "seq_ends":
+        # Each sequence's own last active step: with a reverse op that is the step processed first forward
+        # and last but the inactive ones backward, where the cut gradient must pass through as 0.
+        ends = lengths.cpu() - 1 if lengths is not None else torch.full((B,), T - 1)
+        resets[ends.clamp(min=0), torch.arange(B)] = True
+    else:
+        assert pattern == "none", pattern  # all false: the result of None, bit for bit
+    return resets.to(device)
+
+
+def run_cell(op, cell, x, lengths, reverse, resets=None):
     """Forward then backward of one cell through one op table; returns {name: tensor}."""
     if cell == "lstm":
-        y, h_n, c_n, gates, cs = op.lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], lengths, None, reverse, True)
+        y, h_n, c_n, gates, cs = op.lstm_fwd(x["gx"], x["w_hh"], x["h0"], x["c0"], x["w_hr"], lengths, resets, reverse,
+                                             True)
         dgx, dh0, dc0, dw_hr = op.lstm_bwd(x["dy"], x["dh_n"], x["dc_n"], x["w_hh"], x["c0"], x["w_hr"], gates, cs,
-                                           lengths, None, reverse)
+                                           lengths, resets, reverse)
         return dict(y=y, h_n=h_n, c_n=c_n, gates=gates, cs=cs, dgx=dgx, dh0=dh0, dc0=dc0, dw_hr=dw_hr)
     if cell == "gru":
-        y, h_n, saved = op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], lengths, None, reverse, True)
-        dgx, dgh, dh0 = op.gru_bwd(x["dy"], x["dh_n"], x["w_hh"], y, x["h0"], saved, lengths, None, reverse)
+        y, h_n, saved = op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], lengths, resets, reverse, True)
+        dgx, dgh, dh0 = op.gru_bwd(x["dy"], x["dh_n"], x["w_hh"], y, x["h0"], saved, lengths, resets, reverse)
         return dict(y=y, h_n=h_n, saved=saved, dgx=dgx, dgh=dgh, dh0=dh0)
     relu = cell == "rnn_relu"
-    y, h_n = op.rnn_fwd(x["gx"], x["w_hh"], x["h0"], lengths, None, reverse, relu)
-    dgx, dh0 = op.rnn_bwd(x["dy"], x["dh_n"], x["w_hh"], y, lengths, None, reverse, relu)
+    y, h_n = op.rnn_fwd(x["gx"], x["w_hh"], x["h0"], lengths, resets, reverse, relu)
+    dgx, dh0 = op.rnn_bwd(x["dy"], x["dh_n"], x["w_hh"], y, lengths, resets, reverse, relu)
     return dict(y=y, h_n=h_n, dgx=dgx, dh0=dh0)
 
 
@@ -219,16 +243,27 @@ def shape_id(s):
         "-reverse" if reverse else "")
 
 
-def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda"):
-    """The ops under test (the CUDA ops by default) against the reference ops in fp64 on the same data."""
+def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda", resets="absent", lengths=None):
+    """The ops under test (the CUDA ops by default) against the reference ops in fp64 on the same data;
+    `resets` names a mask pattern (make_resets). With "none" (all false) the ops must also give the
+    result of resets=None bit for bit. `lengths` (a list) replaces make_lengths' when given."""
     T, B, H, proj, with_lengths, reverse = shape
     gen = torch.Generator().manual_seed(1234)
     x = random_inputs(cell, T, B, H, proj, dtype, device, gen)
-    lengths = make_lengths(B, T, device) if with_lengths else None
-    out = run_cell(ops if ops is not None else cuda_ops(), cell, x, lengths, reverse)
+    if lengths is not None:
+        lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+    elif with_lengths:
+        lengths = make_lengths(B, T, device)
+    mask = make_resets(resets, T, B, lengths, device)
+    ops = ops if ops is not None else cuda_ops()
+    out = run_cell(ops, cell, x, lengths, reverse, mask)
+    if resets == "none":
+        without = run_cell(ops, cell, x, lengths, reverse, None)
+        for name in without:
+            assert torch.equal(out[name], without[name]), f"{name}: all-false resets differ from resets=None"
     # The oracle: the reference ops in fp64 on the same data.
     x64 = {k: (v.double() if v is not None else None) for k, v in x.items()}
-    ref = run_cell(reference_ops(), cell, x64, lengths, reverse)
+    ref = run_cell(reference_ops(), cell, x64, lengths, reverse, mask)
     assert out.keys() == ref.keys()
     for name in ref:
         assert out[name].dtype == dtype or out[name].numel() == 0, f"{name}: dtype {out[name].dtype}"
@@ -274,12 +309,13 @@ def test_projection_refuses_forced_persistent(monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("resets", ["absent", "random"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_deterministic(cell, scheme):
+def test_deterministic(cell, scheme, resets):
     """Two runs give bitwise equal results (no atomics; cuBLAS is deterministic on one stream)."""
     shape = (7, 5, 37, 0, True, False)
-    first = check_against_reference(cell, shape, torch.float32, scheme)
-    second = check_against_reference(cell, shape, torch.float32, scheme)
+    first = check_against_reference(cell, shape, torch.float32, scheme, resets=resets)
+    second = check_against_reference(cell, shape, torch.float32, scheme, resets=resets)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
@@ -310,6 +346,88 @@ def test_bad_inputs_raise():
         op.gru_fwd(x["gx"], x["w_hh"].cpu(), x["b_hh"], x["h0"], None, None, False, True)
     with pytest.raises(RuntimeError, match="3 \\* H"):
         op.gru_fwd(x["gx"][..., :-1], x["w_hh"], x["b_hh"], x["h0"], None, None, False, True)
+    resets = torch.zeros(3, 2, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match="resets must be bool"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.float(), False, True)
+    with pytest.raises(RuntimeError, match="resets must have shape \\[3, 2\\]"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.t(), False, True)
+    with pytest.raises(RuntimeError, match="resets is on cpu"):
+        op.gru_fwd(x["gx"], x["w_hh"], x["b_hh"], x["h0"], None, resets.cpu(), False, True)
+
+
+# Episode resets on the GPU (each pattern of make_resets, defined below with the emulated tests): the
+# real kernels, cuBLAS and bindings.cpp's loop (step_bwd_finish included) against the reference ops.
+# (shape, dtype, pattern): every pattern on a shape with lengths and reverse in fp64; B=1 (tile 1) with
+# lengths in fp32; two batch passes (B=13) with H=300 (several units per block) reverse in fp64.
+GPU_RESET_CASES = [(SHAPES[1], torch.float64, p) for p in ("first", "last", "all", "seq_ends", "random", "none")] + [
+    (SHAPES[2], torch.float32, "random"), (SHAPES[3], torch.float64, "random")]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape,dtype,pattern", GPU_RESET_CASES,
+                         ids=[f"{shape_id(s)}-{str(d)[6:]}-{p}" for s, d, p in GPU_RESET_CASES])
+@pytest.mark.parametrize("cell", CELLS)
+def test_ops_with_resets_match_reference(cell, shape, dtype, pattern, scheme):
+    check_against_reference(cell, shape, dtype, scheme, resets=pattern)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("pattern", ["seq_ends", "random", "none"])
+@pytest.mark.parametrize("shape", PROJ_SHAPES, ids=shape_id)
+def test_lstm_projection_with_resets(shape, pattern, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CUDA_SCHEME", "step")
+    check_against_reference("lstm", shape, torch.float64, "step", resets=pattern)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cell", CELLS)
+def test_resets_low_precision(cell, scheme):
+    check_against_reference(cell, SHAPES[1], torch.bfloat16, scheme, resets="random")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cell,kwargs", [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {}),
+                                         ("RNN", {"nonlinearity": "relu"})], ids=["lstm", "lstm-proj", "gru", "rnn"])
+def test_modules_with_resets_match_reference(cell, kwargs, scheme):
+    """The modules (autograd.py over the CUDA ops: 2 layers, bidirectional, batch_first, the reverse
+    direction's shifted mask) against the same modules on the reference backend, fp64, values and the
+    gradients of x, h0 and every parameter."""
+    import fastrnn
+
+    if scheme == "persistent" and "proj_size" in kwargs:
+        pytest.skip("the persistent kernel has no projection (test_projection_refuses_forced_persistent)")
+    cuda_ops()
+    torch.manual_seed(0)
+    make = getattr(fastrnn, cell)
+    m = make(6, 8, num_layers=2, bidirectional=True, batch_first=True, backend="cuda", **kwargs)
+    ref = make(6, 8, num_layers=2, bidirectional=True, batch_first=True, backend="reference", **kwargs)
+    ref.load_state_dict(m.state_dict())
+    m, ref = m.to("cuda", torch.float64), ref.to("cuda", torch.float64)
+    B, T = 4, 7
+    x = torch.randn(B, T, 6, device="cuda", dtype=torch.float64)
+    hout = kwargs.get("proj_size", 8)
+    h0 = torch.randn(4, B, hout, device="cuda", dtype=torch.float64)
+    hx = (h0, torch.randn(4, B, 8, device="cuda", dtype=torch.float64)) if cell == "LSTM" else h0
+    resets = torch.rand(B, T, device="cuda") < 0.3
+    resets[0, 0] = resets[1, T - 1] = True
+
+    def run(module):
+        xs = x.clone().requires_grad_()
+        hs = tuple(h.clone().requires_grad_() for h in hx) if cell == "LSTM" else hx.clone().requires_grad_()
+        out, h_n = module(xs, hs, resets=resets)
+        finals = h_n if cell == "LSTM" else (h_n,)
+        (out.square().sum() + sum(h.square().sum() for h in finals)).backward()
+        inputs = (xs, *hs) if cell == "LSTM" else (xs, hs)
+        return [t.detach() for t in [out, *finals]] + [t.grad for t in inputs] + [p.grad for p in module.parameters()]
+
+    names = ["out", "h_n", "c_n"][:2 + (cell == "LSTM")] + ["dx", "dh0", "dc0"][:2 + (cell == "LSTM")] + [
+        f"d{n}" for n, _ in m.named_parameters()]
+    for name, got, want in zip(names, run(m), run(ref), strict=True):
+        compare(name, want, got, **tolerance(torch.float64, T))
 
 
 @gpu
@@ -351,10 +469,10 @@ def _struct(name, ints, pointers):
 
 
 # ctypes mirrors of csrc/cuda/cuda_api.h (checked against sizeof by test_emulator_layout).
-FwdParams = _struct("FwdParams", True, ["lengths", "gx", "w_hh", "b_hh", "h0", "c0", "y", "h_n", "c_n", "saved",
-                                         "cs"])
-BwdParams = _struct("BwdParams", True, ["lengths", "dy", "dh_n", "dc_n", "w_hh", "h0", "c0", "y", "saved", "cs",
-                                         "dgx", "dgh", "dh0", "dc0", "m"])
+FwdParams = _struct("FwdParams", True, ["lengths", "resets", "gx", "w_hh", "b_hh", "h0", "c0", "y", "h_n", "c_n",
+                                         "saved", "cs"])
+BwdParams = _struct("BwdParams", True, ["lengths", "resets", "dy", "dh_n", "dc_n", "w_hh", "h0", "c0", "y", "saved",
+                                         "cs", "dgx", "dgh", "dh0", "dc0", "m"])
 StepFwdWork = _struct("StepFwdWork", False, ["gh", "h", "c", "m"])
 StepBwdWork = _struct("StepBwdWork", False, ["dh", "dc", "dm"])
 
@@ -399,13 +517,14 @@ class EmulatedOps:
     def _units(self, H):
         return self.units or max(1, -(-H // 3))  # 3 blocks, the last one partly filled when 3 does not divide H
 
-    def _forward(self, cell, gx, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, y, h_n, c_n, saved, cs):
+    def _forward(self, cell, gx, w_hh, b_hh, h0, c0, w_hr, lengths, resets, reverse, y, h_n, c_n, saved, cs):
         import ctypes
 
         T, B, GH = gx.shape
         H, Hout = GH // GATES[cell], h0.shape[1]
         acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
-        p = FwdParams(CELL_CODE[cell], DTYPE_CODE[gx.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(gx),
+        p = FwdParams(CELL_CODE[cell], DTYPE_CODE[gx.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(resets),
+                      _ptr(gx),
                       _ptr(w_hh), _ptr(b_hh), _ptr(h0), _ptr(c0), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(saved),
                       _ptr(cs))
         if self.scheme == "persistent":
@@ -431,15 +550,16 @@ class EmulatedOps:
         if c_n is not None:
             c_n.copy_(c)
 
-    def _backward(self, cell, dy, dh_n, dc_n, w_hh, h0, c0, w_hr, y, saved, cs, lengths, reverse, dgx, dgh, dh0,
-                  dc0, dw_hr):
+    def _backward(self, cell, dy, dh_n, dc_n, w_hh, h0, c0, w_hr, y, saved, cs, lengths, resets, reverse, dgx, dgh,
+                  dh0, dc0, dw_hr):
         import ctypes
 
         T, B, Hout = dy.shape
         H = dgx.shape[2] // GATES[cell]
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         m = _nan(T, B, H, dtype=dy.dtype) if w_hr is not None else None
-        p = BwdParams(CELL_CODE[cell], DTYPE_CODE[dy.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(dy),
+        p = BwdParams(CELL_CODE[cell], DTYPE_CODE[dy.dtype], T, B, H, Hout, reverse, _ptr(lengths), _ptr(resets),
+                      _ptr(dy),
                       _ptr(dh_n), _ptr(dc_n), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(y), _ptr(saved), _ptr(cs),
                       _ptr(dgx), _ptr(dgh), _ptr(dh0), _ptr(dc0), _ptr(m))
         if self.scheme == "persistent":
@@ -459,9 +579,12 @@ class EmulatedOps:
                 torch.mm(dht[t], w_hr, out=dm)
             self._call(self.lib.emu_step_bwd, p, w, t, ctypes.c_uint(self.blocks))
             dh.addmm_(dg[t], w_hh)
-        dh0.copy_(dh)
-        if dc0 is not None:
-            dc0.copy_(dc)
+        if resets is not None:
+            self._call(self.lib.emu_step_bwd_finish, p, _ptr(dh), _ptr(dc), ctypes.c_uint(self.blocks))
+        else:
+            dh0.copy_(dh)
+            if dc0 is not None:
+                dc0.copy_(dc)
         if w_hr is not None:
             torch.mm(dht.reshape(T * B, Hout).t(), m.reshape(T * B, H), out=dw_hr)
 
@@ -471,7 +594,7 @@ class EmulatedOps:
         y, h_n, c_n = _nan(T, B, Hout, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
         gates = _nan(T, B, 4 * H, dtype=dt) if save else gx.new_empty(0)
         cs = _nan(T, B, H, dtype=dt) if save else gx.new_empty(0)
-        self._forward("lstm", gx, w_hh, None, h0, c0, w_hr, lengths, reverse, y, h_n, c_n, gates, cs)
+        self._forward("lstm", gx, w_hh, None, h0, c0, w_hr, lengths, resets, reverse, y, h_n, c_n, gates, cs)
         return y, h_n, c_n, gates, cs
 
     def lstm_bwd(self, dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
@@ -479,8 +602,8 @@ class EmulatedOps:
         H, dt = gates.shape[2] // 4, dy.dtype
         dgx, dh0, dc0 = _nan(T, B, 4 * H, dtype=dt), _nan(B, Hout, dtype=dt), _nan(B, H, dtype=dt)
         dw_hr = _nan(Hout, H, dtype=dt) if w_hr is not None else dy.new_empty(0)
-        self._backward("lstm", dy, dh_n, dc_n, w_hh, None, c0, w_hr, None, gates, cs, lengths, reverse, dgx, None,
-                       dh0, dc0, dw_hr)
+        self._backward("lstm", dy, dh_n, dc_n, w_hh, None, c0, w_hr, None, gates, cs, lengths, resets, reverse, dgx,
+                       None, dh0, dc0, dw_hr)
         return dgx, dh0, dc0, dw_hr
 
     def gru_fwd(self, gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
@@ -488,30 +611,30 @@ class EmulatedOps:
         H, dt = G3 // 3, gx.dtype
         y, h_n = _nan(T, B, H, dtype=dt), _nan(B, H, dtype=dt)
         saved = _nan(T, B, 4 * H, dtype=dt) if save else gx.new_empty(0)
-        self._forward("gru", gx, w_hh, b_hh, h0, None, None, lengths, reverse, y, h_n, None, saved, None)
+        self._forward("gru", gx, w_hh, b_hh, h0, None, None, lengths, resets, reverse, y, h_n, None, saved, None)
         return y, h_n, saved
 
     def gru_bwd(self, dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
         T, B, H = dy.shape
         dgx, dgh, dh0 = _nan(T, B, 3 * H, dtype=dy.dtype), _nan(T, B, 3 * H, dtype=dy.dtype), _nan(B, H,
                                                                                                   dtype=dy.dtype)
-        self._backward("gru", dy, dh_n, None, w_hh, h0, None, None, y, saved, None, lengths, reverse, dgx, dgh, dh0,
-                       None, None)
+        self._backward("gru", dy, dh_n, None, w_hh, h0, None, None, y, saved, None, lengths, resets, reverse, dgx, dgh,
+                       dh0, None, None)
         return dgx, dgh, dh0
 
     def rnn_fwd(self, gx, w_hh, h0, lengths, resets, reverse, relu):
         T, B, H = gx.shape
         y, h_n = _nan(T, B, H, dtype=gx.dtype), _nan(B, H, dtype=gx.dtype)
         cell = "rnn_relu" if relu else "rnn_tanh"
-        self._forward(cell, gx, w_hh, None, h0, None, None, lengths, reverse, y, h_n, None, None, None)
+        self._forward(cell, gx, w_hh, None, h0, None, None, lengths, resets, reverse, y, h_n, None, None, None)
         return y, h_n
 
     def rnn_bwd(self, dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
         T, B, H = dy.shape
         dgx, dh0 = _nan(T, B, H, dtype=dy.dtype), _nan(B, H, dtype=dy.dtype)
         cell = "rnn_relu" if relu else "rnn_tanh"
-        self._backward(cell, dy, dh_n, None, w_hh, None, None, None, y, None, None, lengths, reverse, dgx, None, dh0,
-                       None, None)
+        self._backward(cell, dy, dh_n, None, w_hh, None, None, None, y, None, None, lengths, resets, reverse, dgx, None,
+                       dh0, None, None)
         return dgx, dh0
 
 
@@ -580,3 +703,74 @@ def test_emulated_persistent_block_counts(emulator, cell, units):
     """One unit per block (5 blocks) and all units in one block (its own partials only)."""
     check_against_reference(cell, (3, 3, 5, 0, True, True), torch.float64, "persistent",
                             EmulatedOps(emulator, "persistent", units=units), "cpu")
+
+
+# Episode resets (docs/contract.md): the emulated kernels against the reference ops in fp64, values and
+# gradients, for every mask pattern of make_resets: at step 0, at the last step, everywhere, at each
+# sequence's own last step, random, and all false (= None bit for bit), with lengths, reverse, several
+# block layouts and batch tiles, and the projection.
+RESET_PATTERNS = ("first", "last", "all", "seq_ends", "random", "none")
+# (T, B, H, proj, lengths, reverse): 3 blocks of 4, 4, 2 units; batch tiles 4 (B=3, 4) and 8 (B=13, two
+# passes); B=60 runs the step kernels' grid-stride loop (step scheme only, as in EMU_CASES).
+EMU_RESET_SHAPES = [
+    (5, 3, 10, 0, False, False),
+    (6, 4, 10, 0, True, True),
+    (5, 13, 10, 0, True, False),
+    (4, 60, 11, 0, True, True),
+]
+EMU_RESET_CASES = [
+    pytest.param(shape, pattern, scheme, id=f"{shape_id(shape)}-{pattern}-{scheme}")
+    for shape in EMU_RESET_SHAPES
+    for pattern in RESET_PATTERNS
+    for scheme in ("step", "persistent")
+    if scheme == "step" or shape[1] <= 16
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,pattern,emu_scheme", EMU_RESET_CASES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_resets_match_reference(emulator, cell, shape, pattern, emu_scheme):
+    check_against_reference(cell, shape, torch.float64, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu",
+                            resets=pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+@pytest.mark.parametrize("shape", EMU_PROJ_SHAPES, ids=shape_id)
+def test_emulated_resets_lstm_projection(emulator, shape, pattern):
+    check_against_reference("lstm", shape, torch.float64, "step", EmulatedOps(emulator, "step"), "cpu",
+                            resets=pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units", [1, 5])
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_resets_persistent_block_counts(emulator, cell, units):
+    """One unit per block (5 blocks) and all units in one block, with a random mask and lengths, reverse."""
+    check_against_reference(cell, (4, 3, 5, 0, True, True), torch.float64, "persistent",
+                            EmulatedOps(emulator, "persistent", units=units), "cpu", resets="random")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["random", "none"])
+@pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_emulated_resets_low_precision(emulator, cell, dtype, emu_scheme, pattern):
+    """The float paths with a random mask (tolerances of `tolerance`, as without resets), and all false =
+    None bit for bit where the state is rounded (step_bwd_finish's dc0 against copy_)."""
+    check_against_reference(cell, EMU_RESET_SHAPES[1], dtype, emu_scheme, EmulatedOps(emulator, emu_scheme), "cpu",
+                            resets=pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["all", "random"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("emu_scheme", ["step", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_resets_ignored_where_inactive(emulator, cell, emu_scheme, reverse, pattern):
+    """Lengths 0 (never active: the mask is ignored at every step, h_n = h0, dh0 = dh_n), T and in
+    between: a reset at an inactive step changes nothing (docs/contract.md)."""
+    check_against_reference(cell, (5, 4, 7, 0, True, reverse), torch.float64, emu_scheme,
+                            EmulatedOps(emulator, emu_scheme), "cpu", resets=pattern, lengths=[0, 5, 2, 1])

@@ -84,6 +84,17 @@ struct Checker {
     return t->contiguous();
   }
 
+  // resets: bool [T, B] on the same device (docs/contract.md); read in the kernels, one byte per (t, b).
+  at::Tensor resets(const std::optional<at::Tensor>& t, int64_t T, int64_t B) const {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->scalar_type() == at::kBool, op, ": resets must be bool, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == ref.device(), op, ": resets is on ", t->device(), " but ", ref_name, " is on ",
+                ref.device());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == B, op, ": resets must have shape [", T, ", ", B,
+                "], got ", t->sizes());
+    return t->contiguous();
+  }
+
   // A size of `ref` that must be a multiple of `gates`, divided by it.
   int64_t per_gate(int64_t size, int64_t gates, const char* what) const {
     TORCH_CHECK(size % gates == 0, op, ": ", ref_name, ".size(2) = ", size, " must be ", gates, " * ", what);
@@ -126,7 +137,7 @@ at::Tensor workspace(const PersistentPlan& plan, const at::Tensor& like) {
 
 // The tensors of a forward op (undefined where the cell or the call has none).
 struct FwdTensors {
-  at::Tensor gx, w_hh, b_hh, h0, c0, w_hr, lengths;
+  at::Tensor gx, w_hh, b_hh, h0, c0, w_hr, lengths, resets;
   at::Tensor y, h_n, c_n, saved, cs;
 };
 
@@ -176,7 +187,7 @@ void run_forward(FwdParams p, const FwdTensors& x, const char* op) {
 
 // The tensors of a backward op.
 struct BwdTensors {
-  at::Tensor dy, dh_n, dc_n, w_hh, h0, c0, w_hr, y, saved, cs, lengths;
+  at::Tensor dy, dh_n, dc_n, w_hh, h0, c0, w_hr, y, saved, cs, lengths, resets;
   at::Tensor dgx, dgh, dh0, dc0, dw_hr;
 };
 
@@ -220,8 +231,13 @@ void run_backward(BwdParams p, const BwdTensors& x, const char* op) {
     C10_CUDA_CHECK(step_bwd(p, w, t, stream));
     dh.addmm_(dg.select(0, t), x.w_hh);
   }
-  x.dh0.copy_(dh);
-  if (x.dc0.defined()) x.dc0.copy_(dc);
+  if (p.resets != nullptr) {
+    // The GEMM above added dg W_hh to the rows whose last processed step reset; no gradient crosses it.
+    C10_CUDA_CHECK(step_bwd_finish(p, dh.data_ptr(), ptr(dc), stream));
+  } else {
+    x.dh0.copy_(dh);
+    if (x.dc0.defined()) x.dc0.copy_(dc);
+  }
   // dw_hr = sum_t dh_t^T m_t as one GEMM over all T*B rows (deterministic, no per-step accumulation).
   if (proj) {
     at::Tensor dw_hr = x.dw_hr;
@@ -239,6 +255,7 @@ FwdParams fwd_params(Cell cell, const FwdTensors& x, bool reverse, const char* o
   p.Hout = x.h0.size(1);
   p.reverse = reverse;
   p.lengths = x.lengths.defined() ? x.lengths.data_ptr<int64_t>() : nullptr;
+  p.resets = x.resets.defined() ? static_cast<const uint8_t*>(x.resets.data_ptr()) : nullptr;
   p.gx = ptr(x.gx);
   p.w_hh = ptr(x.w_hh);
   p.b_hh = ptr(x.b_hh);
@@ -262,6 +279,7 @@ BwdParams bwd_params(Cell cell, const BwdTensors& x, bool reverse, const char* o
   p.Hout = x.dy.size(2);
   p.reverse = reverse;
   p.lengths = x.lengths.defined() ? x.lengths.data_ptr<int64_t>() : nullptr;
+  p.resets = x.resets.defined() ? static_cast<const uint8_t*>(x.resets.data_ptr()) : nullptr;
   p.dy = ptr(x.dy);
   p.dh_n = ptr(x.dh_n);
   p.dc_n = ptr(x.dc_n);
@@ -303,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   x.h0 = chk(h0, "h0", {B, Hout});
   x.c0 = chk(c0, "c0", {B, H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, Hout}, gx.options());
   x.h_n = at::empty({B, Hout}, gx.options());
@@ -336,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   x.c0 = chk(c0, "c0", {B, H});
   x.cs = chk(cs, "cs", {T, B, H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, 4 * H}, dy.options());
   x.dh0 = at::empty({B, Hout}, dy.options());
@@ -360,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   x.b_hh = chk.optional(b_hh, "b_hh", {3 * H});
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
@@ -385,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   x.h0 = chk(h0, "h0", {B, H});
   x.saved = chk(saved, "saved", {T, B, 4 * H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, 3 * H}, dy.options());
   x.dgh = at::empty({T, B, 3 * H}, dy.options());
@@ -405,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   x.w_hh = chk(w_hh, "w_hh", {H, H});
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(gx.device());
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
@@ -426,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   x.w_hh = chk(w_hh, "w_hh", {H, H});
   x.y = chk(y, "y", {T, B, H});
   x.lengths = chk.lengths(lengths, B);
-  TORCH_CHECK(!resets.has_value(), op, ": resets is not implemented yet in the cuda backend");
+  x.resets = chk.resets(resets, T, B);
   const c10::cuda::CUDAGuard guard(dy.device());
   x.dgx = at::empty({T, B, H}, dy.options());
   x.dh0 = at::empty({B, H}, dy.options());

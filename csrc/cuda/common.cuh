@@ -1,5 +1,5 @@
 // Device-side helpers shared by the CUDA kernels: storage <-> math type conversion, the dtype switch,
-// warp sums and the activity rule of variable lengths.
+// warp sums, the activity rule of variable lengths and its companion for episode resets.
 //
 // Legend: T steps, B batch, H hidden units, G gates, GH = G*H; T_ is the storage type (float, double,
 // __half, __nv_bfloat16) and A = acc_t<T_> the math type (double for double, float otherwise).
@@ -57,6 +57,32 @@ __device__ __forceinline__ void store(void* base, int64_t i, acc_t<T_> v) {
 // never used as an index, so out-of-range values cannot cause an out-of-bounds access.
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int64_t t, int64_t b) {
   return lengths == nullptr || t < lengths[b];
+}
+
+// Its companion for episode resets (docs/contract.md): step t of sequence b starts from a zero state iff
+// it is active and resets[t, b]; inactive steps ignore the mask. One byte per (t, b), read beside the
+// lengths test, nothing when resets is null (the resets=None path pays one pointer test per row).
+// resets_at is the mask alone, for code that runs at active steps only (units.cuh).
+template <class Params>
+__device__ __forceinline__ bool resets_at(const Params& p, int64_t t, int64_t b) {
+  return p.resets != nullptr && p.resets[t * p.B + b] != 0;
+}
+template <class Params>
+__device__ __forceinline__ bool starts_from_zero(const Params& p, int64_t t, int64_t b) {
+  return resets_at(p, t, b) && is_active(p.lengths, t, b);
+}
+
+// In backward, whether the gradient carried into step t of sequence b (from the step processed just
+// before it: t + 1, or t - 1 for a reverse op) is cut, because that step started from a zero state.
+// Both schemes cut the carried dh (and LSTM dc) when they read it, not where the reset is: the step
+// scheme's GEMM adds dg_t W_hh to every row after the pointwise kernel, and reading it as 0 one step
+// later leaves that GEMM's operands, and so the resets=None bits, untouched. t may be one past the last
+// processed step (-1, or T for a reverse op): the cut of dh0 / dc0.
+template <class Params>
+__device__ __forceinline__ bool carried_gradient_is_cut(const Params& p, int64_t t, int64_t b) {
+  if (p.resets == nullptr) return false;
+  const int64_t t_before = p.reverse ? t - 1 : t + 1;
+  return t_before >= 0 && t_before < p.T && starts_from_zero(p, t_before, b);
 }
 
 template <typename A>

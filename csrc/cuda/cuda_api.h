@@ -36,9 +36,11 @@ struct FwdParams {
   int64_t T, B, H, Hout;
   bool reverse;
   const int64_t* lengths;  // [B] or null (all sequences have length T); values are only compared
+  const uint8_t* resets;   // [T,B] bool (one byte, 0 or 1) or null: step t of b starts from a zero state
   const void* gx;          // [T,B,GH]
   const void* w_hh;        // [GH,Hout]        read by the persistent kernel only
-  const void* b_hh;        // [3H] GRU or null read by the persistent kernel only (the step GEMM adds it)
+  const void* b_hh;        // [3H] GRU or null read by the persistent kernel, and by the step kernel at a
+                           // reset (otherwise the step GEMM adds it)
   const void* h0;          // [B,Hout]
   const void* c0;          // [B,H] LSTM
   void* y;                 // [T,B,Hout]
@@ -55,6 +57,7 @@ struct BwdParams {
   int64_t T, B, H, Hout;
   bool reverse;
   const int64_t* lengths;  // [B] or null
+  const uint8_t* resets;   // [T,B] bool or null: no gradient crosses into the state before step t of b
   const void* dy;          // [T,B,Hout]
   const void* dh_n;        // [B,Hout]         read by the persistent kernel (step: bindings copy)
   const void* dc_n;        // [B,H] LSTM       read by the persistent kernel (step: bindings copy)
@@ -100,6 +103,12 @@ struct StepBwdWork {
 
 // One backward step at time index t: dgx[t] (and dgh[t]), the recurrent state gradients.
 cudaError_t step_bwd(const BwdParams& p, const StepBwdWork& w, int64_t t, cudaStream_t stream);
+
+// The end of a backward with resets, in place of copying dh, dc into dh0, dc0: the same copy (dc rounded
+// to the storage type), but 0 for the sequences whose last processed step reset (no gradient crosses a
+// reset, docs/contract.md; the per-step GEMM added dg W_hh to those rows regardless). dh [B,Hout] dtype,
+// dc [B,H] acc (LSTM; null otherwise).
+cudaError_t step_bwd_finish(const BwdParams& p, const void* dh, const void* dc, cudaStream_t stream);
 
 // LSTM projection, before the dm GEMM, over [B,Hout]: dht[t] = active ? dy[t] + dh : 0, and dh = active ?
 // 0 : dh (the carry; bindings then add dgx_t W_hh). dht [T,B,Hout] also feeds dw_hr = dht^T m.

@@ -242,10 +242,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p
       const int b = e / nb, jl = e - b * nb;
       const int64_t j = j0 + jl;
       const bool active = is_active(p.lengths, t, b);
-      const A dh_rec = recurrent_dh(e, b, jl, slices);
+      // A reset at the step processed before this one: nothing is carried into h_t, c_t.
+      const bool cut = carried_gradient_is_cut(p, t, b);
+      const A dh_rec = cut ? A(0) : recurrent_dh(e, b, jl, slices);
       // dy is ignored at inactive steps (it may hold anything there).
       const A dm = active ? dh_rec + load<T_>(p.dy, (t * B + b) * H + j) : A(0);
-      A dc = dc_s[b * units + jl];
+      A dc = cut ? A(0) : dc_s[b * units + jl];
       A dg[G];
       const A direct = U::bwd(p, t, b, j, active, dm, dc, dg);
       dc_s[b * units + jl] = dc;
@@ -278,10 +280,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_bwd_kernel(BwdParams p
 
   const int slices = sum_partials(red_s, part + ((T - 1) & 1) * part_stride, B, H, j0, nb, blocks);
   __syncthreads();
+  const int64_t past_end = p.reverse ? T : -1;  // one past the last processed step: the cut of dh0, dc0
   for (int e = threadIdx.x; e < B * nb; e += blockDim.x) {
     const int b = e / nb, jl = e - b * nb;
-    store<T_>(p.dh0, b * H + j0 + jl, recurrent_dh(e, b, jl, slices));
-    if (U::kHasCell) store<T_>(p.dc0, b * H + j0 + jl, dc_s[b * units + jl]);
+    const bool cut = carried_gradient_is_cut(p, past_end, b);
+    store<T_>(p.dh0, b * H + j0 + jl, cut ? A(0) : recurrent_dh(e, b, jl, slices));
+    if (U::kHasCell) store<T_>(p.dc0, b * H + j0 + jl, cut ? A(0) : dc_s[b * units + jl]);
   }
 }
 

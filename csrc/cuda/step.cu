@@ -57,6 +57,18 @@ cudaError_t proj_fwd_select(const FwdParams& p, const void* hp, void* h, int64_t
   return cudaErrorInvalidValue;
 }
 
+cudaError_t step_bwd_finish(const BwdParams& p, const void* dh, const void* dc, cudaStream_t stream) {
+  if (p.B < 0 || p.H < 0 || p.Hout < 0) return cudaErrorInvalidValue;
+  const int64_t n = p.B * (p.Hout > p.H ? p.Hout : p.H);
+  if (n == 0) return cudaSuccess;
+  FASTRNN_DISPATCH_DTYPE(p.dtype, {
+    step::step_bwd_finish_kernel<scalar_t><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+        p, static_cast<const scalar_t*>(dh), static_cast<const acc_t<scalar_t>*>(dc));
+    return cudaGetLastError();
+  });
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t proj_bwd_gather(const BwdParams& p, void* dh, void* dht, int64_t t, cudaStream_t stream) {
   if (!valid_step(t, p.T) || p.B < 0 || p.Hout < 0) return cudaErrorInvalidValue;
   const int64_t n = p.B * p.Hout;

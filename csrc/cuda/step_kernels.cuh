@@ -63,19 +63,23 @@ __global__ void __launch_bounds__(kThreads) step_bwd_kernel(BwdParams p, StepBwd
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
     const bool active = is_active(p.lengths, t, b);
+    // A reset at the step processed before this one: nothing is carried into h_t, c_t (the GEMM of
+    // that step added dg W_hh to dh regardless; it is dropped here).
+    const bool cut = carried_gradient_is_cut(p, t, b);
     // dy is ignored at inactive steps (it may hold anything there).
     A dh_rec = A(0), dm;
     if (proj) {
-      dm = load<T_>(w.dm, idx);  // dh_t W_hr; proj_bwd_gather already did the carry of dh
+      dm = load<T_>(w.dm, idx);  // dh_t W_hr; proj_bwd_gather already did the carry (and cut) of dh
     } else {
-      dh_rec = load<T_>(w.dh, idx);
+      dh_rec = cut ? A(0) : load<T_>(w.dh, idx);
       dm = active ? dh_rec + load<T_>(p.dy, t * n + idx) : A(0);
     }
-    A dc = U::kHasCell ? static_cast<const A*>(w.dc)[idx] : A(0);
+    A dc = U::kHasCell && !cut ? static_cast<const A*>(w.dc)[idx] : A(0);
     A dg[U::G];
     const A direct = U::bwd(p, t, b, j, active, dm, dc, dg);
     if (U::kHasCell) static_cast<A*>(w.dc)[idx] = dc;
-    if (!proj && active) store<T_>(w.dh, idx, direct);  // inactive: dh passes through unchanged
+    // inactive: dh passes through unchanged (as 0 after a cut)
+    if (!proj && (active || cut)) store<T_>(w.dh, idx, active ? direct : dh_rec);
   }
 }
 
@@ -86,12 +90,32 @@ __global__ void __launch_bounds__(kThreads) proj_bwd_gather_kernel(BwdParams p, 
   const T_* dy = static_cast<const T_*>(p.dy) + t * n;
   T_* out = dht + t * n;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
-    if (is_active(p.lengths, t, idx / p.Hout)) {
-      out[idx] = from_acc<T_>(to_acc(dh[idx]) + to_acc(dy[idx]));
+    const int64_t b = idx / p.Hout;
+    const bool cut = carried_gradient_is_cut(p, t, b);  // as in step_bwd_kernel
+    if (is_active(p.lengths, t, b)) {
+      out[idx] = from_acc<T_>((cut ? A(0) : to_acc(dh[idx])) + to_acc(dy[idx]));
       dh[idx] = from_acc<T_>(A(0));
     } else {
       out[idx] = from_acc<T_>(A(0));
+      if (cut) dh[idx] = from_acc<T_>(A(0));
     }
+  }
+}
+
+// dh0 = dh, dc0 = dc, except 0 for the rows whose last processed step reset: the cut that a next step
+// would have made (carried_gradient_is_cut at one past the last processed step). Only with resets;
+// without, bindings copy.
+template <typename T_>
+__global__ void __launch_bounds__(kThreads) step_bwd_finish_kernel(BwdParams p, const T_* dh, const acc_t<T_>* dc) {
+  using A = acc_t<T_>;
+  const int64_t past_end = p.reverse ? p.T : -1;
+  const int64_t n_h = p.B * p.Hout, n_c = dc != nullptr ? p.B * p.H : 0, n = n_h > n_c ? n_h : n_c;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    if (idx < n_h) {
+      const bool cut = carried_gradient_is_cut(p, past_end, idx / p.Hout);
+      static_cast<T_*>(p.dh0)[idx] = cut ? from_acc<T_>(A(0)) : dh[idx];
+    }
+    if (idx < n_c) store<T_>(p.dc0, idx, carried_gradient_is_cut(p, past_end, idx / p.H) ? A(0) : dc[idx]);
   }
 }
 

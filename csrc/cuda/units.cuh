@@ -17,6 +17,11 @@
 //       dh z; 0 otherwise). dm: total gradient into the step output. dc in/out (LSTM). Writes dgx[t]
 //       (and dgh[t]), zeros when inactive; dg out = the rows that multiply W_hh for dh_{t-1} (dgx for
 //       LSTM/RNN, dgh for GRU), zeros when inactive.
+// Episode resets (docs/contract.md) live here too, for the step itself: at an active step that starts
+// from a zero state (starts_from_zero; resets_at here, at active steps only), fwd takes h_{t-1} = 0 (so
+// gh = b_hh for GRU, 0 otherwise) and c_{t-1} = 0, and bwd reads c_{t-1} / h_{t-1} as 0. The cut of the
+// gradient carried across the reset (dh, dc into step t-1) is the schemes' (carried_gradient_is_cut,
+// where they read it): bwd returns direct, dc and dg as if there were no reset.
 #pragma once
 
 #include "../cells/gru.h"
@@ -45,11 +50,12 @@ struct LstmUnit {
       if (p.cs != nullptr) store<T_>(p.cs, row * H + j, c);
       return h_prev;
     }
+    const bool fresh = resets_at(p, t, b);  // h_{t-1} = 0 and c_{t-1} = 0
     A a[G];
 #pragma unroll
-    for (int k = 0; k < G; ++k) a[k] = load<T_>(p.gx, row * GH + k * H + j) + gh[k];
+    for (int k = 0; k < G; ++k) a[k] = load<T_>(p.gx, row * GH + k * H + j) + (fresh ? A(0) : gh[k]);
     A i, f, g, o, c_new, m;
-    cells::lstm_fwd_cell(a[0], a[1], a[2], a[3], c, i, f, g, o, c_new, m);
+    cells::lstm_fwd_cell(a[0], a[1], a[2], a[3], fresh ? A(0) : c, i, f, g, o, c_new, m);
     c = c_new;
     if (p.saved != nullptr) {
       store<T_>(p.saved, row * GH + j, i);
@@ -79,9 +85,11 @@ struct LstmUnit {
     const A o = load<T_>(p.saved, row * GH + 3 * H + j);
     const A c = load<T_>(p.cs, row * H + j);
     // c_{t-1}: cs of the previously processed index (which holds the carried c if that step was
-    // inactive), or c0 at the sequence's first processed step.
+    // inactive), or c0 at the sequence's first processed step; 0 where the step starts from zero.
     const int64_t tp = p.reverse ? t + 1 : t - 1;
-    const A c_prev = (tp >= 0 && tp < p.T) ? load<T_>(p.cs, (tp * p.B + b) * H + j) : load<T_>(p.c0, b * H + j);
+    const A c_prev = resets_at(p, t, b)       ? A(0)
+                     : (tp >= 0 && tp < p.T) ? load<T_>(p.cs, (tp * p.B + b) * H + j)
+                                             : load<T_>(p.c0, b * H + j);
     A dc_prev;
     cells::lstm_bwd_cell(dm, dc, i, f, g, o, c, c_prev, dg[0], dg[1], dg[2], dg[3], dc_prev);
     dc = dc_prev;
@@ -113,13 +121,18 @@ struct GruUnit {
     const A gxr = load<T_>(p.gx, row * GH + j);
     const A gxz = load<T_>(p.gx, row * GH + H + j);
     const A gxn = load<T_>(p.gx, row * GH + 2 * H + j);
+    // From a zero state (a reset), h_{t-1} = 0 and its recurrent sums are b_hh alone.
+    const bool fresh = resets_at(p, t, b);
+    A ghs[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) ghs[k] = !fresh ? gh[k] : p.b_hh != nullptr ? load<T_>(p.b_hh, k * H + j) : A(0);
     A r, z, n, h;
-    cells::gru_fwd_cell(gxr, gxz, gxn, gh[0], gh[1], gh[2], h_prev, r, z, n, h);
+    cells::gru_fwd_cell(gxr, gxz, gxn, ghs[0], ghs[1], ghs[2], fresh ? A(0) : h_prev, r, z, n, h);
     if (p.saved != nullptr) {
       store<T_>(p.saved, row * SH + j, r);
       store<T_>(p.saved, row * SH + H + j, z);
       store<T_>(p.saved, row * SH + 2 * H + j, n);
-      store<T_>(p.saved, row * SH + 3 * H + j, gh[2]);
+      store<T_>(p.saved, row * SH + 3 * H + j, ghs[2]);
     }
     return h;
   }
@@ -141,10 +154,12 @@ struct GruUnit {
     const A n = load<T_>(p.saved, row * SH + 2 * H + j);
     const A ghn = load<T_>(p.saved, row * SH + 3 * H + j);
     // h_{t-1} from y and h0 (docs/contract.md, gru_bwd): forward y[t-1] if t >= 1; reverse y[t+1] if
-    // t+1 < min(T, lengths[b]); else h0.
+    // t+1 < min(T, lengths[b]); else h0; 0 where the step starts from zero.
     const int64_t tp = p.reverse ? t + 1 : t - 1;
     const bool from_y = p.reverse ? (tp < p.T && is_active(p.lengths, tp, b)) : tp >= 0;
-    const A h_prev = from_y ? load<T_>(p.y, (tp * p.B + b) * H + j) : load<T_>(p.h0, b * H + j);
+    const A h_prev = resets_at(p, t, b) ? A(0)
+                     : from_y                  ? load<T_>(p.y, (tp * p.B + b) * H + j)
+                                               : load<T_>(p.h0, b * H + j);
     A dar, daz, dan, dghn, direct;
     cells::gru_bwd_cell(dm, r, z, n, ghn, h_prev, dar, daz, dan, dghn, direct);
     store<T_>(p.dgx, row * GH + j, dar);
@@ -172,7 +187,8 @@ struct RnnUnit {
   __device__ static A fwd(const FwdParams& p, int64_t t, int64_t b, int64_t j, bool active, const A (&gh)[G],
                           A h_prev, A&) {
     if (!active) return h_prev;
-    const A a = load<T_>(p.gx, (t * p.B + b) * p.H + j) + gh[0];
+    const bool fresh = resets_at(p, t, b);  // h_{t-1} = 0
+    const A a = load<T_>(p.gx, (t * p.B + b) * p.H + j) + (fresh ? A(0) : gh[0]);
     return p.cell == Cell::kRNNRelu ? cells::rnn_fwd_cell<true>(a) : cells::rnn_fwd_cell<false>(a);
   }
 

@@ -113,6 +113,17 @@ int emu_proj_bwd_gather(const BwdParams* p, void* dh, void* dht, int64_t t, unsi
   return cudaErrorInvalidValue;
 }
 
+// dh [B,Hout] dtype, dc [B,H] acc or null (step.cu's step_bwd_finish).
+int emu_step_bwd_finish(const BwdParams* p, void* dh, void* dc, unsigned blocks) {
+  if (p->B * (p->Hout > p->H ? p->Hout : p->H) == 0) return cudaErrorInvalidValue;
+  FASTRNN_DISPATCH_DTYPE(p->dtype, {
+    fastrnn_emu::launch(blocks, step::kThreads, 0, step::step_bwd_finish_kernel<scalar_t>, *p,
+                        static_cast<const scalar_t*>(dh), static_cast<const acc_t<scalar_t>*>(dc));
+    return cudaSuccess;
+  });
+  return cudaErrorInvalidValue;
+}
+
 // workspace: acc elements, 2*B*H (forward) or 2*blocks*B*H (backward), blocks = ceil(H / units).
 int emu_persistent_fwd(const FwdParams* p, int units, void* workspace) {
   if (!persistent_ok(*p, units)) return cudaErrorInvalidValue;
