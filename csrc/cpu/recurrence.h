@@ -556,7 +556,7 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, cons
 // right away (da is double-buffered: the cell writes `da` while the product reads the previous step's).
 // before(t) runs first at each step (the projection's dm = dh W_hr); fuse requires that it does nothing.
 // Across a reset at t (resets[t, b], active) no gradient reaches the previous state: dh of that row is 0
-// instead (the cell zeroes the cell's own carried gradients, LSTM's dc, and reads h_{t-1} / c_{t-1} as 0).
+// instead (the cell zeroes its own carried gradient, LSTM's dc, and reads h_{t-1} / c_{t-1} as 0).
 
 template <typename acc_t, typename Cell, typename Before>
 void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at::Tensor& da, at::Tensor& da_prev,
@@ -589,9 +589,10 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
     gemm.run_steps(
         T + 1, cost, /*one_region=*/true, [&](int64_t s) { return s > 0 ? da_prev.const_data_ptr<acc_t>() : nullptr; },
         [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t) {
+          const int64_t t_done = s > 0 ? bwd_time(s - 1, T, reverse) : 0;  // the step whose product this is
           for (int64_t m = 0; m < mr; ++m) {
-            if (s > 0 && active(len, bwd_time(s - 1, T, reverse), m0 + m)) {
-              take(bwd_time(s - 1, T, reverse), m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P);
+            if (s > 0 && active(len, t_done, m0 + m)) {
+              take(t_done, m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P);
             }
             if (s < T) {
               cell(bwd_time(s, T, reverse), m0 + m, j0, j1, row(da_p, m0 + m, GH));
