@@ -85,6 +85,28 @@ def lengths_for(B, T, kind):
     return lengths
 
 
+def resets_for(T, B, kind):
+    """None, or bool [T, B] (docs/contract.md): a reset at step 0 of every sequence ("first"), at its last
+    step ("last"), at every step ("all"), at none ("none"), or at random steps ("random", ~1 in 3, with row
+    0 left without any so that one sequence runs through)."""
+    if kind is None:
+        return None
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    if kind == "first":
+        resets[0] = True
+    elif kind == "last":
+        resets[-1] = True
+    elif kind == "all":
+        resets[:] = True
+    elif kind == "random":
+        resets = torch.rand(T, B) < 0.35
+        if B:
+            resets[:, 0] = False
+    else:
+        assert kind == "none", kind
+    return resets
+
+
 def lstm_args(T, B, H, proj, dtype, lengths, reverse, resets=None):
     Hout = proj or H
     fwd = (
@@ -149,6 +171,25 @@ def test_opcheck(dtype, T, B, lengths, reverse):
         fwd, bwd = rnn_args(T, B, 3, relu, dtype, lengths, reverse)
         torch.library.opcheck(torch.ops.fastrnn.rnn_fwd.default, fwd)
         torch.library.opcheck(torch.ops.fastrnn.rnn_bwd.default, bwd)
+
+
+@pytest.mark.parametrize("dtype,lengths,reverse", [
+    pytest.param(torch.float64, "var", True, id="fp64-var-rev"),
+    pytest.param(torch.float32, None, False, id="fp32-full-fwd"),
+])
+def test_opcheck_with_resets(dtype, lengths, reverse):
+    T, B = 3, 3
+    lengths, resets = lengths_for(B, T, lengths), resets_for(T, B, "random")
+    resets[1, 1] = True  # at least one reset
+    fwd, bwd = lstm_args(T, B, 3, 2, dtype, lengths, reverse, resets)
+    torch.library.opcheck(torch.ops.fastrnn.lstm_fwd.default, fwd + (True,))
+    torch.library.opcheck(torch.ops.fastrnn.lstm_bwd.default, bwd)
+    fwd, bwd = gru_args(T, B, 3, True, dtype, lengths, reverse, resets)
+    torch.library.opcheck(torch.ops.fastrnn.gru_fwd.default, fwd + (True,))
+    torch.library.opcheck(torch.ops.fastrnn.gru_bwd.default, bwd)
+    fwd, bwd = rnn_args(T, B, 3, False, dtype, lengths, reverse, resets)
+    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd.default, fwd)
+    torch.library.opcheck(torch.ops.fastrnn.rnn_bwd.default, bwd)
 
 
 # ----- the kernels against the reference ops ----------------------------------------------------------
@@ -231,23 +272,91 @@ def test_gemm_path_switch_is_checked(monkeypatch):
         torch.ops.fastrnn.rnn_fwd(*fwd)
 
 
-def check_kernels(dtype, T, B, H, lengths, reverse):
+def check_kernels(dtype, T, B, H, lengths, reverse, resets=None):
+    """Every op of every cell against the reference ops; lengths and resets: kinds of lengths_for and
+    resets_for."""
     tol = TOL[dtype]
-    lengths = lengths_for(B, T, lengths)
+    lengths, resets = lengths_for(B, T, lengths), resets_for(T, B, resets)
     for proj in (0, 5):
-        fwd, bwd = lstm_args(T, B, H, proj, dtype, lengths, reverse)
+        fwd, bwd = lstm_args(T, B, H, proj, dtype, lengths, reverse, resets)
         for save in (True, False):
             compare("lstm_fwd", fwd + (save,), ("y", "h_n", "c_n", "gates", "cs"), tol)
         compare("lstm_bwd", bwd, ("dgx", "dh0", "dc0", "dw_hr"), tol)
     for bias in (True, False):
-        fwd, bwd = gru_args(T, B, H, bias, dtype, lengths, reverse)
+        fwd, bwd = gru_args(T, B, H, bias, dtype, lengths, reverse, resets)
         for save in (True, False):
             compare("gru_fwd", fwd + (save,), ("y", "h_n", "saved"), tol)
         compare("gru_bwd", bwd, ("dgx", "dgh", "dh0"), tol)
     for relu in (False, True):
-        fwd, bwd = rnn_args(T, B, H, relu, dtype, lengths, reverse)
+        fwd, bwd = rnn_args(T, B, H, relu, dtype, lengths, reverse, resets)
         compare("rnn_fwd", fwd, ("y", "h_n"), tol)
         compare("rnn_bwd", bwd, ("dgx", "dh0"), tol)
+
+
+# ----- episode resets (docs/contract.md: step t starts from a zero state, no gradient across it) -------
+
+RESET_CASES = [
+    pytest.param(torch.float64, 7, 5, 70, lengths, reverse, resets,
+                 id=f"fp64-T7-B5-H70-{lengths or 'full'}-{'rev' if reverse else 'fwd'}-{resets}")
+    for resets in ("first", "last", "all", "none", "random")
+    for lengths, reverse in ((None, False), ("var", True))
+] + [
+    pytest.param(dtype, 6, 3, 8, "var", reverse, "random",
+                 id=f"{str(dtype)[6:]}-T6-B3-H8-var-{'rev' if reverse else 'fwd'}-random")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for reverse in (False, True)
+] + [
+    pytest.param(torch.float64, 4, 0, 8, "var", False, "random", id="fp64-T4-B0-H8-var-fwd-random"),
+    pytest.param(torch.float64, 1, 3, 13, None, True, "all", id="fp64-T1-B3-H13-full-rev-all"),
+]
+
+
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse,resets", RESET_CASES)
+def test_kernels_with_resets(dtype, T, B, H, lengths, reverse, resets):
+    check_kernels(dtype, T, B, H, lengths, reverse, resets)
+
+
+@pytest.mark.parametrize("path", ["aten", "packed"])
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
+    pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
+    pytest.param(torch.float64, 5, 9, 33, "var", True, id="fp64-T5-B9-H33-var-rev"),
+])
+def test_resets_on_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
+    """Both step products (and, at B=67, H=260, a parallel region per step; at B=9, one region for all)."""
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    check_kernels(dtype, T, B, H, lengths, reverse, "random")
+
+
+def test_resets_with_an_odd_thread_count():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_kernels(torch.float64, 9, 5, 70, "var", True, "random")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_resets_all_false_is_none_bit_for_bit():
+    """A mask without a reset takes exactly the path of resets=None (torch.equal, every output)."""
+    T, B = 5, 4
+    lengths, none = lengths_for(B, T, "var"), torch.zeros(T, B, dtype=torch.bool)
+    for H, reverse in ((70, False), (260, True)):  # one parallel region for all steps / one a step
+        for proj in (0, 5):
+            fwd, bwd = lstm_args(T, B, H, proj, torch.float32, lengths, reverse)
+            with_mask = lambda args: args[:6] + (none,) + args[7:]
+            assert_equal_outputs("lstm_fwd", fwd + (True,), with_mask(fwd) + (True,))
+            assert_equal_outputs("lstm_bwd", bwd, bwd[:9] + (none,) + bwd[10:])
+        fwd, bwd = gru_args(T, B, H, True, torch.float32, lengths, reverse)
+        assert_equal_outputs("gru_fwd", fwd + (True,), fwd[:5] + (none,) + fwd[6:] + (True,))
+        assert_equal_outputs("gru_bwd", bwd, bwd[:7] + (none,) + bwd[8:])
+        fwd, bwd = rnn_args(T, B, H, False, torch.float32, lengths, reverse)
+        assert_equal_outputs("rnn_fwd", fwd, fwd[:4] + (none,) + fwd[5:])
+        assert_equal_outputs("rnn_bwd", bwd, bwd[:5] + (none,) + bwd[6:])
+
+
+def assert_equal_outputs(op, args, args_with_mask):
+    for i, (a, b) in enumerate(zip(getattr(torch.ops.fastrnn, op)(*args), getattr(torch.ops.fastrnn, op)(*args_with_mask))):
+        assert torch.equal(a, b), f"{op} output {i}"
 
 
 def test_saturation_is_finite():
@@ -357,6 +466,18 @@ def capability(request):
 def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
     check_kernels(dtype, T, B, H, lengths, reverse)
+
+
+# Both step products of each capability (auto picks one of them); B=67, H=260: a parallel region a step.
+@pytest.mark.parametrize("path", ["aten", "packed"])
+@pytest.mark.parametrize("dtype,T,B,H,lengths,reverse,resets", [
+    pytest.param(torch.float32, 9, 5, 70, "var", True, "random", id="fp32-T9-B5-H70-var-rev-random"),
+    pytest.param(torch.bfloat16, 4, 6, 40, "var", False, "random", id="bf16-T4-B6-H40-var-fwd-random"),
+    pytest.param(torch.float32, 2, 67, 260, "var", True, "random", id="fp32-T2-B67-H260-var-rev-random"),
+])
+def test_resets_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, resets, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    check_kernels(dtype, T, B, H, lengths, reverse, resets)
 
 
 def test_activations_of_every_capability(capability):
@@ -543,6 +664,28 @@ def test_bad_input_gives_clear_errors():
         torch.ops.fastrnn.lstm_fwd(fwd[0], torch.zeros(16, 2), torch.zeros(2, 2), fwd[3], None, None, None, False, True)
     with pytest.raises(RuntimeError, match=r"gx \[T, B, 4H\] must have shape \[3, 2, 20\]"):
         torch.ops.fastrnn.lstm_fwd(fwd[0], fwd[1], fwd[2], torch.zeros(2, 5), None, None, None, False, True)
+
+
+def test_bad_resets_give_clear_errors():
+    T, B = 3, 2
+    bad = [
+        (torch.zeros(T, B, dtype=torch.uint8), "resets must be bool, got Byte"),
+        (torch.zeros(T, B + 1, dtype=torch.bool), r"resets must have shape \[3, 2\], got \[3, 3\]"),
+        (torch.zeros(B, T, dtype=torch.bool), r"resets must have shape \[3, 2\], got \[2, 3\]"),
+        (torch.zeros(T * B, dtype=torch.bool), r"resets must have shape \[3, 2\], got \[6\]"),
+        (torch.zeros(B, T, dtype=torch.bool).t(), "resets must be contiguous"),
+    ]
+    lstm_fwd, lstm_bwd = lstm_args(T, B, 4, 0, torch.float32, None, False)
+    gru_fwd, gru_bwd = gru_args(T, B, 4, True, torch.float32, None, False)
+    rnn_fwd, rnn_bwd = rnn_args(T, B, 4, False, torch.float32, None, False)
+    calls = {  # op name, args with the mask at `index`
+        "lstm_fwd": (lstm_fwd + (True,), 6), "lstm_bwd": (lstm_bwd, 9), "gru_fwd": (gru_fwd + (True,), 5),
+        "gru_bwd": (gru_bwd, 7), "rnn_fwd": (rnn_fwd, 4), "rnn_bwd": (rnn_bwd, 5),
+    }
+    for name, (args, index) in calls.items():
+        for resets, message in bad:
+            with pytest.raises(RuntimeError, match=f"fastrnn::{name}: {message}"):
+                getattr(torch.ops.fastrnn, name)(*args[:index], resets, *args[index + 1:])
 
 
 # ----- the CMake build --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ constexpr int64_t kGruUnitCost = 8;
 
 template <typename scalar_t>
 void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                    const at::Tensor& h0, const int64_t* len, bool reverse, bool save, at::Tensor& y,
+                    const at::Tensor& h0, const int64_t* len, const bool* rst, bool reverse, bool save, at::Tensor& y,
                     at::Tensor& h_n, at::Tensor& saved) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1), G = 3 * H;
@@ -76,13 +76,15 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
     h_p = h.const_data_ptr<acc_t>();
     next_p = h_next.data_ptr<acc_t>();
   };
-  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kGruUnitCost, cell, after);
+  auto enter = [&](int64_t t) { zero_reset_rows<acc_t>(rst, len, t, B, h); };  // a reset at t: h_{t-1} = 0
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kGruUnitCost, enter, cell,
+                      after);
   h_n = h.to(h0.scalar_type());
 }
 
 template <typename scalar_t>
 void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh, const at::Tensor& y,
-                    const at::Tensor& h0, const at::Tensor& saved, const int64_t* len, bool reverse,
+                    const at::Tensor& h0, const at::Tensor& saved, const int64_t* len, const bool* rst, bool reverse,
                     at::Tensor& dgx, at::Tensor& dgh, at::Tensor& dh0) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2), G = 3 * H;
@@ -93,6 +95,10 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   at::Tensor da_prev = at::empty({B, G}, acc_options<acc_t>());  // the other buffer when fused
   at::Tensor prod = at::empty({B, H}, acc_options<acc_t>());     // [B, H] dgh_t W_hh when not fused
   const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B);
+
+  // h_{t-1} of a step that starts from zero (resets): a zero row, read in place of y / h0.
+  const at::Tensor zeros = rst != nullptr ? at::zeros({H}, y.options()) : at::Tensor();
+  const scalar_t* zeros_p = rst != nullptr ? zeros.const_data_ptr<scalar_t>() : nullptr;
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
   const scalar_t* y_p = y.const_data_ptr<scalar_t>();
@@ -115,10 +121,11 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
       return;
     }
     // h_{t-1} from the outputs (contract): forward y[t-1] (active whenever t is); reverse y[t+1] while
-    // t+1 is inside the sequence; h0 at the sequence's first step.
+    // t+1 is inside the sequence; h0 at the sequence's first step; 0 where step t started from zero.
     const int64_t tp = reverse ? t + 1 : t - 1;
     const bool from_y = reverse ? (tp < T && (len == nullptr || tp < len[b])) : tp >= 0;
-    const scalar_t* h_prev_b = from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
+    const scalar_t* h_prev_b =
+        resets_at(rst, t, B, b) ? zeros_p : from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
     const scalar_t* saved_b = row(saved_p, t, B, b, 4 * H);
     const scalar_t* dy_b = row(dy_p, t, B, b, H);
     const acc_t* dh_b = row(dh_p, b, H);
@@ -136,8 +143,8 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
       store(direct_b + j, dh_direct);
     });
   };
-  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, direct, len, T, B, H, reverse, kGruUnitCost,
-                       cell, [](int64_t) {});
+  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, direct, len, rst, T, B, H, reverse,
+                       kGruUnitCost, cell, [](int64_t) {});
   dh0 = dh.to(dh_n.scalar_type());
 }
 
@@ -161,13 +168,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, H}, gx.options());
   at::Tensor saved = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::gru_fwd", [&] {
-    gru_fwd_kernel<scalar_t>(gx, w_hh, b_hh, h0, len, reverse, save, y, h_n, saved);
+    gru_fwd_kernel<scalar_t>(gx, w_hh, b_hh, h0, len, rst, reverse, save, y, h_n, saved);
   });
   return {y, h_n, saved};
 }
@@ -189,13 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   ck.tensor(w_hh, "w_hh [3H, H]", {3 * H, H}, y);
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, 3 * H}, y.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, y.options());
   at::Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::gru_bwd", [&] {
-    gru_bwd_kernel<scalar_t>(dy, dh_n, w_hh, y, h0, saved, len, reverse, dgx, dgh, dh0);
+    gru_bwd_kernel<scalar_t>(dy, dh_n, w_hh, y, h0, saved, len, rst, reverse, dgx, dgh, dh0);
   });
   return {dgx, dgh, dh0};
 }

@@ -20,8 +20,8 @@ constexpr int64_t kLstmUnitCost = 12;
 
 template <typename scalar_t>
 void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-                     const std::optional<at::Tensor>& w_hr, const int64_t* len, bool reverse, bool save,
-                     at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+                     const std::optional<at::Tensor>& w_hr, const int64_t* len, const bool* rst, bool reverse,
+                     bool save, at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = c0.size(1), Hout = h0.size(1), G = 4 * H;
   const bool proj = w_hr.has_value();
@@ -107,8 +107,11 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
       }
     }
   };
+  // A reset at t: h_{t-1} (the projected h with proj_size) and c_{t-1} of the row are 0.
+  auto enter = [&](int64_t t) { zero_reset_rows<acc_t>(rst, len, t, B, h, c); };
   // The cell writes m_t / h_t to out_p, never to the state h the product reads: fusing is safe.
-  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/!proj, h, hid, T, B, H, reverse, kLstmUnitCost, cell, after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/!proj, h, hid, T, B, H, reverse, kLstmUnitCost, enter, cell,
+                      after);
   h_n = h.to(h0.scalar_type());
   c_n = c.to(c0.scalar_type());
 }
@@ -116,7 +119,8 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
 template <typename scalar_t>
 void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
                      const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates,
-                     const at::Tensor& cs, const int64_t* len, bool reverse, at::Tensor& dgx, at::Tensor& dh0,
+                     const at::Tensor& cs, const int64_t* len, const bool* rst, bool reverse, at::Tensor& dgx,
+                     at::Tensor& dh0,
                      at::Tensor& dc0, at::Tensor& dw_hr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gates.size(0), B = gates.size(1), H = c0.size(1), Hout = dh_n.size(1), G = 4 * H;
@@ -139,6 +143,10 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
     dm = at::empty({B, H}, acc_options<acc_t>());
     proj_gemm.emplace(to_acc<acc_t>(*w_hr), 1, B);
   }
+
+  // c_{t-1} of a step that starts from zero (resets): a zero row, read in place of cs / c0.
+  const at::Tensor zeros = rst != nullptr ? at::zeros({H}, c0.options()) : at::Tensor();
+  const scalar_t* zeros_p = rst != nullptr ? zeros.const_data_ptr<scalar_t>() : nullptr;
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
   const scalar_t* c0_p = c0.const_data_ptr<scalar_t>();
@@ -186,9 +194,10 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
       return;
     }
     const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in forward order
+    const bool cut = resets_at(rst, t, B, b);     // step t started from zero: c_{t-1} = 0, no dc across
     const scalar_t* gates_b = row(gates_p, t, B, b, G);
     const scalar_t* c_b = row(cs_p, t, B, b, H);
-    const scalar_t* c_prev_b = tp < 0 || tp >= T ? row(c0_p, b, H) : row(cs_p, tp, B, b, H);
+    const scalar_t* c_prev_b = cut ? zeros_p : tp < 0 || tp >= T ? row(c0_p, b, H) : row(cs_p, tp, B, b, H);
     const scalar_t* dy_b = row(dy_p, t, B, b, Hout);
     const acc_t* dh_b = row(dh_p, b, Hout);
     const acc_t* dm_b = proj ? row(dm_p, b, H) : nullptr;
@@ -208,9 +217,12 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
         store(m_b + j, o * cells::tanh(c_t));
       }
     });
+    if (cut) {
+      zero_row<acc_t>(dc_b + j0, j1 - j0);
+    }
   };
   // With a projection the cell needs dm = dh_t W_hr of the whole row first (before): not fusable.
-  backward_loop<acc_t>(gemm, /*fuse=*/!proj, dh, da, da_prev, prod, at::Tensor(), len, T, B, H, reverse,
+  backward_loop<acc_t>(gemm, /*fuse=*/!proj, dh, da, da_prev, prod, at::Tensor(), len, rst, T, B, H, reverse,
                        kLstmUnitCost, cell, before);
   dh0 = dh.to(dh_n.scalar_type());
   dc0 = dc.to(dc_n.scalar_type());
@@ -241,14 +253,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, Hout}, gx.options());
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor cs = save ? at::empty({T, B, H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n, c_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::lstm_fwd", [&] {
-    lstm_fwd_kernel<scalar_t>(gx, w_hh, h0, c0, w_hr, len, reverse, save, y, h_n, c_n, gates, cs);
+    lstm_fwd_kernel<scalar_t>(gx, w_hh, h0, c0, w_hr, len, rst, reverse, save, y, h_n, c_n, gates, cs);
   });
   return {y, h_n, c_n, gates, cs};
 }
@@ -278,12 +289,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, 4 * H}, gates.options());
   at::Tensor dh0, dc0, dw_hr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "fastrnn::lstm_bwd", [&] {
-    lstm_bwd_kernel<scalar_t>(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, len, reverse, dgx, dh0, dc0, dw_hr);
+    lstm_bwd_kernel<scalar_t>(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, len, rst, reverse, dgx, dh0, dc0, dw_hr);
   });
   return {dgx, dh0, dc0, dw_hr};
 }

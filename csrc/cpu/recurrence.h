@@ -108,6 +108,12 @@ inline int64_t bwd_time(int64_t s, int64_t T, bool reverse) { return reverse ? s
 
 inline bool active(const int64_t* lengths, int64_t t, int64_t b) { return lengths == nullptr || t < lengths[b]; }
 
+// Whether step t of sequence b starts from a zero state (resets[t, b], [T, B] row-major). Asked only at
+// active steps: an inactive step carries the state whatever the mask says.
+inline bool resets_at(const bool* resets, int64_t t, int64_t B, int64_t b) {
+  return resets != nullptr && resets[t * B + b];
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Loads and stores of one value V (acc_t, or a Vectorized<acc_t> of consecutive elements) from storage S.
 
@@ -228,6 +234,23 @@ inline void zero_row(D* dst, int64_t n) {
     using V = decltype(v);
     store(dst + j, V(0));
   });
+}
+
+// The rows b of the [B, n] states (acc_t tensors) that step t enters from a zero state (active at t and
+// resets[t, b]) set to 0, so the step's product reads h_{t-1} = 0 and its cell c_{t-1} = 0 there. Only
+// such a row is cleared, and step t overwrites it, so the carried state is lost nowhere else. One bool
+// read a row and step (on one thread, where the step's threads already meet: forward_loop's `enter`);
+// nothing at all without a mask.
+template <typename acc_t, typename... States>
+void zero_reset_rows(const bool* resets, const int64_t* lengths, int64_t t, int64_t B, States&... states) {
+  if (resets == nullptr) {
+    return;
+  }
+  for (const auto b : c10::irange(B)) {
+    if (resets[t * B + b] && active(lengths, t, b)) {
+      (zero_row<acc_t>(row(states.template data_ptr<acc_t>(), b, states.size(1)), states.size(1)), ...);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -486,10 +509,14 @@ class HiddenGemm {
 // on one thread between barriers; a heavier after (the projection's product) keeps a region a step, so it
 // runs on every thread.
 // Otherwise: the product into `hid` [B, G*H] (MKL or packed), then the cell over (b, unit block).
+// enter(t) runs on one thread before the product of step t, after(t - 1) and with every thread past step
+// t - 1: the resets (zero_reset_rows clears the state rows that start step t from zero), so a reset costs
+// no pass of its own and no change to the product or the cell.
 
-template <typename acc_t, typename Cell, typename After>
+template <typename acc_t, typename Enter, typename Cell, typename After>
 void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, const at::Tensor& x, at::Tensor& hid,
-                  int64_t T, int64_t B, int64_t H, bool reverse, int64_t cost, const Cell& cell, const After& after) {
+                  int64_t T, int64_t B, int64_t H, bool reverse, int64_t cost, const Enter& enter, const Cell& cell,
+                  const After& after) {
   const int64_t GH = hid.size(1);
   if (fuse && gemm.packed()) {
     auto fused_cell = [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles,
@@ -498,13 +525,20 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, cons
         cell(fwd_time(s, T, reverse), m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P, gstride);
       }
     };
+    enter(fwd_time(0, T, reverse));
     gemm.run_steps(
         T, cost, /*one_region=*/swap_only, [&](int64_t) { return x.const_data_ptr<acc_t>(); },  // x: swapped by after
-        fused_cell, [&](int64_t s) { after(fwd_time(s, T, reverse)); });
+        fused_cell, [&](int64_t s) {
+          after(fwd_time(s, T, reverse));
+          if (s + 1 < T) {
+            enter(fwd_time(s + 1, T, reverse));
+          }
+        });
     return;
   }
   for (const auto s : c10::irange(T)) {
     const int64_t t = fwd_time(s, T, reverse);
+    enter(t);
     gemm.product(x, hid);
     const acc_t* hid_p = hid.const_data_ptr<acc_t>();
     for_rows_units(B, H, cost, [&](int64_t b, int64_t j0, int64_t j1) { cell(t, b, j0, j1, hid_p + b * GH + j0, H); });
@@ -521,17 +555,23 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, cons
 // parallel region: the thread that computes dh's units [j0, j1) applies the next cell to the same units
 // right away (da is double-buffered: the cell writes `da` while the product reads the previous step's).
 // before(t) runs first at each step (the projection's dm = dh W_hr); fuse requires that it does nothing.
+// Across a reset at t (resets[t, b], active) no gradient reaches the previous state: dh of that row is 0
+// instead (the cell zeroes its own carried gradient, LSTM's dc, and reads h_{t-1} / c_{t-1} as 0).
 
 template <typename acc_t, typename Cell, typename Before>
 void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at::Tensor& da, at::Tensor& da_prev,
-                   at::Tensor& prod, const at::Tensor& direct, const int64_t* len, int64_t T, int64_t B, int64_t H,
-                   bool reverse, int64_t cost, const Cell& cell, const Before& before) {
+                   at::Tensor& prod, const at::Tensor& direct, const int64_t* len, const bool* rst, int64_t T,
+                   int64_t B, int64_t H, bool reverse, int64_t cost, const Cell& cell, const Before& before) {
   const int64_t K = dh.size(1), GH = da.size(1);  // columns of dh (Hout) and of da (G*H)
   acc_t* dh_p = dh.data_ptr<acc_t>();
   const acc_t* direct_p = direct.defined() ? direct.const_data_ptr<acc_t>() : nullptr;
-  // dh[b, j0:j1) = src[0:j1-j0) (+ direct[b, j0:j1)) for a row active at t.
-  auto take = [&](int64_t b, int64_t j0, int64_t j1, const acc_t* src) {
+  // dh[b, j0:j1) = src[0:j1-j0) (+ direct[b, j0:j1)) for a row active at t; 0 across a reset at t.
+  auto take = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* src) {
     acc_t* dst = row(dh_p, b, K) + j0;
+    if (resets_at(rst, t, B, b)) {
+      zero_row<acc_t>(dst, j1 - j0);
+      return;
+    }
     if (direct_p == nullptr) {
       std::copy(src, src + (j1 - j0), dst);
       return;
@@ -549,9 +589,10 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
     gemm.run_steps(
         T + 1, cost, /*one_region=*/true, [&](int64_t s) { return s > 0 ? da_prev.const_data_ptr<acc_t>() : nullptr; },
         [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t) {
+          const int64_t t_done = s > 0 ? bwd_time(s - 1, T, reverse) : 0;  // the step whose product this is
           for (int64_t m = 0; m < mr; ++m) {
-            if (s > 0 && active(len, bwd_time(s - 1, T, reverse), m0 + m)) {
-              take(m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P);
+            if (s > 0 && active(len, t_done, m0 + m)) {
+              take(t_done, m0 + m, j0, j1, tiles + m * HiddenGemm<acc_t>::P);
             }
             if (s < T) {
               cell(bwd_time(s, T, reverse), m0 + m, j0, j1, row(da_p, m0 + m, GH));
@@ -573,7 +614,7 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
     const acc_t* prod_p = prod.const_data_ptr<acc_t>();
     for (const auto b : c10::irange(B)) {
       if (active(len, t, b)) {
-        take(b, 0, K, row(prod_p, b, K));
+        take(t, b, 0, K, row(prod_p, b, K));
       }
     }
   }

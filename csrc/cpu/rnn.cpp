@@ -18,7 +18,7 @@ constexpr int64_t kRnnUnitCost = 4;
 
 template <typename scalar_t, bool Relu>
 void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const int64_t* len,
-                    bool reverse, at::Tensor& y, at::Tensor& h_n) {
+                    const bool* rst, bool reverse, at::Tensor& y, at::Tensor& h_n) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
 
@@ -53,13 +53,15 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
     h_p = h.const_data_ptr<acc_t>();
     next_p = h_next.data_ptr<acc_t>();
   };
-  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kRnnUnitCost, cell, after);
+  auto enter = [&](int64_t t) { zero_reset_rows<acc_t>(rst, len, t, B, h); };  // a reset at t: h_{t-1} = 0
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kRnnUnitCost, enter, cell,
+                      after);
   h_n = h.to(h0.scalar_type());
 }
 
 template <typename scalar_t, bool Relu>
 void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh, const at::Tensor& y,
-                    const int64_t* len, bool reverse, at::Tensor& dgx, at::Tensor& dh0) {
+                    const int64_t* len, const bool* rst, bool reverse, at::Tensor& dgx, at::Tensor& dh0) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
 
@@ -91,7 +93,7 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
       store(da_b + j, d);
     });
   };
-  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, at::Tensor(), len, T, B, H, reverse,
+  backward_loop<acc_t>(gemm, /*fuse=*/true, dh, da, da_prev, prod, at::Tensor(), len, rst, T, B, H, reverse,
                        kRnnUnitCost, cell, [](int64_t) {});
   dh0 = dh.to(dh_n.scalar_type());
 }
@@ -111,15 +113,14 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   ck.tensor(w_hh, "w_hh [H, H]", {H, H}, gx);
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor y = at::empty({T, B, H}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::rnn_fwd", [&] {
     if (relu) {
-      rnn_fwd_kernel<scalar_t, true>(gx, w_hh, h0, len, reverse, y, h_n);
+      rnn_fwd_kernel<scalar_t, true>(gx, w_hh, h0, len, rst, reverse, y, h_n);
     } else {
-      rnn_fwd_kernel<scalar_t, false>(gx, w_hh, h0, len, reverse, y, h_n);
+      rnn_fwd_kernel<scalar_t, false>(gx, w_hh, h0, len, rst, reverse, y, h_n);
     }
   });
   return {y, h_n};
@@ -139,15 +140,14 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   ck.tensor(w_hh, "w_hh [H, H]", {H, H}, y);
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
-  TORCH_CHECK(rst == nullptr, ck.op, ": resets is not implemented yet in the cpu backend");
 
   at::Tensor dgx = at::empty({T, B, H}, y.options());
   at::Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::rnn_bwd", [&] {
     if (relu) {
-      rnn_bwd_kernel<scalar_t, true>(dy, dh_n, w_hh, y, len, reverse, dgx, dh0);
+      rnn_bwd_kernel<scalar_t, true>(dy, dh_n, w_hh, y, len, rst, reverse, dgx, dh0);
     } else {
-      rnn_bwd_kernel<scalar_t, false>(dy, dh_n, w_hh, y, len, reverse, dgx, dh0);
+      rnn_bwd_kernel<scalar_t, false>(dy, dh_n, w_hh, y, len, rst, reverse, dgx, dh0);
     }
   });
   return {dgx, dh0};
