@@ -90,6 +90,22 @@ def active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def reset_rows(rst_ptr, rows, ok):
+    """[BB] bool: the rows of `ok` whose sequence resets at step t, i.e. enters t from a zero state
+    (resets[t, b]; rows = t*B + b, int64, from rows_at). The load is masked by `ok`, so a t outside
+    [0, T) reads nothing. Called only under `if HAS_RESETS:`, so that resets=None compiles the kernel
+    without the mask (no load, no register)."""
+    return ok & (tl.load(rst_ptr + rows, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def zero_rows(x, cut):
+    """x [BB, N] with the rows in `cut` ([BB] bool) set to 0: the state a reset step starts from, or the
+    gradient that does not cross back over a reset."""
+    return tl.where(cut[:, None], tl.zeros_like(x), x)
+
+
+@triton.jit
 def rows_at(t, b64, B):
     """int64 [BB]: the row index t*B + b of a [T, B, ...] tensor (T*B*G*H passes 2^31 at e.g.
     T=1024, B=256, H=2048, so offsets are int64)."""
@@ -459,8 +475,9 @@ def run_steps(steps, *launches):
 # Validation: the contract's shapes, one dtype, one device; a clear error instead of a kernel fault.
 
 
-def check_common(op, ref, tensors, lengths):
-    """All of `tensors` (name -> tensor or None) in ref's dtype and on ref's device; lengths int64 [B]."""
+def check_common(op, ref, tensors, lengths, resets=None):
+    """All of `tensors` (name -> tensor or None) in ref's dtype and on ref's device; lengths int64 and
+    resets bool on ref's device."""
     if ref.dtype not in _DTYPES:
         raise TypeError(f"fastrnn_triton::{op}: dtype {ref.dtype} is not supported (fp16, bf16, fp32, fp64)")
     if ref.device.type not in devices():
@@ -480,14 +497,23 @@ def check_common(op, ref, tensors, lengths):
         if lengths.dtype != torch.int64 or lengths.device != ref.device:
             raise TypeError(f"fastrnn_triton::{op}: lengths must be int64 on {ref.device}, got {lengths.dtype} "
                             f"on {lengths.device}")
+    if resets is not None:
+        if resets.dtype != torch.bool or resets.device != ref.device:
+            raise TypeError(f"fastrnn_triton::{op}: resets must be bool on {ref.device}, got {resets.dtype} "
+                            f"on {resets.device}")
 
 
-def check_inputs(op, ref, specs, lengths, B):
-    """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from."""
-    check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths)
+def check_inputs(op, ref, specs, lengths, B, resets=None, T=None):
+    """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from.
+    resets (None or bool [T, B]) must also be contiguous: the kernels index it as t*B + b."""
+    check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths, resets)
     for name, (t, shape) in specs.items():
         check_shape(op, name, t, shape)
     check_shape(op, "lengths", lengths, (B,))
+    check_shape(op, "resets", resets, (T, B))
+    if resets is not None and not resets.is_contiguous():
+        raise ValueError(f"fastrnn_triton::{op}: resets must be contiguous (a [T, B] bool tensor, indexed t*B + b), "
+                         f"got strides {resets.stride()}")
 
 
 def check_sizes(op, name, t, G):
@@ -516,3 +542,9 @@ def contiguous(*tensors):
 def lengths_arg(lengths, like):
     """(pointer argument, HAS_LENGTHS): a tensor must be passed even when there are no lengths."""
     return (lengths, True) if lengths is not None else (like, False)
+
+
+def resets_arg(resets, like):
+    """(pointer argument, HAS_RESETS): a tensor must be passed even when there are no resets; with
+    HAS_RESETS=False the kernels never read it, and compile as they did before resets existed."""
+    return (resets, True) if resets is not None else (like, False)
