@@ -527,8 +527,8 @@ def test_forced_persistent_test_sizes_fit_sm90():
         op = family(cell)
         for direction in ("fwd", "bwd"):
             cases.append(f"{op}_{direction}:persistent:{sizes['T']}:{sizes['B']}:{sizes['H']}:{sizes.get('P', 0)}:fp64")
-    rows = run_compile_check("--arch", "90", "--case", *sorted(set(cases)))
-    assert len(rows) == len(set(cases)), rows
+    rows = run_compile_check("--arch", "90", "--resets", "no", "yes", "--case", *sorted(set(cases)))
+    assert len(rows) == 2 * len(set(cases)), rows
     for r in rows:
         assert int(r["smem_bytes"]) <= H100_SHARED_MEMORY, f"{r['kernel']} at H={r['H']}: {r['smem_bytes']} B"
 
@@ -539,6 +539,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     subprocess): bf16 takes the tf32 MMA path, fp64 the fp64 one; also checks do_not_specialize on s."""
     rows = run_compile_check("--arch", "80", "90", "--dtype", "bf16", "fp64")
     assert len(rows) >= 2 * 2 * 18, f"too few kernels compiled: {len(rows)}"
+    # With a reset mask (HAS_RESETS=True, issue 15): sm_90 only, the machine the GPU runs use.
+    with_resets = run_compile_check("--arch", "90", "--dtype", "bf16", "fp64", "--resets", "yes")
+    assert len(with_resets) == len([r for r in rows if r["arch"] == "sm_90"]), "not every kernel with resets"
+    rows += with_resets
     spills = [r for r in rows if int(r["stack_bytes"]) + int(r["local_bytes"]) > SPILL_ALLOWANCE]
     assert not spills, "spilling kernels:\n" + "\n".join(",".join(r.values()) for r in spills)
     # The launch's specialisation reached the compiler: H=512 is divisible by 16 and hinted, H=500 not.

@@ -10,10 +10,11 @@ proj_size <= 16 and with proj_size = H/2; fp32 with and without TF32). Each reco
 compiled the way triton's own launcher (JITFunction.run) would compile it on a GPU of the given compute
 capability: the same binder types each argument (i32 or i64 from its value, i1, pointer dtypes), marks
 what it specialises (16-byte aligned pointers, integers divisible by 16, integers equal to 1) and folds
-the constexprs, so the binary is the one a launch runs. `--resets` picks the variants: without a reset
-mask (HAS_RESETS=False, the kernels as before issue 15) and with one (a [T, B] bool tensor). Triton's ptxas builds the cubin and cuobjdump
+the constexprs, so the binary is the one a launch runs. Triton's ptxas builds the cubin and cuobjdump
 reports registers, spills and shared memory. Nothing runs; it needs triton's interpreter off (the
 interpreter replaces @triton.jit functions with Python ones). Works with triton 3.6 and 3.9.
+`--resets` picks the variants: without a reset mask (HAS_RESETS=False, the kernels as they were before
+issue 15; the default) and with one (a [T, B] bool tensor); the CSV's `resets` column says which.
 """
 
 import argparse
@@ -201,7 +202,8 @@ def compile_kernel(kernel, args, meta, arch):
     return info
 
 
-HEADER = "kernel,op,path,B,H,proj,dtype,resets,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds,triton,specialisation"
+HEADER = ("kernel,op,path,B,H,proj,dtype,resets,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds,triton,"
+          "specialisation")
 
 
 def main(argv=None):

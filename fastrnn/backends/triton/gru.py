@@ -254,8 +254,8 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h
 def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
     op = "gru_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 3)
-    rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths, B,
-                     resets, T)
+    rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths,
+                     resets, T, B)
     gx, w_hh, b_hh, h0, lengths = rec.contiguous(gx, w_hh, b_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     saved = gx.new_empty(T, B, 4 * H) if save else gx.new_empty(0)
@@ -296,7 +296,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
     T, B, H = rec.check_sizes(op, "y", y, 1)
     specs = {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (3 * H, H)), "h0": (h0, (B, H)),
              "saved": (saved, (T, B, 4 * H))}
-    rec.check_inputs(op, y, specs, lengths, B, resets, T)
+    rec.check_inputs(op, y, specs, lengths, resets, T, B)
     dy, dh_n, w_hh, y, h0, saved, lengths = rec.contiguous(dy, dh_n, w_hh, y, h0, saved, lengths)
     dgx = dy.new_empty(T, B, 3 * H)
     dgh = dy.new_empty(T, B, 3 * H)

@@ -369,7 +369,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
     T, B, H = rec.check_sizes(op, "gx", gx, 4)
     Hout = _hout(op, "h0", h0, H, w_hr)
     specs = {"w_hh": (w_hh, (4 * H, Hout)), "h0": (h0, (B, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H))}
-    rec.check_inputs(op, gx, specs, lengths, B, resets, T)
+    rec.check_inputs(op, gx, specs, lengths, resets, T, B)
     gx, w_hh, h0, c0, w_hr, lengths = rec.contiguous(gx, w_hh, h0, c0, w_hr, lengths)
     proj = w_hr is not None
     y = gx.new_empty(T, B, Hout)
@@ -425,7 +425,7 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse
     Hout = _hout(op, "dh_n", dh_n, H, w_hr)
     specs = {"dy": (dy, (T, B, Hout)), "dh_n": (dh_n, (B, Hout)), "dc_n": (dc_n, (B, H)),
              "w_hh": (w_hh, (4 * H, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H)), "cs": (cs, (T, B, H))}
-    rec.check_inputs(op, gates, specs, lengths, B, resets, T)
+    rec.check_inputs(op, gates, specs, lengths, resets, T, B)
     dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths = rec.contiguous(
         dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths)
     proj = w_hr is not None
@@ -444,9 +444,10 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse
         w = rec.pack_gates_in(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_in(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
         dh0, dc0 = dh_n.new_empty(B, Hout), dc_n.new_empty(B, H)
-        persistent = rec.Launch(lstm_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
-                                (dy, dh_n, dc_n, w, wr, lens, rst, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout),
-                                dict(PROJ=proj, HP=p.HP, OP=p.OP, **flags))
+        persistent = rec.Launch(
+            lstm_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+            (dy, dh_n, dc_n, w, wr, lens, rst, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout),
+            dict(PROJ=proj, HP=p.HP, OP=p.OP, **flags))
         if not persistent.fits(op, dy.device):
             persistent = None
             p = rec.plan(B, H, Hout, 4, proj, gates.dtype, persistent=False)

@@ -503,9 +503,9 @@ def check_common(op, ref, tensors, lengths, resets=None):
                             f"on {resets.device}")
 
 
-def check_inputs(op, ref, specs, lengths, B, resets=None, T=None):
+def check_inputs(op, ref, specs, lengths, resets, T, B):
     """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from.
-    resets (None or bool [T, B]) must also be contiguous: the kernels index it as t*B + b."""
+    lengths: None or int64 [B]; resets: None or bool [T, B], contiguous (the kernels index it t*B + b)."""
     check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths, resets)
     for name, (t, shape) in specs.items():
         check_shape(op, name, t, shape)

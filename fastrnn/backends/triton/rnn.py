@@ -176,7 +176,7 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, d
 def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
     op = "rnn_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 1)
-    rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H))}, lengths, B, resets, T)
+    rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H))}, lengths, resets, T, B)
     gx, w_hh, h0, lengths = rec.contiguous(gx, w_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
@@ -210,8 +210,8 @@ def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
 def rnn_bwd(dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
     op = "rnn_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
-    rec.check_inputs(op, y, {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (H, H))}, lengths, B,
-                     resets, T)
+    rec.check_inputs(op, y, {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (H, H))}, lengths,
+                     resets, T, B)
     dy, dh_n, w_hh, y, lengths = rec.contiguous(dy, dh_n, w_hh, y, lengths)
     dgx = dy.new_empty(T, B, H)
     if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
@@ -223,8 +223,8 @@ def rnn_bwd(dy, dh_n, w_hh, y, lengths, resets, reverse, relu):
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 1, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)
-        launch = rec.Launch(rnn_bwd_persistent_kernel, (triton.cdiv(B, p.BB),), (dy, dh_n, w, lens, rst, y, dgx, dh0, T, B, H),
-                            dict(HP=p.HP, **flags))
+        launch = rec.Launch(rnn_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+                            (dy, dh_n, w, lens, rst, y, dgx, dh0, T, B, H), dict(HP=p.HP, **flags))
         if launch.fits(op, dy.device):
             launch()
             return dgx, dh0
