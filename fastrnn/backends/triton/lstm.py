@@ -342,10 +342,14 @@ def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr,
         d = rec.mma(da_f.to(ty), w_f, d, PREC)
         d = rec.mma(da_g.to(ty), w_g, d, PREC)
         d = rec.mma(da_o.to(ty), w_o, d, PREC)
-        dh = tl.where(act_o, d, dh)
-        if HAS_RESETS:  # no gradient crosses back over a reset at t
-            dh = rec.zero_rows(dh, cut)
+        if HAS_RESETS:
+            # No gradient crosses back over a reset at t. dh as one chain of selects: where(act, d, dh)
+            # followed by zero_rows(dh, cut) next to zero_rows(dc, cut) crashed LLVM's SLP vectorizer
+            # (an assertion in scheduleBlock) in the fp32 kernel on sm_90 under triton 3.9 (compile_check).
+            dh = tl.where(act_o & ~cut[:, None], d, tl.where(act_o, 0.0, dh))
             dc = rec.zero_rows(dc, cut)
+        else:
+            dh = tl.where(act_o, d, dh)
     tl.store(dh0_ptr + b64[:, None] * HOUT + offs_o[None, :], dh.to(ty), mask=inb_o)
     tl.store(dc0_ptr + b64[:, None] * H + offs_n[None, :], dc.to(ty), mask=inb)
 
