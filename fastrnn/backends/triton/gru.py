@@ -197,13 +197,11 @@ def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h0_ptr, y_
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        h_in = h
-        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0; inactive rows keep h below
-            h_in = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
+        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces it below)
+            h = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
         zero = tl.zeros((BB, HP), dtype=ACC)
-        h_t = gru_fwd_epilogue(rec.mma(h_in, w_r, zero, PREC), rec.mma(h_in, w_z, zero, PREC),
-                               rec.mma(h_in, w_n, zero, PREC), h_in.to(ACC), gx_ptr, b_ptr, saved_ptr, rows, offs_n, H,
-                               inb, act2, HAS_BIAS, SAVE)
+        h_t = gru_fwd_epilogue(rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC),
+                               h.to(ACC), gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS, SAVE)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)

@@ -278,15 +278,16 @@ def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, rst_ptr, h0_ptr, 
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        h_in = h
-        if HAS_RESETS:  # rows that reset at t (active) start from h = c = 0; inactive rows carry both
+        if HAS_RESETS:
+            # Rows that reset at t start from h = c = 0. They are active, so h_t and c_t replace both below
+            # and the carry of inactive rows is untouched: h and c can be zeroed in place.
             cut = rec.reset_rows(rst_ptr, rows, act)
-            h_in = rec.zero_rows(h, cut)
+            h = rec.zero_rows(h, cut)
             c = rec.zero_rows(c, cut)
         zero = tl.zeros((BB, HP), dtype=ACC)
-        c, m = lstm_fwd_epilogue(rec.mma(h_in, w_i, zero, PREC), rec.mma(h_in, w_f, zero, PREC),
-                                 rec.mma(h_in, w_g, zero, PREC), rec.mma(h_in, w_o, zero, PREC), c, gx_ptr, gates_ptr,
-                                 cs_ptr, rows, offs_n, H, inb, act2, SAVE)
+        c, m = lstm_fwd_epilogue(rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC), rec.mma(h, w_g, zero, PREC),
+                                 rec.mma(h, w_o, zero, PREC), c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
+                                 SAVE)
         if PROJ:
             h_t = rec.mma(m.to(h.dtype), w_r, tl.zeros((BB, OP), dtype=ACC), PREC)
         else:

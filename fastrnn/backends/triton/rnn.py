@@ -131,10 +131,9 @@ def rnn_fwd_persistent_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h0_ptr, y_ptr, hn
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        h_in = h
-        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0; inactive rows keep h below
-            h_in = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
-        h_t = rnn_fwd_epilogue(rec.mma(h_in, w, tl.zeros((BB, HP), dtype=ACC), PREC), gx_ptr, rows, offs_n, H, act2,
+        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces it below)
+            h = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
+        h_t = rnn_fwd_epilogue(rec.mma(h, w, tl.zeros((BB, HP), dtype=ACC), PREC), gx_ptr, rows, offs_n, H, act2,
                                RELU)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
