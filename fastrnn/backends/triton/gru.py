@@ -122,14 +122,12 @@ def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, sa
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, H)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * 3 * BN)
-    a_ok = mask_b
-    if HAS_RESETS:
-        cut = rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
-        a_ok = mask_b & ~cut
-    acc_r, acc_z, acc_n, _ = rec.gemm_gates_out(h_src, b64 * H, a_ok, H, w_tile, 3, KP, BB, BN, BK, ACC, PREC)
+    acc_r, acc_z, acc_n, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, 3, KP, BB, BN, BK, ACC, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     h_prev = tl.load(h_src + state, mask=inb, other=0.0).to(ACC)
     if HAS_RESETS:  # cut rows are active, so the carry of inactive rows below keeps the stored h
+        cut = rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
+        acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
         h_prev = rec.zero_rows(h_prev, cut)
     rows = rec.rows_at(t, b64, B)
     h = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS,
@@ -160,12 +158,13 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, rst_ptr, y_ptr
     done = mask_b & rec.in_time(t_done, T, offs_b)
     prev2 = act2
     if HAS_RESETS:
-        done = done & ~rec.reset_rows(rst_ptr, rec.rows_at(t_done, b64, B), done)
         cut = rec.reset_rows(rst_ptr, rows, act)
         prev2 = act2 & ~cut[:, None]
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (3 * SP * BN)
-    dh_in, dh = rec.grad_state_in(dgh_ptr, rec.rows_at(t_done, b64, B) * (3 * H), done, H, 3, SP, w_tile, dh_ptr, state,
-                                  inb, dy_ptr, rows[:, None] * H + offs_n[None, :], act2, BB, BN, BK, ACC, PREC)
+    rows_done = rec.rows_at(t_done, b64, B)
+    dh_in, dh = rec.grad_state_in(dgh_ptr, rows_done * (3 * H), done, H, 3, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC, PREC,
+                                  HAS_RESETS)
     _, _, _, direct = gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H, offs_b,
                                        mask_b, b64, offs_n, inb_t, act2, prev2, REVERSE, HAS_LENGTHS)
     dh_buf = tl.where(act2, direct, dh_in)
@@ -192,16 +191,22 @@ def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h0_ptr, y_
     w_n = rec.load_resident(w_ptr, 2, 3, HP, HP)
     state = b64[:, None] * H + offs_n[None, :]
     h = tl.load(h0_ptr + state, mask=inb, other=0.0)  # [BB, HP], storage dtype
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces it below)
-            h = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
         zero = tl.zeros((BB, HP), dtype=ACC)
-        h_t = gru_fwd_epilogue(rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC),
-                               h.to(ACC), gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS, SAVE)
+        acc_r, acc_z, acc_n = rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC)
+        h_prev = h.to(ACC)
+        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces h below)
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
+            acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
+            h_prev = rec.zero_rows(h_prev, cut)
+        h_t = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2,
+                               HAS_BIAS, SAVE)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)
@@ -222,6 +227,8 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h
     ty = dgx_ptr.dtype.element_ty
     state = b64[:, None] * H + offs_n[None, :]
     dh = tl.load(dhn_ptr + state, mask=inb, other=0.0).to(ACC)
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, not REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, not REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
@@ -229,7 +236,7 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h
         rows = rec.rows_at(t, b64, B)
         prev2 = act2
         if HAS_RESETS:
-            cut = rec.reset_rows(rst_ptr, rows, act)
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, not REVERSE)
             prev2 = act2 & ~cut[:, None]
         dh_t = dh + tl.load(dy_ptr + rows[:, None] * H + offs_n[None, :], mask=act2, other=0.0).to(ACC)
         dar, daz, danr, direct = gru_bwd_epilogue(dh_t, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H,

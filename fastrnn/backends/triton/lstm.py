@@ -43,6 +43,14 @@ def lstm_cell_bwd(dm, dc, i, f, g, o, c, c_prev):
     return da_i, da_f, da_g, da_o, dc * f, o * tc
 
 
+@triton.jit
+def lstm_cut(acc_i, acc_f, acc_g, acc_o, cut):
+    """h_{t-1} W_hh^T of the four gates with the rows of `cut` ([BB] bool, the rows that reset at t)
+    set to 0: those rows start from h_{t-1} = 0. The GEMM's result is cut, not its operand
+    (rec.reset_rows says why)."""
+    return rec.zero_rows(acc_i, cut), rec.zero_rows(acc_f, cut), rec.zero_rows(acc_g, cut), rec.zero_rows(acc_o, cut)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Epilogues: the cell on a [BB, N] tile with its loads and stores, shared by step and persistent kernels
 
@@ -132,16 +140,14 @@ def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, c_ptr, m_ptr, y
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, HOUT)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * 4 * BN)
-    a_ok = mask_b
-    if HAS_RESETS:
-        cut = rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
-        a_ok = mask_b & ~cut
-    acc_i, acc_f, acc_g, acc_o = rec.gemm_gates_out(h_src, b64 * HOUT, a_ok, HOUT, w_tile, 4, KP, BB, BN, BK,
+    acc_i, acc_f, acc_g, acc_o = rec.gemm_gates_out(h_src, b64 * HOUT, mask_b, HOUT, w_tile, 4, KP, BB, BN, BK,
                                                     ACC, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
     c_prev = tl.load(c_ptr + state, mask=inb, other=0.0)
     if HAS_RESETS:  # cut rows are active: the epilogue's carry of inactive rows keeps the stored c
+        cut = rec.reset_rows(rst_ptr, rows, act)
+        acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
         c_prev = rec.zero_rows(c_prev, cut)
     c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c_prev, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
                              SAVE)
@@ -205,12 +211,11 @@ def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, c0_ptr, gates
     else:
         t_done = t - 1 if REVERSE else t + 1
         done = mask_b & rec.in_time(t_done, T, offs_b)
-        if HAS_RESETS:
-            done = done & ~rec.reset_rows(rst_ptr, rec.rows_at(t_done, b64, B), done)
         w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
-        dh_in, dm = rec.grad_state_in(dgx_ptr, rec.rows_at(t_done, b64, B) * (4 * H), done, H, 4, SP, w_tile, dh_ptr,
-                                      state, inb, dy_ptr, rows[:, None] * H + offs_n[None, :], act2, BB, BN, BK,
-                                      ACC, PREC)
+        rows_done = rec.rows_at(t_done, b64, B)
+        dh_in, dm = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                      rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
+                                      PREC, HAS_RESETS)
         tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     dc_in = tl.load(dc_ptr + state, mask=inb, other=0.0)
     _, _, _, _, dc = lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, T, B, H, b64, offs_n,
@@ -238,12 +243,11 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, dh_ptr, 
     rows = rec.rows_at(t, b64, B)
     t_done = t - 1 if REVERSE else t + 1
     done = mask_b & rec.in_time(t_done, T, offs_b)
-    if HAS_RESETS:
-        done = done & ~rec.reset_rows(rst_ptr, rec.rows_at(t_done, b64, B), done)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
-    dh_in, dh = rec.grad_state_in(dgx_ptr, rec.rows_at(t_done, b64, B) * (4 * H), done, H, 4, SP, w_tile, dh_ptr,
-                                  state, inb, dy_ptr, rows[:, None] * HOUT + offs_n[None, :], act2, BB, BN, BK, ACC,
-                                  PREC)
+    rows_done = rec.rows_at(t_done, b64, B)
+    dh_in, dh = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                  rows[:, None] * HOUT + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
+                                  PREC, HAS_RESETS)
     tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     inb_t = inb & rec.in_time(t, T, offs_b)[:, None]
     tl.store(dhs_ptr + rows[:, None] * HOUT + offs_n[None, :], tl.where(act2, dh, 0.0).to(dhs_ptr.dtype.element_ty),
@@ -273,20 +277,23 @@ def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, rst_ptr, h0_ptr, 
         w_r = rec.load_resident(wr_ptr, 0, 1, HP, OP)
     h = tl.load(h0_ptr + b64[:, None] * HOUT + offs_o[None, :], mask=inb_o, other=0.0)  # [BB, OP], storage dtype
     c = tl.load(c0_ptr + b64[:, None] * H + offs_n[None, :], mask=inb, other=0.0).to(ACC)  # [BB, HP]
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        if HAS_RESETS:
-            # Rows that reset at t start from h = c = 0. They are active, so h_t and c_t replace both below
-            # and the carry of inactive rows is untouched: h and c can be zeroed in place.
-            cut = rec.reset_rows(rst_ptr, rows, act)
-            h = rec.zero_rows(h, cut)
-            c = rec.zero_rows(c, cut)
         zero = tl.zeros((BB, HP), dtype=ACC)
-        c, m = lstm_fwd_epilogue(rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC), rec.mma(h, w_g, zero, PREC),
-                                 rec.mma(h, w_o, zero, PREC), c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
+        acc_i, acc_f = rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC)
+        acc_g, acc_o = rec.mma(h, w_g, zero, PREC), rec.mma(h, w_o, zero, PREC)
+        if HAS_RESETS:
+            # Rows that reset at t start from h = c = 0. They are active, so c_t replaces c below and the
+            # carry of inactive rows is untouched: c can be zeroed in place.
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
+            acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
+            c = rec.zero_rows(c, cut)
+        c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
                                  SAVE)
         if PROJ:
             h_t = rec.mma(m.to(h.dtype), w_r, tl.zeros((BB, OP), dtype=ACC), PREC)
@@ -320,6 +327,8 @@ def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr,
     ty = dgx_ptr.dtype.element_ty
     dh = tl.load(dhn_ptr + b64[:, None] * HOUT + offs_o[None, :], mask=inb_o, other=0.0).to(ACC)  # [BB, OP]
     dc = tl.load(dcn_ptr + b64[:, None] * H + offs_n[None, :], mask=inb, other=0.0).to(ACC)  # [BB, HP]
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, not REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, not REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
@@ -328,7 +337,7 @@ def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr,
         rows = rec.rows_at(t, b64, B)
         prev2 = act2
         if HAS_RESETS:
-            cut = rec.reset_rows(rst_ptr, rows, act)
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, not REVERSE)
             prev2 = act2 & ~cut[:, None]
         dh_t = dh + tl.load(dy_ptr + rows[:, None] * HOUT + offs_o[None, :], mask=act_o, other=0.0).to(ACC)
         if PROJ:

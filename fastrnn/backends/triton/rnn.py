@@ -72,10 +72,9 @@ def rnn_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, T, B, H, 
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, H)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * BN)
-    a_ok = mask_b
+    acc, _, _, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, 1, KP, BB, BN, BK, ACC, PREC)
     if HAS_RESETS:
-        a_ok = mask_b & ~rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
-    acc, _, _, _ = rec.gemm_gates_out(h_src, b64 * H, a_ok, H, w_tile, 1, KP, BB, BN, BK, ACC, PREC)
+        acc = rec.zero_rows(acc, rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act))
     state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
     h = rnn_fwd_epilogue(acc, gx_ptr, rows, offs_n, H, act2, RELU)
@@ -102,11 +101,11 @@ def rnn_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, dh_ptr,
     rows = rec.rows_at(t, b64, B)
     t_done = t - 1 if REVERSE else t + 1
     done = mask_b & rec.in_time(t_done, T, offs_b)
-    if HAS_RESETS:
-        done = done & ~rec.reset_rows(rst_ptr, rec.rows_at(t_done, b64, B), done)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (SP * BN)
-    dh_in, dh = rec.grad_state_in(dgx_ptr, rec.rows_at(t_done, b64, B) * H, done, H, 1, SP, w_tile, dh_ptr, state, inb,
-                                  dy_ptr, rows[:, None] * H + offs_n[None, :], act2, BB, BN, BK, ACC, PREC)
+    rows_done = rec.rows_at(t_done, b64, B)
+    dh_in, dh = rec.grad_state_in(dgx_ptr, rows_done * H, done, H, 1, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC, PREC,
+                                  HAS_RESETS)
     rnn_bwd_epilogue(dh, y_ptr, dgx_ptr, rows, offs_n, H, inb_t, act2, RELU)
     tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
 
@@ -126,15 +125,18 @@ def rnn_fwd_persistent_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h0_ptr, y_ptr, hn
     w = rec.load_resident(w_ptr, 0, 1, HP, HP)
     state = b64[:, None] * H + offs_n[None, :]
     h = tl.load(h0_ptr + state, mask=inb, other=0.0)  # [BB, HP], storage dtype
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
+        acc = rec.mma(h, w, tl.zeros((BB, HP), dtype=ACC), PREC)
         if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces it below)
-            h = rec.zero_rows(h, rec.reset_rows(rst_ptr, rows, act))
-        h_t = rnn_fwd_epilogue(rec.mma(h, w, tl.zeros((BB, HP), dtype=ACC), PREC), gx_ptr, rows, offs_n, H, act2,
-                               RELU)
+            acc = rec.zero_rows(acc, act & rst_next)
+            rst_next = rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
+        h_t = rnn_fwd_epilogue(acc, gx_ptr, rows, offs_n, H, act2, RELU)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)
@@ -153,6 +155,8 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, d
     ty = dgx_ptr.dtype.element_ty
     state = b64[:, None] * H + offs_n[None, :]
     dh = tl.load(dhn_ptr + state, mask=inb, other=0.0).to(ACC)
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, not REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, not REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
@@ -163,7 +167,8 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, d
         # The recurrent GEMM takes dgx_t rounded to the storage dtype, as the step kernels read it back.
         dh = tl.where(act2, rec.mma(da.to(ty), w, tl.zeros((BB, HP), dtype=ACC), PREC), dh)
         if HAS_RESETS:  # no gradient crosses back over a reset at t
-            dh = rec.zero_rows(dh, rec.reset_rows(rst_ptr, rows, act))
+            dh = rec.zero_rows(dh, act & rst_next)
+            rst_next = rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, not REVERSE)
     tl.store(dh0_ptr + state, dh.to(ty), mask=inb)
 
 
