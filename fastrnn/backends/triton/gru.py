@@ -143,7 +143,7 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, rst_ptr, y_ptr
     """Backward step s (t descending in forward order) for BB rows x BN units: dh_t = dy_t + dh_buf +
     dgh_{t+1} W_hh (rec.grad_state_in); launched T+1 times, the last one only finishing dh_0.
     dh: [B, H] in ACC, holding dh_t z between launches (or the carried gradient where inactive).
-    No gradient crosses a reset: rows that reset at t+1 leave dgh_{t+1} out of the GEMM, and rows that
+    No gradient crosses a reset: rows that reset at t+1 get no dgh_{t+1} W_hh, and rows that
     reset at t store dh_buf = 0 (and read h_{t-1} = 0)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)

@@ -190,7 +190,7 @@ def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, c0_ptr, gates
     previous step); launched T+1 times, the last one only finishing dh_0. With projection: dm_t =
     dh_t W_hr, dh_t being written by lstm_proj_bwd_step_kernel just before. dh: [B, H], dc: [B, H] in
     ACC, updated in place; dhs [T, B, Hout], ms [T, B, H]: dh_t and m_t for dW_hr (proj only).
-    No gradient crosses a reset: rows that reset at t+1 leave dgx_{t+1} out of the GEMM, and rows that
+    No gradient crosses a reset: rows that reset at t+1 get no dgx_{t+1} W_hh, and rows that
     reset at t read c_{t-1} = 0 and pass dc_{t-1} = 0 on."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
@@ -232,7 +232,7 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, dh_ptr, 
                               ACC: tl.constexpr, PREC: tl.constexpr):
     """Backward step s with projection, for BB rows x BN of the Hout units: dh_t = dy_t + dh_buf +
     dgx_{t+1} W_hh into dhs[t] (launched T+1 times, the last one only finishing dh_0). Rows that reset
-    at t+1 leave dgx_{t+1} out of the GEMM (no gradient crosses a reset)."""
+    at t+1 get no dgx_{t+1} W_hh (no gradient crosses a reset)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(HOUT, BN)
     t = rec.step_time(s, T, not REVERSE)

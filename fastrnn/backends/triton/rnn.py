@@ -88,8 +88,8 @@ def rnn_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, dh_ptr,
                         BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                         PREC: tl.constexpr):
     """Backward step s for BB rows x BN units: dh_t = dy_t + dh_buf + dgx_{t+1} W_hh (rec.grad_state_in);
-    launched T+1 times, the last one only finishing dh_0. dh: [B, H] in ACC. Rows that reset at t+1 leave
-    dgx_{t+1} out of the GEMM (no gradient crosses a reset; dh_buf is 0 after an active step)."""
+    launched T+1 times, the last one only finishing dh_0. dh: [B, H] in ACC. Rows that reset at t+1 get no
+    dgx_{t+1} W_hh (no gradient crosses a reset; dh_buf is 0 after an active step)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, not REVERSE)
