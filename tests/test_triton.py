@@ -45,8 +45,29 @@ def family(cell):
     return cell.split("_")[0]
 
 
-def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=torch.float64, seed=0):
-    """(forward op name, its arguments, a function of the forward outputs -> (backward op name, arguments))."""
+def reset_mask(kind, T, B, seed=0):
+    """A [T, B] bool reset mask (docs/contract.md): None, or resets at step 0 ("first"), at the last step
+    ("last"), at every step ("all"), nowhere ("none": all false), or at about a third of the steps
+    ("random"; the same mask for every call with these sizes and seed)."""
+    if kind is None:
+        return None
+    m = torch.zeros(T, B, dtype=torch.bool)
+    if kind == "first":
+        m[0] = True
+    elif kind == "last":
+        m[-1] = True
+    elif kind == "all":
+        m[:] = True
+    elif kind == "random":
+        m = torch.rand(T, B, generator=torch.Generator().manual_seed(seed + 1)) < 0.35
+    else:
+        assert kind == "none", kind
+    return m.to(DEVICE)
+
+
+def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=torch.float64, seed=0, resets=None):
+    """(forward op name, its arguments, a function of the forward outputs -> (backward op name, arguments)).
+    resets: the kind of reset_mask."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -55,27 +76,28 @@ def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=
     Hout = P or H
     G = GATES[cell]
     lens = torch.tensor(lengths, dtype=torch.int64, device=DEVICE) if lengths is not None else None
+    rst = reset_mask(resets, T, B, seed)
     # W_hh at 1/sqrt(H) keeps the recurrence away from saturation, so gradients stay informative.
     gx, w, h0 = r(T, B, G * H), r(G * H, Hout, scale=H**-0.5), r(B, Hout)
     dy, dh_n = r(T, B, Hout), r(B, Hout)
     if cell == "lstm":
         c0, w_hr, dc_n = r(B, H), (r(Hout, H, scale=H**-0.5) if P else None), r(B, H)
-        fwd = (gx, w, h0, c0, w_hr, lens, None, reverse, True)
+        fwd = (gx, w, h0, c0, w_hr, lens, rst, reverse, True)
 
         def bwd(out):
-            return "lstm_bwd", (dy, dh_n, dc_n, w, c0, w_hr, out[3], out[4], lens, None, reverse)
+            return "lstm_bwd", (dy, dh_n, dc_n, w, c0, w_hr, out[3], out[4], lens, rst, reverse)
         return "lstm_fwd", fwd, bwd
     if cell == "gru":
-        fwd = (gx, w, r(3 * H) if bias else None, h0, lens, None, reverse, True)
+        fwd = (gx, w, r(3 * H) if bias else None, h0, lens, rst, reverse, True)
 
         def bwd(out):
-            return "gru_bwd", (dy, dh_n, w, out[0], h0, out[2], lens, None, reverse)
+            return "gru_bwd", (dy, dh_n, w, out[0], h0, out[2], lens, rst, reverse)
         return "gru_fwd", fwd, bwd
     relu = cell == "rnn_relu"
 
     def bwd(out):
-        return "rnn_bwd", (dy, dh_n, w, out[0], lens, None, reverse, relu)
-    return "rnn_fwd", (gx, w, h0, lens, None, reverse, relu), bwd
+        return "rnn_bwd", (dy, dh_n, w, out[0], lens, rst, reverse, relu)
+    return "rnn_fwd", (gx, w, h0, lens, rst, reverse, relu), bwd
 
 
 @pytest.fixture
@@ -148,6 +170,77 @@ def test_ops_match_reference_fp64(cell, sizes, kind, poison):
     ref, out = run_both(cell, make_case(cell, **sizes), kind)
     for name in ref:
         assert_close(f"{kind}:{name}", ref[name], out[name], **FP64_TOL)
+
+
+# Episode resets (issue 15): the mask inside every kernel, against the reference backend's _cut_at_resets.
+RESET_CASES = [
+    pytest.param("lstm", dict(T=4, B=5, H=37, lengths=LENGTHS5, resets="random"), id="lstm-lengths-random"),
+    pytest.param("lstm", dict(T=4, B=5, H=37, lengths=LENGTHS5, reverse=True, resets="random"),
+                 id="lstm-lengths-rev-random"),
+    pytest.param("lstm", dict(T=4, B=3, H=37, P=5, lengths=[2, 4, 3], resets="random"), id="lstm-proj5-lengths-random"),
+    pytest.param("lstm", dict(T=3, B=2, H=37, P=19, reverse=True, resets="first"), id="lstm-proj19-rev-first"),
+    pytest.param("lstm", dict(T=3, B=2, H=37, resets="first"), id="lstm-first"),
+    pytest.param("lstm", dict(T=3, B=2, H=37, resets="last"), id="lstm-last"),
+    pytest.param("lstm", dict(T=3, B=2, H=37, lengths=[3, 2], resets="all"), id="lstm-lengths-all"),
+    pytest.param("gru", dict(T=4, B=5, H=37, lengths=LENGTHS5, reverse=True, resets="random"),
+                 id="gru-lengths-rev-random"),
+    pytest.param("gru", dict(T=4, B=5, H=37, lengths=LENGTHS5, resets="random"), id="gru-lengths-random"),
+    pytest.param("gru", dict(T=3, B=2, H=37, bias=False, resets="all"), id="gru-nobias-all"),
+    pytest.param("rnn_tanh", dict(T=4, B=5, H=37, reverse=True, resets="random"), id="rnn_tanh-rev-random"),
+    pytest.param("rnn_relu", dict(T=4, B=5, H=37, lengths=LENGTHS5, resets="last"), id="rnn_relu-lengths-last"),
+]
+
+
+def reset_kind_cases():
+    out = []
+    for kind in KINDS:
+        for p in RESET_CASES:
+            (cell, sizes), case_id = p.values, p.id
+            if kind == "persistent":  # sizes that fit a GPU block (PERSISTENT_H above)
+                sizes = dict(sizes, H=min(sizes["H"], PERSISTENT_H))
+            out.append(pytest.param(cell, sizes, kind, id=f"{case_id}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("cell,sizes,kind", reset_kind_cases())
+def test_resets_match_reference_fp64(cell, sizes, kind, poison):
+    ref, out = run_both(cell, make_case(cell, **sizes), kind)
+    for name in ref:
+        assert_close(f"{kind}:{name}", ref[name], out[name], **FP64_TOL)
+    # The mask changes the result here (else this test could not catch a kernel that ignores it).
+    no_resets, _ = run_both(cell, make_case(cell, **dict(sizes, resets=None)), kind)
+    changed = [name for name in ref if not torch.equal(ref[name], no_resets[name])]
+    assert "y" in changed and any(n.startswith("d") for n in changed), f"resets changed only {changed}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cell,sizes", [
+    pytest.param("lstm", dict(T=4, B=3, H=20, P=9, lengths=[4, 2, 3]), id="lstm-proj9-lengths"),
+    pytest.param("lstm", dict(T=4, B=3, H=20, reverse=True), id="lstm-rev"),
+    pytest.param("gru", dict(T=4, B=3, H=20, lengths=[4, 2, 3], reverse=True), id="gru-lengths-rev"),
+    pytest.param("rnn_relu", dict(T=4, B=3, H=20), id="rnn_relu"),
+])
+def test_all_false_resets_equal_none_bit_for_bit(cell, sizes, kind):
+    """An all-false mask gives the result of resets=None exactly (fp32: any difference in the order of
+    operations would show in the last bits)."""
+    _, none = run_both(cell, make_case(cell, dtype=torch.float32, **sizes), kind)
+    _, all_false = run_both(cell, make_case(cell, dtype=torch.float32, resets="none", **sizes), kind)
+    for name in none:
+        assert torch.equal(none[name], all_false[name]), f"{kind}:{name} differs with an all-false mask"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resets_in_low_precision(dtype):
+    """fp32 and bf16 with resets and lengths: both paths agree with each other as without resets
+    (PATH_TOL), and fp32 also with the reference."""
+    case = make_case("lstm", T=5, B=3, H=20, P=9, lengths=[5, 2, 4], resets="random", dtype=dtype)
+    ref, step = run_both("lstm", case, "step")
+    _, persistent = run_both("lstm", case, "persistent")
+    for name in step:
+        assert step[name].dtype == dtype, f"{name} is {step[name].dtype}"
+        assert_close(f"persistent-vs-step:{name}", step[name].double(), persistent[name].double(), **PATH_TOL[dtype])
+        if dtype == torch.float32:
+            assert_close(f"step-vs-reference:{name}", ref[name], step[name], **PATH_TOL[dtype])
 
 
 # The two paths round at the same points (the state to the storage dtype before each GEMM, dgx before the
@@ -224,12 +317,51 @@ def lstm_args(T=3, B=2, H=5, dtype=torch.float64):
      "lengths must be int64"),
     (lambda a: a.__setitem__(5, torch.tensor([3, 1, 2], device=DEVICE)), ValueError, r"lengths has shape \(3,\)"),
     (lambda a: a.__setitem__(2, a[2][:, :3]), ValueError, "without w_hr, h0 must have H=5 columns"),
+    (lambda a: a.__setitem__(6, torch.zeros(3, 2, dtype=torch.uint8, device=DEVICE)), TypeError,
+     r"lstm_fwd: resets must be bool on .*, got torch.uint8"),
+    (lambda a: a.__setitem__(6, torch.zeros(2, 3, dtype=torch.bool, device=DEVICE)), ValueError,
+     r"lstm_fwd: resets has shape \(2, 3\), expected \(3, 2\)"),
+    (lambda a: a.__setitem__(6, torch.zeros(3, dtype=torch.bool, device=DEVICE)), ValueError,
+     r"resets has shape \(3,\), expected \(3, 2\)"),
+    (lambda a: a.__setitem__(6, torch.zeros(2, 3, dtype=torch.bool, device=DEVICE).t()), ValueError,
+     r"lstm_fwd: resets must be contiguous"),
 ])
 def test_bad_input_is_a_clear_error(change, error, match):
     args = lstm_args()
     change(args)
     with pytest.raises(error, match=match):
         ops("triton")["lstm_fwd"](*args)
+
+
+RESETS_AT = {"lstm_fwd": 6, "lstm_bwd": 9, "gru_fwd": 5, "gru_bwd": 7, "rnn_fwd": 4, "rnn_bwd": 5}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bad_resets_in_every_op_are_clear_errors(cell):
+    """Every op validates its mask (check_inputs): a [B, T] mask and an int mask, forward and backward."""
+    fwd_name, fwd_args, bwd_of = make_case(cell, T=3, B=2, H=5, resets="random")
+    bwd_name, bwd_args = bwd_of(ops("reference")[fwd_name](*fwd_args))
+    for name, args in ((fwd_name, fwd_args), (bwd_name, bwd_args)):
+        i = RESETS_AT[name]
+        assert args[i] is not None and args[i].shape == (3, 2), f"{name}: resets is not argument {i}"
+        bad = list(args)
+        bad[i] = args[i].t().contiguous()
+        with pytest.raises(ValueError, match=rf"{name}: resets has shape \(2, 3\), expected \(3, 2\)"):
+            ops("triton")[name](*bad)
+        bad[i] = args[i].to(torch.int64)
+        with pytest.raises(TypeError, match=rf"{name}: resets must be bool on .*, got torch.int64"):
+            ops("triton")[name](*bad)
+
+
+def test_resets_on_another_device_is_a_clear_error():
+    """The launcher itself (through the op, a meta tensor among the arguments sends the call to the fake
+    kernel; on a GPU machine a CPU mask with CUDA tensors takes this path)."""
+    from fastrnn.backends.triton import lstm
+
+    args = lstm_args()
+    args[6] = torch.zeros(3, 2, dtype=torch.bool, device="meta")
+    with pytest.raises(TypeError, match=rf"lstm_fwd: resets must be bool on {DEVICE}.*, got torch.bool on meta"):
+        lstm.lstm_fwd(*args)
 
 
 def test_unsupported_dtype_is_a_clear_error():
@@ -338,9 +470,11 @@ def test_backend_auto_never_picks_the_interpreter():
     assert fastrnn.backends.resolve("auto", "cpu") != "triton"
 
 
+@pytest.mark.parametrize("resets", [None, "random"])
 @pytest.mark.parametrize("cell", list(GATES))
-def test_opcheck(cell):
-    fwd_name, fwd_args, bwd_of = make_case(cell, T=3, B=2, H=5, P=3 if cell == "lstm" else 0, lengths=[3, 1])
+def test_opcheck(cell, resets):
+    fwd_name, fwd_args, bwd_of = make_case(cell, T=3, B=2, H=5, P=3 if cell == "lstm" else 0, lengths=[3, 1],
+                                           resets=resets)
     torch.library.opcheck(ops("triton")[fwd_name], fwd_args)
     bwd_name, bwd_args = bwd_of(ops("reference")[fwd_name](*fwd_args))
     torch.library.opcheck(ops("triton")[bwd_name], bwd_args)
@@ -393,8 +527,8 @@ def test_forced_persistent_test_sizes_fit_sm90():
         op = family(cell)
         for direction in ("fwd", "bwd"):
             cases.append(f"{op}_{direction}:persistent:{sizes['T']}:{sizes['B']}:{sizes['H']}:{sizes.get('P', 0)}:fp64")
-    rows = run_compile_check("--arch", "90", "--case", *sorted(set(cases)))
-    assert len(rows) == len(set(cases)), rows
+    rows = run_compile_check("--arch", "90", "--resets", "no", "yes", "--case", *sorted(set(cases)))
+    assert len(rows) == 2 * len(set(cases)), rows
     for r in rows:
         assert int(r["smem_bytes"]) <= H100_SHARED_MEMORY, f"{r['kernel']} at H={r['H']}: {r['smem_bytes']} B"
 
@@ -405,6 +539,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     subprocess): bf16 takes the tf32 MMA path, fp64 the fp64 one; also checks do_not_specialize on s."""
     rows = run_compile_check("--arch", "80", "90", "--dtype", "bf16", "fp64")
     assert len(rows) >= 2 * 2 * 18, f"too few kernels compiled: {len(rows)}"
+    # With a reset mask (HAS_RESETS=True, issue 15): sm_90 only, the machine the GPU runs use.
+    with_resets = run_compile_check("--arch", "90", "--dtype", "bf16", "fp64", "--resets", "yes")
+    assert len(with_resets) == len([r for r in rows if r["arch"] == "sm_90"]), "not every kernel with resets"
+    rows += with_resets
     spills = [r for r in rows if int(r["stack_bytes"]) + int(r["local_bytes"]) > SPILL_ALLOWANCE]
     assert not spills, "spilling kernels:\n" + "\n".join(",".join(r.values()) for r in spills)
     # The launch's specialisation reached the compiler: H=512 is divisible by 16 and hinted, H=500 not.

@@ -1,6 +1,7 @@
 """Compile every Triton kernel of this backend for a GPU target, without a GPU, and report its resources.
 
     python -m fastrnn.backends.triton.compile_check [--arch 80 90] [--dtype fp16 bf16 fp32 tf32 fp64]
+                                                    [--resets no yes]
 
 The six ops' launchers run on CPU tensors of the real sizes with every kernel replaced by a recorder, at
 each size class the plan can choose (step kernels with 16 or 32 batch rows, H a multiple of 16 or not;
@@ -12,6 +13,8 @@ what it specialises (16-byte aligned pointers, integers divisible by 16, integer
 the constexprs, so the binary is the one a launch runs. Triton's ptxas builds the cubin and cuobjdump
 reports registers, spills and shared memory. Nothing runs; it needs triton's interpreter off (the
 interpreter replaces @triton.jit functions with Python ones). Works with triton 3.6 and 3.9.
+`--resets` picks the variants: without a reset mask (HAS_RESETS=False, the kernels as they were before
+issue 15; the default) and with one (a [T, B] bool tensor); the CSV's `resets` column says which.
 """
 
 import argparse
@@ -80,7 +83,7 @@ def describe(signature, attrs, kernel):
     hinted = {names[path[0]] for path, kv in attrs.items() if any(k == "tt.divisibility" for k, _ in kv)}
     return " ".join(f"{n}:{t}{'/16' if n in hinted else ''}" for n, t in signature.items() if t != "constexpr")
 
-def _case_inputs(op, T, B, H, P, dtype, lengths):
+def _case_inputs(op, T, B, H, P, dtype, lengths, resets=False):
     """Arguments of `op` on small CPU tensors (the kernels never run; only shapes and dtypes matter)."""
     Hout = P or H
 
@@ -88,18 +91,20 @@ def _case_inputs(op, T, B, H, P, dtype, lengths):
         return torch.empty(*shape, dtype=dtype)
 
     lens = torch.full((B,), T, dtype=torch.int64) if lengths else None
+    rst = torch.zeros(T, B, dtype=torch.bool) if resets else None
     if op == "lstm_fwd":
-        return (r(T, B, 4 * H), r(4 * H, Hout), r(B, Hout), r(B, H), r(Hout, H) if P else None, lens, False, True)
+        return (r(T, B, 4 * H), r(4 * H, Hout), r(B, Hout), r(B, H), r(Hout, H) if P else None, lens, rst, False,
+                True)
     if op == "lstm_bwd":
         return (r(T, B, Hout), r(B, Hout), r(B, H), r(4 * H, Hout), r(B, H), r(Hout, H) if P else None,
-                r(T, B, 4 * H), r(T, B, H), lens, False)
+                r(T, B, 4 * H), r(T, B, H), lens, rst, False)
     if op == "gru_fwd":
-        return (r(T, B, 3 * H), r(3 * H, H), r(3 * H), r(B, H), lens, False, True)
+        return (r(T, B, 3 * H), r(3 * H, H), r(3 * H), r(B, H), lens, rst, False, True)
     if op == "gru_bwd":
-        return (r(T, B, H), r(B, H), r(3 * H, H), r(T, B, H), r(B, H), r(T, B, 4 * H), lens, False)
+        return (r(T, B, H), r(B, H), r(3 * H, H), r(T, B, H), r(B, H), r(T, B, 4 * H), lens, rst, False)
     if op == "rnn_fwd":
-        return (r(T, B, H), r(H, H), r(B, H), lens, False, False)
-    return (r(T, B, H), r(B, H), r(H, H), r(T, B, H), lens, False, False)
+        return (r(T, B, H), r(H, H), r(B, H), lens, rst, False, False)
+    return (r(T, B, H), r(B, H), r(H, H), r(T, B, H), lens, rst, False, False)
 
 
 OPS = ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "rnn_fwd", "rnn_bwd")
@@ -148,7 +153,7 @@ def _proj_size(proj, H):
     return {None: 0, "small": min(SMALL_PROJ, H - 1), "half": H // 2}[proj]
 
 
-def record_launches(op, kind, B, H, P, dname, T=T_CHECK):
+def record_launches(op, kind, B, H, P, dname, T=T_CHECK, resets=False):
     """The distinct (kernel, args, meta) the launcher of `op` issues for these sizes."""
     log = []
     saved = {}
@@ -163,7 +168,7 @@ def record_launches(op, kind, B, H, P, dname, T=T_CHECK):
     try:
         fn = {"lstm": lstm, "gru": gru, "rnn": rnn}[op.split("_")[0]]
         with rec.force_kernel(kind), matmul_precision(dname):
-            getattr(fn, op)(*_case_inputs(op, T, B, H, P, DTYPES[dname], lengths=True))
+            getattr(fn, op)(*_case_inputs(op, T, B, H, P, DTYPES[dname], lengths=True, resets=resets))
     finally:
         rec.devices, rec.compiled_shared_memory = devices, shared
         for (mod, name), obj in saved.items():
@@ -197,7 +202,8 @@ def compile_kernel(kernel, args, meta, arch):
     return info
 
 
-HEADER = "kernel,op,path,B,H,proj,dtype,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds,triton,specialisation"
+HEADER = ("kernel,op,path,B,H,proj,dtype,resets,arch,regs,local_bytes,stack_bytes,smem_bytes,warps,seconds,triton,"
+          "specialisation")
 
 
 def main(argv=None):
@@ -206,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--ops", nargs="+", default=None, help="only these ops (default: all six)")
     ap.add_argument("--path", choices=("step", "persistent"), default=None, help="only this kernel path")
+    ap.add_argument("--resets", nargs="+", default=["no"], choices=("no", "yes"),
+                    help="compile the kernels without a reset mask (HAS_RESETS=False), with one, or both")
     ap.add_argument("--case", nargs="+", default=None, metavar="OP:PATH:T:B:H:PROJ:DTYPE",
                     help="compile these launcher calls instead of the plan's size classes (e.g. "
                     "lstm_bwd:persistent:4:5:29:0:fp64, what a test forces)")
@@ -214,29 +222,31 @@ def main(argv=None):
         raise SystemExit("compile_check needs triton's interpreter off (it compiles real kernels)")
     print(HEADER)
     failures = 0
-    for case in args.case or ():
-        op, kind, T, B, H, P, dname = case.split(":")
-        failures += compile_op(op, kind, int(B), int(H), int(P), dname, args.arch, T=int(T))
-    for op in () if args.case else args.ops or OPS:
-        for dname in args.dtype:
-            for kind, B, H, P in cases(op, dname):
-                if args.path in (None, kind):
-                    failures += compile_op(op, kind, B, H, P, dname, args.arch)
+    for resets in args.resets:
+        for case in args.case or ():
+            op, kind, T, B, H, P, dname = case.split(":")
+            failures += compile_op(op, kind, int(B), int(H), int(P), dname, args.arch, T=int(T), resets=resets)
+        for op in () if args.case else args.ops or OPS:
+            for dname in args.dtype:
+                for kind, B, H, P in cases(op, dname):
+                    if args.path in (None, kind):
+                        failures += compile_op(op, kind, B, H, P, dname, args.arch, resets=resets)
     if failures:
         raise SystemExit(f"{failures} kernel compilations failed")
 
 
-def compile_op(op, kind, B, H, P, dname, archs, T=T_CHECK):
-    """Compiles and reports every kernel of one launcher call; returns the number of failures."""
+def compile_op(op, kind, B, H, P, dname, archs, T=T_CHECK, resets="no"):
+    """Compiles and reports every kernel of one launcher call (resets: "yes" with a reset mask, "no"
+    without); returns the number of failures."""
     failures = 0
-    for kernel, args, meta in record_launches(op, kind, B, H, P, dname, T):
+    for kernel, args, meta in record_launches(op, kind, B, H, P, dname, T, resets=resets == "yes"):
         step = [p for p in kernel.params if p.name == "s"]
         if step and not step[0].do_not_specialize:
             failures += 1
             print(f"{kernel.__name__}: the step index s must be do_not_specialize (one binary for all steps)",
                   flush=True)
         for arch in archs:
-            row = f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},sm_{arch}"
+            row = f"{kernel.__name__},{op},{kind},{B},{H},{P},{dname},{resets},sm_{arch}"
             try:
                 r = compile_kernel(kernel, args, meta, arch)
             except Exception as e:  # report every failing kernel, then fail at the end

@@ -70,9 +70,10 @@ def gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows
 
 @triton.jit
 def gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H, offs_b, mask_b, b64, offs_n,
-                     inb_t, act2, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+                     inb_t, act2, prev2, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """The cell backward at step t on a [BB, N] tile (dh = total gradient into h_t): writes dgx_t and
-    dgh_t (0 where inactive). Returns (da_r, da_z, da_n r) (0 where inactive) and dh_t z."""
+    dgh_t (0 where inactive). prev2: where h_{t-1} is read, act2 less the rows that reset at t (which
+    started from h_{t-1} = 0). Returns (da_r, da_z, da_n r) (0 where inactive) and dh_t z."""
     ACC = dh.dtype
     rows = rec.rows_at(t, b64, B)
     sv = saved_ptr + rows[:, None] * (4 * H) + offs_n[None, :]
@@ -84,8 +85,8 @@ def gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t,
     t_before = t + 1 if REVERSE else t - 1
     before = rec.active_rows(len_ptr, offs_b, mask_b, t_before, T, HAS_LENGTHS)[:, None]
     rows_before = rec.rows_at(t_before, b64, B)
-    h_prev = tl.load(y_ptr + rows_before[:, None] * H + offs_n[None, :], mask=act2 & before, other=0.0).to(ACC)
-    h_prev += tl.load(h0_ptr + b64[:, None] * H + offs_n[None, :], mask=act2 & (before == 0), other=0.0).to(ACC)
+    h_prev = tl.load(y_ptr + rows_before[:, None] * H + offs_n[None, :], mask=prev2 & before, other=0.0).to(ACC)
+    h_prev += tl.load(h0_ptr + b64[:, None] * H + offs_n[None, :], mask=prev2 & (before == 0), other=0.0).to(ACC)
     dar, daz, dan, direct = gru_cell_bwd(dh, r, z, n, ghn, h_prev)
     dar = tl.where(act2, dar, 0.0)
     daz = tl.where(act2, daz, 0.0)
@@ -106,12 +107,13 @@ def gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t,
 
 
 @triton.jit(do_not_specialize=["s"])
-def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, h_ptr, y_ptr, saved_ptr, T, B, H, s, REVERSE: tl.constexpr,
-                        HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, KP: tl.constexpr,
-                        BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                        PREC: tl.constexpr):
+def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, saved_ptr, T, B, H, s,
+                        REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Step s for BB rows x BN units: the three gates' h_{t-1} W_hh^T tiles, then the cell.
-    h: [2, B, H] ping-pong (rec.ping_pong)."""
+    h: [2, B, H] ping-pong (rec.ping_pong). A row that resets at t (active) takes h_{t-1} = 0 in the GEMM
+    and the cell."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, REVERSE)
@@ -123,6 +125,10 @@ def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, h_ptr, y_ptr, saved_ptr, 
     acc_r, acc_z, acc_n, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, 3, KP, BB, BN, BK, ACC, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     h_prev = tl.load(h_src + state, mask=inb, other=0.0).to(ACC)
+    if HAS_RESETS:  # cut rows are active, so the carry of inactive rows below keeps the stored h
+        cut = rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
+        acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
+        h_prev = rec.zero_rows(h_prev, cut)
     rows = rec.rows_at(t, b64, B)
     h = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS,
                          SAVE)
@@ -130,12 +136,15 @@ def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, h_ptr, y_ptr, saved_ptr, 
 
 
 @triton.jit(do_not_specialize=["s"])
-def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, saved_ptr, dh_ptr, T, B, H, s,
-                        REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SP: tl.constexpr, BB: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h0_ptr, saved_ptr, dh_ptr, T, B, H,
+                        s, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                        SP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr):
     """Backward step s (t descending in forward order) for BB rows x BN units: dh_t = dy_t + dh_buf +
     dgh_{t+1} W_hh (rec.grad_state_in); launched T+1 times, the last one only finishing dh_0.
-    dh: [B, H] in ACC, holding dh_t z between launches (or the carried gradient where inactive)."""
+    dh: [B, H] in ACC, holding dh_t z between launches (or the carried gradient where inactive).
+    No gradient crosses a reset: rows that reset at t+1 get no dgh_{t+1} W_hh, and rows that
+    reset at t store dh_buf = 0 (and read h_{t-1} = 0)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, not REVERSE)
@@ -147,12 +156,21 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, y_ptr, h0_ptr,
     rows = rec.rows_at(t, b64, B)
     t_done = t - 1 if REVERSE else t + 1
     done = mask_b & rec.in_time(t_done, T, offs_b)
+    prev2 = act2
+    if HAS_RESETS:
+        cut = rec.reset_rows(rst_ptr, rows, act)
+        prev2 = act2 & ~cut[:, None]
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (3 * SP * BN)
-    dh_in, dh = rec.grad_state_in(dgh_ptr, rec.rows_at(t_done, b64, B) * (3 * H), done, H, 3, SP, w_tile, dh_ptr, state,
-                                  inb, dy_ptr, rows[:, None] * H + offs_n[None, :], act2, BB, BN, BK, ACC, PREC)
+    rows_done = rec.rows_at(t_done, b64, B)
+    dh_in, dh = rec.grad_state_in(dgh_ptr, rows_done * (3 * H), done, H, 3, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC, PREC,
+                                  HAS_RESETS)
     _, _, _, direct = gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H, offs_b,
-                                       mask_b, b64, offs_n, inb_t, act2, REVERSE, HAS_LENGTHS)
-    tl.store(dh_ptr + state, tl.where(act2, direct, dh_in), mask=inb)
+                                       mask_b, b64, offs_n, inb_t, act2, prev2, REVERSE, HAS_LENGTHS)
+    dh_buf = tl.where(act2, direct, dh_in)
+    if HAS_RESETS:
+        dh_buf = rec.zero_rows(dh_buf, cut)
+    tl.store(dh_ptr + state, dh_buf, mask=inb)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,10 +178,10 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, y_ptr, h0_ptr,
 
 
 @triton.jit
-def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, h0_ptr, y_ptr, hn_ptr, saved_ptr, T, B, H,
-                              REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              SAVE: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
-                              PREC: tl.constexpr):
+def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h0_ptr, y_ptr, hn_ptr, saved_ptr, T, B, H,
+                              REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr,
+                              ACC: tl.constexpr, PREC: tl.constexpr):
     """All T steps for BB rows and every unit. w: packed W_hh [HP, 3, HP]."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n = tl.arange(0, HP)
@@ -173,22 +191,32 @@ def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, h0_ptr, y_ptr, hn_p
     w_n = rec.load_resident(w_ptr, 2, 3, HP, HP)
     state = b64[:, None] * H + offs_n[None, :]
     h = tl.load(h0_ptr + state, mask=inb, other=0.0)  # [BB, HP], storage dtype
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, REVERSE)
-        act2 = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)[:, None] & inb
+        act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
+        act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
         zero = tl.zeros((BB, HP), dtype=ACC)
-        h_t = gru_fwd_epilogue(rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC),
-                               h.to(ACC), gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS, SAVE)
+        acc_r, acc_z, acc_n = rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC)
+        h_prev = h.to(ACC)
+        if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces h below)
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
+            acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
+            h_prev = rec.zero_rows(h_prev, cut)
+        h_t = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2,
+                               HAS_BIAS, SAVE)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)
 
 
 @triton.jit
-def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, saved_ptr, dgx_ptr, dgh_ptr, dh0_ptr,
-                              T, B, H, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HP: tl.constexpr,
-                              BB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h0_ptr, saved_ptr, dgx_ptr, dgh_ptr,
+                              dh0_ptr, T, B, H, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                              HAS_RESETS: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
+                              PREC: tl.constexpr):
     """All T steps of backward for BB rows and every unit. w: packed W_hh [3*HP, HP]."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n = tl.arange(0, HP)
@@ -199,18 +227,27 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, sa
     ty = dgx_ptr.dtype.element_ty
     state = b64[:, None] * H + offs_n[None, :]
     dh = tl.load(dhn_ptr + state, mask=inb, other=0.0).to(ACC)
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, not REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, not REVERSE)
-        act2 = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)[:, None] & inb
+        act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
+        act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
+        prev2 = act2
+        if HAS_RESETS:
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, not REVERSE)
+            prev2 = act2 & ~cut[:, None]
         dh_t = dh + tl.load(dy_ptr + rows[:, None] * H + offs_n[None, :], mask=act2, other=0.0).to(ACC)
         dar, daz, danr, direct = gru_bwd_epilogue(dh_t, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H,
-                                                  offs_b, mask_b, b64, offs_n, inb, act2, REVERSE, HAS_LENGTHS)
+                                                  offs_b, mask_b, b64, offs_n, inb, act2, prev2, REVERSE, HAS_LENGTHS)
         # The recurrent GEMM takes dgh_t rounded to the storage dtype, as the step kernels read it back.
         d = rec.mma(dar.to(ty), w_r, direct, PREC)
         d = rec.mma(daz.to(ty), w_z, d, PREC)
         d = rec.mma(danr.to(ty), w_n, d, PREC)
         dh = tl.where(act2, d, dh)
+        if HAS_RESETS:  # no gradient crosses back over a reset at t
+            dh = rec.zero_rows(dh, cut)
     tl.store(dh0_ptr + state, dh.to(ty), mask=inb)
 
 
@@ -220,11 +257,10 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, y_ptr, h0_ptr, sa
 
 @rec.guarded
 def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
-    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
-        raise NotImplementedError("fastrnn_triton::gru_fwd: resets is not implemented yet")
     op = "gru_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 3)
-    rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths, B)
+    rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths,
+                     resets, T, B)
     gx, w_hh, b_hh, h0, lengths = rec.contiguous(gx, w_hh, b_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     saved = gx.new_empty(T, B, 4 * H) if save else gx.new_empty(0)
@@ -232,39 +268,40 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
         return y, h0.clone(), saved
     p = rec.plan(B, H, H, 3, False, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
-    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_BIAS=b_hh is not None, SAVE=save)
+    rst, has_resets = rec.resets_arg(resets, gx)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets, HAS_BIAS=b_hh is not None,
+                   SAVE=save)
     bias = b_hh if b_hh is not None else gx
     saved_arg = saved if save else gx
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 3, H, H, p.HP, p.HP)
         h_n = h0.new_empty(B, H)
         launch = rec.Launch(gru_fwd_persistent_kernel, (triton.cdiv(B, p.BB),),
-                            (gx, w, bias, lens, h0, y, h_n, saved_arg, T, B, H), dict(HP=p.HP, **flags))
+                            (gx, w, bias, lens, rst, h0, y, h_n, saved_arg, T, B, H), dict(HP=p.HP, **flags))
         if launch.fits(op, gx.device):
             launch()
             return y, h_n, saved
         p = rec.plan(B, H, H, 3, False, gx.dtype, persistent=False)
-        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_BIAS=b_hh is not None, SAVE=save)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets, HAS_BIAS=b_hh is not None,
+                       SAVE=save)
     KP = rec.round_up(H, p.BK)
     w = rec.pack_gates_out(w_hh, 3, H, H, p.BN, KP)
     h = gx.new_empty(2, B, H)
     h[0] = h0
     rec.run_steps(T, rec.Launch(
         gru_fwd_step_kernel, (triton.cdiv(B, p.BB), triton.cdiv(H, p.BN)),
-        (gx, w, bias, lens, h, y, saved_arg, T, B, H), dict(KP=KP, BN=p.BN, BK=p.BK, **flags),
+        (gx, w, bias, lens, rst, h, y, saved_arg, T, B, H), dict(KP=KP, BN=p.BN, BK=p.BK, **flags),
     ))
     return y, h[T % 2].clone(), saved
 
 
 @rec.guarded
 def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
-    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
-        raise NotImplementedError("fastrnn_triton::gru_bwd: resets is not implemented yet")
     op = "gru_bwd"
     T, B, H = rec.check_sizes(op, "y", y, 1)
     specs = {"dy": (dy, (T, B, H)), "dh_n": (dh_n, (B, H)), "w_hh": (w_hh, (3 * H, H)), "h0": (h0, (B, H)),
              "saved": (saved, (T, B, 4 * H))}
-    rec.check_inputs(op, y, specs, lengths, B)
+    rec.check_inputs(op, y, specs, lengths, resets, T, B)
     dy, dh_n, w_hh, y, h0, saved, lengths = rec.contiguous(dy, dh_n, w_hh, y, h0, saved, lengths)
     dgx = dy.new_empty(T, B, 3 * H)
     dgh = dy.new_empty(T, B, 3 * H)
@@ -272,22 +309,23 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
         return dgx, dgh, dh_n.clone()
     p = rec.plan(B, H, H, 3, False, dy.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, dy)
-    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+    rst, has_resets = rec.resets_arg(resets, dy)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 3, H, H, p.HP, p.HP)
         dh0 = dh_n.new_empty(B, H)
         launch = rec.Launch(gru_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
-                            (dy, dh_n, w, lens, y, h0, saved, dgx, dgh, dh0, T, B, H), dict(HP=p.HP, **flags))
+                            (dy, dh_n, w, lens, rst, y, h0, saved, dgx, dgh, dh0, T, B, H), dict(HP=p.HP, **flags))
         if launch.fits(op, dy.device):
             launch()
             return dgx, dgh, dh0
         p = rec.plan(B, H, H, 3, False, dy.dtype, persistent=False)
-        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     SP = rec.round_up(H, p.BK)
     w = rec.pack_gates_in(w_hh, 3, H, H, SP, p.BN)
     dh = dh_n.to(rec.workspace_dtype(dy.dtype), copy=True)
     rec.run_steps(T + 1, rec.Launch(
         gru_bwd_step_kernel, (triton.cdiv(B, p.BB), triton.cdiv(H, p.BN)),
-        (dy, dgx, dgh, w, lens, y, h0, saved, dh, T, B, H), dict(SP=SP, BN=p.BN, BK=p.BK, **flags),
+        (dy, dgx, dgh, w, lens, rst, y, h0, saved, dh, T, B, H), dict(SP=SP, BN=p.BN, BK=p.BK, **flags),
     ))
     return dgx, dgh, dh.to(dh_n.dtype)

@@ -43,6 +43,14 @@ def lstm_cell_bwd(dm, dc, i, f, g, o, c, c_prev):
     return da_i, da_f, da_g, da_o, dc * f, o * tc
 
 
+@triton.jit
+def lstm_cut(acc_i, acc_f, acc_g, acc_o, cut):
+    """h_{t-1} W_hh^T of the four gates with the rows of `cut` ([BB] bool, the rows that reset at t)
+    set to 0: those rows start from h_{t-1} = 0. The GEMM's result is cut, not its operand
+    (rec.reset_rows says why)."""
+    return rec.zero_rows(acc_i, cut), rec.zero_rows(acc_f, cut), rec.zero_rows(acc_g, cut), rec.zero_rows(acc_o, cut)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Epilogues: the cell on a [BB, N] tile with its loads and stores, shared by step and persistent kernels
 
@@ -75,9 +83,11 @@ def lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c_prev, gx_ptr, gates_ptr, cs_
 
 @triton.jit
 def lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, T, B, H, b64, offs_n, inb_t, act2,
-                      REVERSE: tl.constexpr, PROJ: tl.constexpr):
+                      prev2, REVERSE: tl.constexpr, PROJ: tl.constexpr):
     """The cell backward at step t on a [BB, N] tile: writes dgx_t (0 where inactive) and, with a
-    projection, m_t for dW_hr. Returns (da_i, da_f, da_g, da_o) (0 where inactive) and dc_{t-1}."""
+    projection, m_t for dW_hr. prev2: where c_{t-1} is read, act2 less the rows that reset at t (which
+    started from c_{t-1} = 0). Returns (da_i, da_f, da_g, da_o) (0 where inactive) and dc_{t-1} (the
+    caller zeroes it where the step reset)."""
     ACC = dm.dtype
     rows = rec.rows_at(t, b64, B)
     sv = gates_ptr + rows[:, None] * (4 * H) + offs_n[None, :]
@@ -90,8 +100,8 @@ def lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, 
     t_before = t + 1 if REVERSE else t - 1
     before = rec.in_time(t_before, T, b64)[:, None]
     rows_before = rec.rows_at(t_before, b64, B)
-    c_prev = tl.load(cs_ptr + rows_before[:, None] * H + offs_n[None, :], mask=act2 & before, other=0.0).to(ACC)
-    c_prev += tl.load(c0_ptr + b64[:, None] * H + offs_n[None, :], mask=act2 & (before == 0), other=0.0).to(ACC)
+    c_prev = tl.load(cs_ptr + rows_before[:, None] * H + offs_n[None, :], mask=prev2 & before, other=0.0).to(ACC)
+    c_prev += tl.load(c0_ptr + b64[:, None] * H + offs_n[None, :], mask=prev2 & (before == 0), other=0.0).to(ACC)
     da_i, da_f, da_g, da_o, dc, m = lstm_cell_bwd(dm, dc_in, i, f, g, o, c, c_prev)
     da_i = tl.where(act2, da_i, 0.0)
     da_f = tl.where(act2, da_f, 0.0)
@@ -113,13 +123,15 @@ def lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, 
 
 
 @triton.jit(do_not_specialize=["s"])
-def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, h_ptr, c_ptr, m_ptr, y_ptr, gates_ptr, cs_ptr, T, B, H, HOUT, s,
-                         REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PROJ: tl.constexpr,
-                         KP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                         PREC: tl.constexpr):
+def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, c_ptr, m_ptr, y_ptr, gates_ptr, cs_ptr, T, B, H,
+                         HOUT, s, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                         SAVE: tl.constexpr, PROJ: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Step s for BB rows x BN units: the four gates' h_{t-1} W_hh^T tiles, then the cell.
     h: [2, B, Hout] ping-pong (rec.ping_pong); c: [B, H] in ACC, updated in place (each element is
-    read and written by one program); m: [B, H], the input of lstm_proj_step_kernel (proj only)."""
+    read and written by one program); m: [B, H], the input of lstm_proj_step_kernel (proj only).
+    A row that resets at t (active) takes h_{t-1} = 0 (the projected h with proj_size) and c_{t-1} = 0;
+    the projection kernel needs no mask (it reads only m_t, and carries h at inactive rows)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, REVERSE)
@@ -132,8 +144,13 @@ def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, h_ptr, c_ptr, m_ptr, y_ptr, gat
                                                     ACC, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
-    c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, tl.load(c_ptr + state, mask=inb, other=0.0), gx_ptr,
-                             gates_ptr, cs_ptr, rows, offs_n, H, inb, act2, SAVE)
+    c_prev = tl.load(c_ptr + state, mask=inb, other=0.0)
+    if HAS_RESETS:  # cut rows are active: the epilogue's carry of inactive rows keeps the stored c
+        cut = rec.reset_rows(rst_ptr, rows, act)
+        acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
+        c_prev = rec.zero_rows(c_prev, cut)
+    c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c_prev, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
+                             SAVE)
     tl.store(c_ptr + state, c, mask=inb)
     if PROJ:
         tl.store(m_ptr + state, m.to(m_ptr.dtype.element_ty), mask=inb)
@@ -163,16 +180,18 @@ def lstm_proj_step_kernel(m_ptr, w_ptr, len_ptr, h_ptr, y_ptr, T, B, H, HOUT, s,
 
 
 @triton.jit(do_not_specialize=["s"])
-def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, c0_ptr, gates_ptr, cs_ptr, dh_ptr, dc_ptr, dhs_ptr,
+def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, c0_ptr, gates_ptr, cs_ptr, dh_ptr, dc_ptr, dhs_ptr,
                          ms_ptr, T, B, H, HOUT, s, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                         PROJ: tl.constexpr, SP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                         HAS_RESETS: tl.constexpr, PROJ: tl.constexpr, SP: tl.constexpr, BB: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Backward step s (t descending in forward order) for BB rows x BN units.
 
     Without projection: dm_t = dy_t + dh_buf + dgx_{t+1} W_hh (rec.grad_state_in, the GEMM of the
     previous step); launched T+1 times, the last one only finishing dh_0. With projection: dm_t =
     dh_t W_hr, dh_t being written by lstm_proj_bwd_step_kernel just before. dh: [B, H], dc: [B, H] in
-    ACC, updated in place; dhs [T, B, Hout], ms [T, B, H]: dh_t and m_t for dW_hr (proj only)."""
+    ACC, updated in place; dhs [T, B, Hout], ms [T, B, H]: dh_t and m_t for dW_hr (proj only).
+    No gradient crosses a reset: rows that reset at t+1 get no dgx_{t+1} W_hh, and rows that
+    reset at t read c_{t-1} = 0 and pass dc_{t-1} = 0 on."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, not REVERSE)
@@ -182,6 +201,10 @@ def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, c0_ptr, gates_ptr, cs_
     act2 = act[:, None] & inb
     state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
+    prev2 = act2
+    if HAS_RESETS:
+        cut = rec.reset_rows(rst_ptr, rows, act)
+        prev2 = act2 & ~cut[:, None]
     if PROJ:
         w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (SP * BN)
         dm = rec.gemm_gates_in(dhs_ptr, rows * HOUT, act, HOUT, 1, SP, w_tile, BB, BN, BK, ACC, PREC)
@@ -189,22 +212,27 @@ def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, c0_ptr, gates_ptr, cs_
         t_done = t - 1 if REVERSE else t + 1
         done = mask_b & rec.in_time(t_done, T, offs_b)
         w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
-        dh_in, dm = rec.grad_state_in(dgx_ptr, rec.rows_at(t_done, b64, B) * (4 * H), done, H, 4, SP, w_tile, dh_ptr,
-                                      state, inb, dy_ptr, rows[:, None] * H + offs_n[None, :], act2, BB, BN, BK,
-                                      ACC, PREC)
+        rows_done = rec.rows_at(t_done, b64, B)
+        dh_in, dm = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                      rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
+                                      PREC, HAS_RESETS)
         tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     dc_in = tl.load(dc_ptr + state, mask=inb, other=0.0)
     _, _, _, _, dc = lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, T, B, H, b64, offs_n,
-                                       inb_t, act2, REVERSE, PROJ)
+                                       inb_t, act2, prev2, REVERSE, PROJ)
+    if HAS_RESETS:
+        dc = rec.zero_rows(dc, cut)
     tl.store(dc_ptr + state, dc, mask=inb)
 
 
 @triton.jit(do_not_specialize=["s"])
-def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, dh_ptr, dhs_ptr, T, B, H, HOUT, s,
-                              REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SP: tl.constexpr, BB: tl.constexpr,
-                              BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, dh_ptr, dhs_ptr, T, B, H, HOUT, s,
+                              REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+                              SP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              ACC: tl.constexpr, PREC: tl.constexpr):
     """Backward step s with projection, for BB rows x BN of the Hout units: dh_t = dy_t + dh_buf +
-    dgx_{t+1} W_hh into dhs[t] (launched T+1 times, the last one only finishing dh_0)."""
+    dgx_{t+1} W_hh into dhs[t] (launched T+1 times, the last one only finishing dh_0). Rows that reset
+    at t+1 get no dgx_{t+1} W_hh (no gradient crosses a reset)."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(HOUT, BN)
     t = rec.step_time(s, T, not REVERSE)
@@ -216,9 +244,10 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, dh_ptr, dhs_ptr, 
     t_done = t - 1 if REVERSE else t + 1
     done = mask_b & rec.in_time(t_done, T, offs_b)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
-    dh_in, dh = rec.grad_state_in(dgx_ptr, rec.rows_at(t_done, b64, B) * (4 * H), done, H, 4, SP, w_tile, dh_ptr,
-                                  state, inb, dy_ptr, rows[:, None] * HOUT + offs_n[None, :], act2, BB, BN, BK, ACC,
-                                  PREC)
+    rows_done = rec.rows_at(t_done, b64, B)
+    dh_in, dh = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
+                                  rows[:, None] * HOUT + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
+                                  PREC, HAS_RESETS)
     tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     inb_t = inb & rec.in_time(t, T, offs_b)[:, None]
     tl.store(dhs_ptr + rows[:, None] * HOUT + offs_n[None, :], tl.where(act2, dh, 0.0).to(dhs_ptr.dtype.element_ty),
@@ -230,10 +259,10 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, dh_ptr, dhs_ptr, 
 
 
 @triton.jit
-def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, h0_ptr, c0_ptr, y_ptr, hn_ptr, cn_ptr, gates_ptr,
-                               cs_ptr, T, B, H, HOUT, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                               SAVE: tl.constexpr, PROJ: tl.constexpr, HP: tl.constexpr, OP: tl.constexpr,
-                               BB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, rst_ptr, h0_ptr, c0_ptr, y_ptr, hn_ptr, cn_ptr,
+                               gates_ptr, cs_ptr, T, B, H, HOUT, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                               HAS_RESETS: tl.constexpr, SAVE: tl.constexpr, PROJ: tl.constexpr, HP: tl.constexpr,
+                               OP: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """All T steps for BB rows and every unit. w: packed W_hh [OP, 4, HP]; wr: packed W_hr [HP, 1, OP]."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n = tl.arange(0, HP)
@@ -248,14 +277,23 @@ def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, h0_ptr, c0_ptr, y
         w_r = rec.load_resident(wr_ptr, 0, 1, HP, OP)
     h = tl.load(h0_ptr + b64[:, None] * HOUT + offs_o[None, :], mask=inb_o, other=0.0)  # [BB, OP], storage dtype
     c = tl.load(c0_ptr + b64[:, None] * H + offs_n[None, :], mask=inb, other=0.0).to(ACC)  # [BB, HP]
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
         zero = tl.zeros((BB, HP), dtype=ACC)
-        c, m = lstm_fwd_epilogue(rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC), rec.mma(h, w_g, zero, PREC),
-                                 rec.mma(h, w_o, zero, PREC), c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
+        acc_i, acc_f = rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC)
+        acc_g, acc_o = rec.mma(h, w_g, zero, PREC), rec.mma(h, w_o, zero, PREC)
+        if HAS_RESETS:
+            # Rows that reset at t start from h = c = 0. They are active, so c_t replaces c below and the
+            # carry of inactive rows is untouched: c can be zeroed in place.
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
+            acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
+            c = rec.zero_rows(c, cut)
+        c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
                                  SAVE)
         if PROJ:
             h_t = rec.mma(m.to(h.dtype), w_r, tl.zeros((BB, OP), dtype=ACC), PREC)
@@ -269,10 +307,11 @@ def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, h0_ptr, c0_ptr, y
 
 
 @triton.jit
-def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr, c0_ptr, gates_ptr, cs_ptr, dgx_ptr,
-                               dh0_ptr, dc0_ptr, dhs_ptr, ms_ptr, T, B, H, HOUT, REVERSE: tl.constexpr,
-                               HAS_LENGTHS: tl.constexpr, PROJ: tl.constexpr, HP: tl.constexpr, OP: tl.constexpr,
-                               BB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr, rst_ptr, c0_ptr, gates_ptr, cs_ptr,
+                               dgx_ptr, dh0_ptr, dc0_ptr, dhs_ptr, ms_ptr, T, B, H, HOUT, REVERSE: tl.constexpr,
+                               HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, PROJ: tl.constexpr,
+                               HP: tl.constexpr, OP: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
+                               PREC: tl.constexpr):
     """All T steps of backward for BB rows and every unit. w: packed W_hh [4*HP, OP]; wr: W_hr [OP, HP]."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n = tl.arange(0, HP)
@@ -288,12 +327,18 @@ def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr,
     ty = dgx_ptr.dtype.element_ty
     dh = tl.load(dhn_ptr + b64[:, None] * HOUT + offs_o[None, :], mask=inb_o, other=0.0).to(ACC)  # [BB, OP]
     dc = tl.load(dcn_ptr + b64[:, None] * H + offs_n[None, :], mask=inb, other=0.0).to(ACC)  # [BB, HP]
+    if HAS_RESETS:  # step 0's mask; each step loads the next one's (rec.resets_of_step)
+        rst_next = rec.resets_of_step(rst_ptr, 0, T, offs_b, b64, B, mask_b, not REVERSE)
     for s in range(0, T):
         t = rec.step_time(s, T, not REVERSE)
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         act_o = act[:, None] & inb_o
         rows = rec.rows_at(t, b64, B)
+        prev2 = act2
+        if HAS_RESETS:
+            cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, not REVERSE)
+            prev2 = act2 & ~cut[:, None]
         dh_t = dh + tl.load(dy_ptr + rows[:, None] * HOUT + offs_o[None, :], mask=act_o, other=0.0).to(ACC)
         if PROJ:
             tl.store(dhs_ptr + rows[:, None] * HOUT + offs_o[None, :], tl.where(act_o, dh_t, 0.0).to(ty), mask=inb_o)
@@ -301,13 +346,20 @@ def lstm_bwd_persistent_kernel(dy_ptr, dhn_ptr, dcn_ptr, w_ptr, wr_ptr, len_ptr,
         else:
             dm = dh_t
         da_i, da_f, da_g, da_o, dc = lstm_bwd_epilogue(dm, dc, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, T, B, H,
-                                                       b64, offs_n, inb, act2, REVERSE, PROJ)
+                                                       b64, offs_n, inb, act2, prev2, REVERSE, PROJ)
         # The recurrent GEMM takes dgx_t rounded to the storage dtype, as the step kernels read it back.
         d = rec.mma(da_i.to(ty), w_i, tl.zeros((BB, OP), dtype=ACC), PREC)
         d = rec.mma(da_f.to(ty), w_f, d, PREC)
         d = rec.mma(da_g.to(ty), w_g, d, PREC)
         d = rec.mma(da_o.to(ty), w_o, d, PREC)
-        dh = tl.where(act_o, d, dh)
+        if HAS_RESETS:
+            # No gradient crosses back over a reset at t. dh as one chain of selects: where(act, d, dh)
+            # followed by zero_rows(dh, cut) next to zero_rows(dc, cut) crashed LLVM's SLP vectorizer
+            # (an assertion in scheduleBlock) in the fp32 kernel on sm_90 under triton 3.9 (compile_check).
+            dh = tl.where(act_o & ~cut[:, None], d, tl.where(act_o, 0.0, dh))
+            dc = rec.zero_rows(dc, cut)
+        else:
+            dh = tl.where(act_o, d, dh)
     tl.store(dh0_ptr + b64[:, None] * HOUT + offs_o[None, :], dh.to(ty), mask=inb_o)
     tl.store(dc0_ptr + b64[:, None] * H + offs_n[None, :], dc.to(ty), mask=inb)
 
@@ -327,13 +379,11 @@ def _hout(op, name, t, H, w_hr):
 
 @rec.guarded
 def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
-    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
-        raise NotImplementedError("fastrnn_triton::lstm_fwd: resets is not implemented yet")
     op = "lstm_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 4)
     Hout = _hout(op, "h0", h0, H, w_hr)
     specs = {"w_hh": (w_hh, (4 * H, Hout)), "h0": (h0, (B, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H))}
-    rec.check_inputs(op, gx, specs, lengths, B)
+    rec.check_inputs(op, gx, specs, lengths, resets, T, B)
     gx, w_hh, h0, c0, w_hr, lengths = rec.contiguous(gx, w_hh, h0, c0, w_hr, lengths)
     proj = w_hr is not None
     y = gx.new_empty(T, B, Hout)
@@ -343,20 +393,21 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
         return y, h0.clone(), c0.clone(), gates, cs
     p = rec.plan(B, H, Hout, 4, proj, gx.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gx)
+    rst, has_resets = rec.resets_arg(resets, gx)
     gates_arg, cs_arg = (gates, cs) if save else (gx, gx)
-    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     if p.persistent:
         w = rec.pack_gates_out(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_out(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
         h_n, c_n = h0.new_empty(B, Hout), c0.new_empty(B, H)
         launch = rec.Launch(lstm_fwd_persistent_kernel, (triton.cdiv(B, p.BB),),
-                            (gx, w, wr, lens, h0, c0, y, h_n, c_n, gates_arg, cs_arg, T, B, H, Hout),
+                            (gx, w, wr, lens, rst, h0, c0, y, h_n, c_n, gates_arg, cs_arg, T, B, H, Hout),
                             dict(SAVE=save, PROJ=proj, HP=p.HP, OP=p.OP, **flags))
         if launch.fits(op, gx.device):
             launch()
             return y, h_n, c_n, gates, cs
         p = rec.plan(B, H, Hout, 4, proj, gx.dtype, persistent=False)
-        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+        flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     KP = rec.round_up(Hout, p.BK)
     w = rec.pack_gates_out(w_hh, 4, H, Hout, p.BN, KP)
     h = gx.new_empty(2, B, Hout)
@@ -365,15 +416,17 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
     m = gx.new_empty(B, H) if proj else gx
     launches = [rec.Launch(
         lstm_fwd_step_kernel, (triton.cdiv(B, p.BB), triton.cdiv(H, p.BN)),
-        (gx, w, lens, h, c, m, y, gates_arg, cs_arg, T, B, H, Hout),
+        (gx, w, lens, rst, h, c, m, y, gates_arg, cs_arg, T, B, H, Hout),
         dict(SAVE=save, PROJ=proj, KP=KP, BN=p.BN, BK=p.BK, **flags),
     )]
     if proj:
         KPr = rec.round_up(H, p.BK)
         wr = rec.pack_gates_out(w_hr, 1, Hout, H, p.BN, KPr)
+        # h_t = m_t W_hr^T reads no previous state, so the projection takes no reset mask.
+        proj_flags = {k: v for k, v in flags.items() if k != "HAS_RESETS"}
         launches.append(rec.Launch(
             lstm_proj_step_kernel, (triton.cdiv(B, p.BB), triton.cdiv(Hout, p.BN)),
-            (m, wr, lens, h, y, T, B, H, Hout), dict(KP=KPr, BN=p.BN, BK=p.BK, **flags),
+            (m, wr, lens, h, y, T, B, H, Hout), dict(KP=KPr, BN=p.BN, BK=p.BK, **proj_flags),
         ))
     rec.run_steps(T, *launches)
     return y, h[T % 2].clone(), c.to(c0.dtype), gates, cs
@@ -381,14 +434,12 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
 
 @rec.guarded
 def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse):
-    if resets is not None:  # placeholder until the kernels read the mask (issue 15)
-        raise NotImplementedError("fastrnn_triton::lstm_bwd: resets is not implemented yet")
     op = "lstm_bwd"
     T, B, H = rec.check_sizes(op, "gates", gates, 4)
     Hout = _hout(op, "dh_n", dh_n, H, w_hr)
     specs = {"dy": (dy, (T, B, Hout)), "dh_n": (dh_n, (B, Hout)), "dc_n": (dc_n, (B, H)),
              "w_hh": (w_hh, (4 * H, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H)), "cs": (cs, (T, B, H))}
-    rec.check_inputs(op, gates, specs, lengths, B)
+    rec.check_inputs(op, gates, specs, lengths, resets, T, B)
     dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths = rec.contiguous(
         dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths)
     proj = w_hr is not None
@@ -398,21 +449,23 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse
         return dgx, dh_n.clone(), dc_n.clone(), dw_hr
     p = rec.plan(B, H, Hout, 4, proj, gates.dtype)
     lens, has_lengths = rec.lengths_arg(lengths, gates)
+    rst, has_resets = rec.resets_arg(resets, gates)
     dhs = gates.new_empty(T, B, Hout) if proj else gates
     ms = gates.new_empty(T, B, H) if proj else gates
-    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+    flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     persistent = None
     if p.persistent:
         w = rec.pack_gates_in(w_hh, 4, H, Hout, p.HP, p.OP)
         wr = rec.pack_gates_in(w_hr, 1, Hout, H, p.OP, p.HP) if proj else w
         dh0, dc0 = dh_n.new_empty(B, Hout), dc_n.new_empty(B, H)
-        persistent = rec.Launch(lstm_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
-                                (dy, dh_n, dc_n, w, wr, lens, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout),
-                                dict(PROJ=proj, HP=p.HP, OP=p.OP, **flags))
+        persistent = rec.Launch(
+            lstm_bwd_persistent_kernel, (triton.cdiv(B, p.BB),),
+            (dy, dh_n, dc_n, w, wr, lens, rst, c0, gates, cs, dgx, dh0, dc0, dhs, ms, T, B, H, Hout),
+            dict(PROJ=proj, HP=p.HP, OP=p.OP, **flags))
         if not persistent.fits(op, dy.device):
             persistent = None
             p = rec.plan(B, H, Hout, 4, proj, gates.dtype, persistent=False)
-            flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths)
+            flags = p.meta(REVERSE=reverse, HAS_LENGTHS=has_lengths, HAS_RESETS=has_resets)
     if persistent is not None:
         persistent()
     else:
@@ -426,17 +479,17 @@ def lstm_bwd(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, reverse
             wr = rec.pack_gates_in(w_hr, 1, Hout, H, SPr, p.BN)
             dh_step = rec.Launch(
                 lstm_proj_bwd_step_kernel, (triton.cdiv(B, p.BB), triton.cdiv(Hout, p.BN)),
-                (dy, dgx, w, lens, dh, dhs, T, B, H, Hout), dict(SP=SP, BN=p.BN, BK=p.BK, **flags),
+                (dy, dgx, w, lens, rst, dh, dhs, T, B, H, Hout), dict(SP=SP, BN=p.BN, BK=p.BK, **flags),
             )
             cell_step = rec.Launch(
-                lstm_bwd_step_kernel, grid_h, (dy, dgx, wr, lens, c0, gates, cs, dh, dc, dhs, ms, T, B, H, Hout),
+                lstm_bwd_step_kernel, grid_h, (dy, dgx, wr, lens, rst, c0, gates, cs, dh, dc, dhs, ms, T, B, H, Hout),
                 dict(PROJ=True, SP=SPr, BN=p.BN, BK=p.BK, **flags),
             )
             rec.run_steps(T, dh_step, cell_step)
             dh_step(T)
         else:
             cell_step = rec.Launch(
-                lstm_bwd_step_kernel, grid_h, (dy, dgx, w, lens, c0, gates, cs, dh, dc, dhs, ms, T, B, H, Hout),
+                lstm_bwd_step_kernel, grid_h, (dy, dgx, w, lens, rst, c0, gates, cs, dh, dc, dhs, ms, T, B, H, Hout),
                 dict(PROJ=False, SP=SP, BN=p.BN, BK=p.BK, **flags),
             )
             rec.run_steps(T + 1, cell_step)

@@ -90,6 +90,40 @@ def active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def reset_rows(rst_ptr, rows, ok):
+    """[BB] bool: the rows of `ok` whose sequence resets at step t, i.e. enters t from a zero state
+    (resets[t, b]; rows = t*B + b, int64, from rows_at). The load is masked by `ok`, so a t outside
+    [0, T) reads nothing. Called only under `if HAS_RESETS:`, so that resets=None compiles the kernel
+    without the mask (no load, no register).
+
+    The result must not reach an operand of tl.dot (a load mask or a select on it): the kernels zero
+    the GEMM's *result* rows instead. With the mask's 8-bit load in an operand's def chain, triton 3.6
+    picks an fp64 MMA layout it cannot lower ("Currently fp64 don't support largeK MMA", every fp64
+    kernel on sm_90 in compile_check); triton 3.9 compiles both forms."""
+    return ok & (tl.load(rst_ptr + rows, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def resets_of_step(rst_ptr, s, T, offs_b, b64, B, mask_b, DESCENDING: tl.constexpr):
+    """[BB] bool: resets[t, b] of processing step s (t = step_time(s)), False for t outside [0, T).
+
+    A persistent kernel loads step s+1's mask during step s and carries it into the next iteration (and
+    takes `cut = act & mask` there): a loop-carried value is outside the def chain of the step's tl.dot
+    operands, which triton 3.6 needs in fp64 (reset_rows says why). Inside the loop the cut reaches the
+    operands: LSTM backward's c_{t-1} feeds da_f, the projection's m_t depends on c_{t-1}."""
+    t = step_time(s, T, DESCENDING)
+    ok = mask_b & in_time(t, T, offs_b)
+    return tl.load(rst_ptr + rows_at(t, b64, B), mask=ok, other=0) != 0
+
+
+@triton.jit
+def zero_rows(x, cut):
+    """x [BB, N] with the rows in `cut` ([BB] bool) set to 0: the state a reset step starts from, or the
+    gradient that does not cross back over a reset."""
+    return tl.where(cut[:, None], tl.zeros_like(x), x)
+
+
+@triton.jit
 def rows_at(t, b64, B):
     """int64 [BB]: the row index t*B + b of a [T, B, ...] tensor (T*B*G*H passes 2^31 at e.g.
     T=1024, B=256, H=2048, so offsets are int64)."""
@@ -190,15 +224,19 @@ def carry_store(h_new, h_prev, act2, inb, h_dst, state_off, y_ptr, y_off):
 
 @triton.jit
 def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, dh_ptr, state_off,
-                  inb, dy_ptr, dy_off, act2, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  ACC: tl.constexpr, PREC: tl.constexpr):
+                  inb, dy_ptr, dy_off, act2, rst_ptr, rows_done, BB: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HAS_RESETS: tl.constexpr):
     """The gradient reaching h_t for a tile of units, in a backward step kernel.
 
     The GEMM of step t+1 (dh_t += dGh_{t+1} W_hh) needs every unit of dGh_{t+1}, which the previous
     launch wrote, so it is done here, one launch later: dh_in = dh_buf + dGh_{t+1} W_hh, where dh_buf
     holds the part that does not go through W_hh (0 for LSTM/RNN, dh z for GRU, the whole gradient at
-    an inactive step) and dGh is 0 at inactive steps. Returns (dh_in, dh_in + dy_t where active)."""
+    an inactive step) and dGh is 0 at inactive steps. Returns (dh_in, dh_in + dy_t where active).
+    With resets, no gradient crosses a reset: the GEMM rows of sequences that reset at step t+1
+    (rows_done = its t*B + b) are 0."""
     g = gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG, SP, w_ptr, BB, BN, BK, ACC, PREC)
+    if HAS_RESETS:
+        g = zero_rows(g, reset_rows(rst_ptr, rows_done, a_ok))
     dh_in = tl.load(dh_ptr + state_off, mask=inb, other=0.0) + g
     dy = tl.load(dy_ptr + dy_off, mask=act2, other=0.0).to(ACC)
     return dh_in, dh_in + dy
@@ -459,8 +497,9 @@ def run_steps(steps, *launches):
 # Validation: the contract's shapes, one dtype, one device; a clear error instead of a kernel fault.
 
 
-def check_common(op, ref, tensors, lengths):
-    """All of `tensors` (name -> tensor or None) in ref's dtype and on ref's device; lengths int64 [B]."""
+def check_common(op, ref, tensors, lengths, resets=None):
+    """All of `tensors` (name -> tensor or None) in ref's dtype and on ref's device; lengths int64 and
+    resets bool on ref's device."""
     if ref.dtype not in _DTYPES:
         raise TypeError(f"fastrnn_triton::{op}: dtype {ref.dtype} is not supported (fp16, bf16, fp32, fp64)")
     if ref.device.type not in devices():
@@ -480,14 +519,23 @@ def check_common(op, ref, tensors, lengths):
         if lengths.dtype != torch.int64 or lengths.device != ref.device:
             raise TypeError(f"fastrnn_triton::{op}: lengths must be int64 on {ref.device}, got {lengths.dtype} "
                             f"on {lengths.device}")
+    if resets is not None:
+        if resets.dtype != torch.bool or resets.device != ref.device:
+            raise TypeError(f"fastrnn_triton::{op}: resets must be bool on {ref.device}, got {resets.dtype} "
+                            f"on {resets.device}")
 
 
-def check_inputs(op, ref, specs, lengths, B):
-    """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from."""
-    check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths)
+def check_inputs(op, ref, specs, lengths, resets, T, B):
+    """specs: name -> (tensor or None, expected shape). ref: the tensor the sizes were read from.
+    lengths: None or int64 [B]; resets: None or bool [T, B], contiguous (the kernels index it t*B + b)."""
+    check_common(op, ref, {name: t for name, (t, _) in specs.items()}, lengths, resets)
     for name, (t, shape) in specs.items():
         check_shape(op, name, t, shape)
     check_shape(op, "lengths", lengths, (B,))
+    check_shape(op, "resets", resets, (T, B))
+    if resets is not None and not resets.is_contiguous():
+        raise ValueError(f"fastrnn_triton::{op}: resets must be contiguous (a [T, B] bool tensor, indexed t*B + b), "
+                         f"got strides {resets.stride()}")
 
 
 def check_sizes(op, name, t, G):
@@ -516,3 +564,9 @@ def contiguous(*tensors):
 def lengths_arg(lengths, like):
     """(pointer argument, HAS_LENGTHS): a tensor must be passed even when there are no lengths."""
     return (lengths, True) if lengths is not None else (like, False)
+
+
+def resets_arg(resets, like):
+    """(pointer argument, HAS_RESETS): a tensor must be passed even when there are no resets; with
+    HAS_RESETS=False the kernels never read it, and compile as they did before resets existed."""
+    return (resets, True) if resets is not None else (like, False)
