@@ -13,6 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -153,6 +158,118 @@ inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
       break;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// bf16 weights with the avx512_bf16 dot product (AVX-512 copy only, and only on a CPU that has it).
+//
+// vdpbf16ps multiplies pairs of bf16 and adds both products to one fp32 lane: acc[j] += a[k] w[k][j] +
+// a[k+1] w[k+1][j]. So the panel holds the weights as bf16 PAIRS along K: [groups][blocks][K/2][P][2],
+// which is exactly a Panels<float> (same code, same layout) of the 32-bit pairs: W [N, K] in bf16 viewed as
+// [N, K/2] 32-bit words (bits moved, never converted). A panel of K rows is half the bytes of the fp32 one,
+// and one instruction does 32 multiply-adds instead of 16. The operand a (the state h_{t-1} or the
+// gradient da, fp32 in the kernels) is rounded to bf16 a step (the caller: HiddenGemm), the sums stay fp32.
+// Why only bf16 storage: the weights are then bf16 already (packing them loses nothing); an fp32 or fp16
+// weight rounded to bf16 would lose 16 or 3 mantissa bits. No instruction of this runs unless
+// bf16_dot_supported() (CPUID, at run time): the AVX-512 library itself requires only F/BW/VL/DQ.
+#if defined(CPU_CAPABILITY_AVX512)
+#define FASTRNN_BF16_DOT 1
+
+// Whether this CPU (and OS) runs avx512_bf16 (the AVX-512 state itself is checked before this copy loads).
+inline bool bf16_dot_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+}
+
+// R [K, N] (any float dtype and strides; values exact in bf16 for the packing to be exact) -> the pair panels,
+// K padded to even with a zero row. Forward R is the transposed view of W_hh [N, K]: its pairs are adjacent
+// in W_hh's rows, so W_hh in bf16 read as [N, K/2] words is transposed by Panels' square-block path.
+// Backward R is W_hh [K, N] itself: rows k and k+1 are interleaved first ([K/2, 2, N] -> [K/2, N, 2]). A
+// strided conversion in one copy_ instead cost ~2x the whole fp32 packing at H = 512 (measured).
+inline Panels<float> bf16_pair_panels(const at::Tensor& r, int64_t groups) {
+  const int64_t K = r.size(0), N = r.size(1), Kp = (K + 1) / 2 * 2;
+  const auto bf16 = r.options().dtype(at::kBFloat16);
+  if (r.stride(0) == 1) {
+    at::Tensor w = at::zeros({N, Kp}, bf16);
+    w.narrow(1, 0, K).copy_(r.t());
+    return Panels<float>(w.view(at::kFloat).t(), groups);  // [Kp/2, N] words, strides (1, Kp/2)
+  }
+  at::Tensor w = at::zeros({Kp, N}, bf16);
+  w.narrow(0, 0, K).copy_(r);
+  at::Tensor pairs = w.view({Kp / 2, 2, N}).transpose(1, 2).contiguous().view(at::kFloat).squeeze(2);
+  return Panels<float>(pairs, groups);  // [Kp/2, N] words, contiguous
+}
+
+// out[MR][P] (+)= a[MR rows, 2*KP] @ pair panel[KP][P][2]: panel_tile's loop on bf16 pairs. a: bf16 rows
+// as 32-bit pairs (row stride lda pairs). Accumulators in fp32, the same split over odd pairs for MR <= 2.
+template <int MR>
+__attribute__((target("avx512bf16"))) void bf16_pair_tile(const uint32_t* a, int64_t lda, const float* panel,
+                                                          int64_t KP, float* out, bool accumulate) {
+  constexpr int64_t P = 32;
+  static_assert(panel_width<float>() == P, "the pair tile is written for 16-float vectors");
+  constexpr bool kSplitK = MR <= 2;
+  __m512 lo[MR], hi[MR], lo2[MR], hi2[MR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = hi[m] = lo2[m] = hi2[m] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  if constexpr (kSplitK) {
+    for (; k + 2 <= KP; k += 2) {
+      const float* p = panel + k * P;
+      const __m512bh r0 = (__m512bh)_mm512_loadu_ps(p), r1 = (__m512bh)_mm512_loadu_ps(p + 16),
+                     r2 = (__m512bh)_mm512_loadu_ps(p + P), r3 = (__m512bh)_mm512_loadu_ps(p + P + 16);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k]));
+        const __m512bh a1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k + 1]));
+        lo[m] = _mm512_dpbf16_ps(lo[m], a0, r0);
+        hi[m] = _mm512_dpbf16_ps(hi[m], a0, r1);
+        lo2[m] = _mm512_dpbf16_ps(lo2[m], a1, r2);
+        hi2[m] = _mm512_dpbf16_ps(hi2[m], a1, r3);
+      }
+    }
+  }
+  for (; k < KP; ++k) {
+    const float* p = panel + k * P;
+    const __m512bh r0 = (__m512bh)_mm512_loadu_ps(p), r1 = (__m512bh)_mm512_loadu_ps(p + 16);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k]));
+      lo[m] = _mm512_dpbf16_ps(lo[m], a0, r0);
+      hi[m] = _mm512_dpbf16_ps(hi[m], a0, r1);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    __m512 sum_lo = _mm512_add_ps(lo[m], lo2[m]), sum_hi = _mm512_add_ps(hi[m], hi2[m]);
+    if (accumulate) {
+      sum_lo = _mm512_add_ps(sum_lo, _mm512_loadu_ps(out + m * P));
+      sum_hi = _mm512_add_ps(sum_hi, _mm512_loadu_ps(out + m * P + 16));
+    }
+    _mm512_storeu_ps(out + m * P, sum_lo);
+    _mm512_storeu_ps(out + m * P + 16, sum_hi);
+  }
+}
+
+// Rows [m0, m0 + mr) (mr in 1..4) of one pair panel, as panel_rows.
+inline void bf16_pair_rows(const uint32_t* a, int64_t lda, const float* panel, int64_t KP, int64_t mr, float* out,
+                           bool accumulate) {
+  switch (mr) {
+    case 4:
+      bf16_pair_tile<4>(a, lda, panel, KP, out, accumulate);
+      break;
+    case 3:
+      bf16_pair_tile<3>(a, lda, panel, KP, out, accumulate);
+      break;
+    case 2:
+      bf16_pair_tile<2>(a, lda, panel, KP, out, accumulate);
+      break;
+    default:
+      bf16_pair_tile<1>(a, lda, panel, KP, out, accumulate);
+      break;
+  }
+}
+#endif  // CPU_CAPABILITY_AVX512
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
