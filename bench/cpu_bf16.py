@@ -8,6 +8,7 @@ every parameter requiring grad), torch.nn and fastrnn with the same state_dict, 
 runs alternated, median of --repeats after warm-up, on --threads threads.
 --parts: where fastrnn's forward time goes: the input projection (F.linear in the dtype, as the layer runs
 it) against the recurrence op alone (gx given), medians of interleaved calls.
+--dot-off: also fastrnn with FASTRNN_CPU_BF16_DOT=0 (bf16 step products in fp32, the path before avx512_bf16).
 --error: the worst error of y and of every gradient against the same module in fp64 (the oracle), for
 torch.nn and fastrnn in the dtype, each divided by the largest magnitude of that fp64 tensor.
 
@@ -15,6 +16,7 @@ T: steps  B: batch  I: input size  H: hidden size
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -38,8 +40,11 @@ def modules(cell, I, H, dtype, **kw):
     return ref.to(dtype), fast.to(dtype)
 
 
+STAT = statistics.median
+
+
 def interleaved(fns, repeats, warmup=2):
-    """Median seconds of each fn of {name: fn}, calls alternated."""
+    """STAT (median or min) seconds of each fn of {name: fn}, calls alternated."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -49,10 +54,15 @@ def interleaved(fns, repeats, warmup=2):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: STAT(t) for name, t in times.items()}
 
 
-def run(module, x, backward):
+def run(module, x, backward, dot=None):
+    """One forward (+ backward); dot: FASTRNN_CPU_BF16_DOT for this call ("0": the fp32 step product)."""
+    if dot is None:
+        os.environ.pop("FASTRNN_CPU_BF16_DOT", None)
+    else:
+        os.environ["FASTRNN_CPU_BF16_DOT"] = dot
     if backward:
         module.zero_grad(set_to_none=True)
         x.grad = None
@@ -104,20 +114,26 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="median of the repeats, or the fastest (on a loaded machine: the least disturbed run)")
     parser.add_argument("--cells", default="lstm,gru,rnn")
     parser.add_argument("--sizes", help="T,B,I,H;T,B,I,H... (default: issue 11's four)")
     parser.add_argument("--passes", default="fwd,fwd+bwd")
     parser.add_argument("--parts", action="store_true")
     parser.add_argument("--error", action="store_true")
+    parser.add_argument("--dot-off", action="store_true", help="also fastrnn with FASTRNN_CPU_BF16_DOT=0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
     dtype = getattr(torch, args.dtype)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")] if args.sizes else SIZES
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, torch {torch.__version__} (ISA "
           f"{torch.backends.cpu.get_cpu_capability()}), fastrnn ISA {native.cpu_capability()}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}, load average "
+          f"{torch.get_num_threads()} threads, {args.stat} of {args.repeats}, load average "
           f"{open('/proc/loadavg').read().split()[0]}")
-    print("| cell | T, B, I, H | pass | torch.nn ms | fastrnn ms | ratio |" + (" proj ms | rec ms |" if args.parts else "")
+    print("| cell | T, B, I, H | pass | torch.nn ms | fastrnn ms | ratio |"
+          + (" fastrnn dot off ms | ratio dot off |" if args.dot_off else "") + (" proj ms | rec ms |" if args.parts else "")
           + (" y err torch.nn / fastrnn | grad err torch.nn / fastrnn |" if args.error else ""))
     for cell in args.cells.split(","):
         for T, B, I, H in sizes:
@@ -125,10 +141,14 @@ def main():
             for p in args.passes.split(","):
                 backward = p == "fwd+bwd"
                 x = torch.randn(T, B, I, dtype=dtype, requires_grad=backward)
-                t = interleaved({"torch": lambda: run(ref, x, backward), "fast": lambda: run(fast, x, backward)},
-                                args.repeats)
+                fns = {"torch": lambda: run(ref, x, backward), "fast": lambda: run(fast, x, backward)}
+                if args.dot_off:
+                    fns["off"] = lambda: run(fast, x, backward, dot="0")
+                t = interleaved(fns, args.repeats)
                 line = f"| {cell} | {T}, {B}, {I}, {H} | {p} | {t['torch'] * 1e3:.2f} | {t['fast'] * 1e3:.2f} | " \
                        f"{t['torch'] / t['fast']:.2f} |"
+                if args.dot_off:
+                    line += f" {t['off'] * 1e3:.2f} | {t['torch'] / t['off']:.2f} |"
                 if args.parts:
                     if backward:
                         line += " | |"
