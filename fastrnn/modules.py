@@ -22,9 +22,10 @@ from .functional import LayerWeights
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-# backend="auto" on the CPU hands fp32 LSTMs of at least this batch to torch.nn's own forward (measured:
-# _RecurrentMixin._torch_nn_is_faster).
+# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes, on padded input, to torch.nn's own
+# forward (measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
+AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_backend(backend):
@@ -85,23 +86,22 @@ class _RecurrentMixin(_FastRNNModule):
         return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
 
     def _torch_nn_is_faster(self, input):
-        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels:
-        on the CPU, fp32, batch >= 8 (ratio torch.nn / fastrnn 0.75-0.98 there on an AVX-512 Zen 5, against
-        1.46-1.51 at B = 1: docs/api.md, "Where auto hands the layer to torch.nn"). Never under torch.compile or export
-        (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching
-        rule): there the custom ops serve every shape."""
-        if self.backend != "auto" or self._cell != "lstm":
+        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels: on
+        the CPU, fp32 or bf16, batch >= 8, padded input, whatever the layers and directions. There torch.nn
+        runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer): ratio torch.nn / fastrnn 0.75-0.98 fp32 and
+        0.47-0.95 bf16 on an AVX-512 Zen 5 (2 layers 0.72-1.01, bidirectional 0.71-1.05), against 1.46-1.51
+        at B = 1, where fastrnn stays (docs/api.md, "Where auto hands the layer to torch.nn"). Not for a
+        PackedSequence: torch.nn's packed LSTM is ATen's generic loop (an addmm a step, no oneDNN), which
+        fastrnn beats. Not for fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under
+        torch.compile or export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform
+        (torch.nn has no batching rule): there the custom ops serve every shape."""
+        if self.backend != "auto" or self._cell != "lstm" or isinstance(input, PackedSequence):
             return False
-        packed = isinstance(input, PackedSequence)
-        data = input.data if packed else input
-        if data.device.type != "cpu" or data.dtype != torch.float32 or data.dim() not in (2, 3):
+        if input.device.type != "cpu" or input.dtype not in AUTO_TORCH_NN_DTYPES or input.dim() not in (2, 3):
             return False
         if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
             return False
-        if packed:
-            batch = int(input.batch_sizes[0]) if input.batch_sizes.numel() else 0
-        else:
-            batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+        batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
         return batch >= AUTO_TORCH_NN_MIN_BATCH
 
     def forward(self, input, hx=None):
