@@ -92,8 +92,8 @@ class _RecurrentMixin(_FastRNNModule):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16);
         - fp32, 2+ layers or bidirectional, when a gradient will flow (training), at any batch: forward+backward
-          0.45-0.85 at B = 1 and 4 (1 thread), 0.91 / 0.96 at B = 1 (2 threads); inference there stays fastrnn's
-          (0.84-1.19).
+          0.45-1.05 at B = 1 and 4 (1 thread; 5 of 6 rows below 1), 0.91 / 0.96 at B = 1 (2 threads); inference
+          there stays fastrnn's (0.84-1.19).
         Not for a PackedSequence: torch.nn's packed LSTM is ATen's generic loop (an addmm a step, no oneDNN), which
         fastrnn beats from B = 4 (1.44-4.55). Not for fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM).
         Never under torch.compile or export (torch.nn's LSTM would be unrolled there) nor under a torch.func
