@@ -28,7 +28,11 @@ from fastrnn.backends import native
 from fastrnn.bench.machine import cpu_name
 
 SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
-MODULES = {"lstm": (torch.nn.LSTM, fastrnn.LSTM), "gru": (torch.nn.GRU, fastrnn.GRU), "rnn": (torch.nn.RNN, fastrnn.RNN)}
+MODULES = {
+    "lstm": (torch.nn.LSTM, fastrnn.LSTM),
+    "gru": (torch.nn.GRU, fastrnn.GRU),
+    "rnn": (torch.nn.RNN, fastrnn.RNN),
+}
 
 
 def modules(cell, I, H, dtype, **kw):
@@ -76,7 +80,8 @@ def parts(cell, T, B, I, H, dtype, repeats):
     """Medians of fastrnn's input projection and of its recurrence op (forward, save=False) in dtype."""
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
     x, w_ih, b = torch.randn(T, B, I, dtype=dtype), torch.randn(G, I, dtype=dtype) / I**0.5, torch.randn(G, dtype=dtype)
-    gx, w_hh, h0 = torch.randn(T, B, G, dtype=dtype), torch.randn(G, H, dtype=dtype) / H**0.5, torch.randn(B, H, dtype=dtype)
+    gx, h0 = torch.randn(T, B, G, dtype=dtype), torch.randn(B, H, dtype=dtype)
+    w_hh = torch.randn(G, H, dtype=dtype) / H**0.5
     ops = torch.ops.fastrnn
     if cell == "lstm":
         rec = lambda: ops.lstm_fwd(gx, w_hh, h0, torch.randn(B, H, dtype=dtype), None, None, False, False)  # noqa: E731
@@ -133,7 +138,8 @@ def main():
           f"{torch.get_num_threads()} threads, {args.stat} of {args.repeats}, load average "
           f"{open('/proc/loadavg').read().split()[0]}")
     print("| cell | T, B, I, H | pass | torch.nn ms | fastrnn ms | ratio |"
-          + (" fastrnn dot off ms | ratio dot off |" if args.dot_off else "") + (" proj ms | rec ms |" if args.parts else "")
+          + (" fastrnn dot off ms | ratio dot off |" if args.dot_off else "")
+          + (" proj ms | rec ms |" if args.parts else "")
           + (" y err torch.nn / fastrnn | grad err torch.nn / fastrnn |" if args.error else ""))
     for cell in args.cells.split(","):
         for T, B, I, H in sizes:

@@ -68,7 +68,8 @@ def main():
             for name in ("fwd", "bwd"):
                 step = {k: (res[50, name][k] - res[1, name][k]) / 49 for k in ("off", "on")}
                 flops = 2 * B * H * G[cell] * H
-                print(f"| {cell} | {B}, {H} | {name} | {res[1, name]['off'] * 1e6:.0f} / {res[1, name]['on'] * 1e6:.0f} "
+                call = res[1, name]
+                print(f"| {cell} | {B}, {H} | {name} | {call['off'] * 1e6:.0f} / {call['on'] * 1e6:.0f} "
                       f"| {step['off'] * 1e6:.1f} | {step['on'] * 1e6:.1f} | {step['off'] / step['on']:.2f} | "
                       f"{flops / step['on'] / 1e9:.0f} |", flush=True)
     print(f"# load average at the end {open('/proc/loadavg').read().split()[0]}")

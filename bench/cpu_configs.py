@@ -3,7 +3,8 @@
     python bench/cpu_configs.py [--configs layers2,bidir,packed,bf16] [--repeats 5] [--cells lstm,gru,rnn]
                                 [--sizes T,B,I,H;...] [--threads 2]
 
-Configurations: base (one layer, fp32: the grid's own configuration), layers2 (num_layers=2), bidir (bidirectional=True), packed (a PackedSequence of B sequences
+Configurations: base (one layer, fp32: the grid's own configuration), layers2 (num_layers=2), bidir
+(bidirectional=True), packed (a PackedSequence of B sequences
 with lengths spread evenly over [T/2, T], unsorted, enforce_sorted=False), bf16 (one layer, module and input
 in bfloat16), fp16 (the same in float16). For each: forward under no_grad and forward+backward
 (loss = output.sum(), x and every parameter requiring grad), torch.nn and fastrnn with the same state_dict,
@@ -25,7 +26,11 @@ from fastrnn.backends import native
 from fastrnn.bench.machine import cpu_name
 
 SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
-MODULES = {"lstm": (torch.nn.LSTM, fastrnn.LSTM), "gru": (torch.nn.GRU, fastrnn.GRU), "rnn": (torch.nn.RNN, fastrnn.RNN)}
+MODULES = {
+    "lstm": (torch.nn.LSTM, fastrnn.LSTM),
+    "gru": (torch.nn.GRU, fastrnn.GRU),
+    "rnn": (torch.nn.RNN, fastrnn.RNN),
+}
 CONFIGS = {
     "base": ({}, torch.float32),
     "layers2": (dict(num_layers=2), torch.float32),
