@@ -55,28 +55,40 @@ def transformed():
     return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
+def native_gemm(backend, dtype):
+    """Whether a big GEMM of `dtype` on `backend` goes through fastrnn_cpu::linear / mm (oneDNN's fp32 matmul)
+    instead of torch's own: fp32 (MKL's sgemm runs its AVX2 code on AMD CPUs: 1.2-2.3x slower per product on
+    the Zen 5, docs/cpu.md) and fp16, computed in fp32 (exact conversions; both sum in fp32): torch's fp16
+    matmul on a CPU without avx512_fp16 ran 16 GFLOP/s against 123 converted to fp32 ([6400,512]x[512,2048],
+    Zen 5, 2 threads, load 5.5). Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 (232 vs 97
+    GFLOP/s for fp32 in the same run). Not under a torch.func transform (these ops have no batching rule)."""
+    return backend == "cpu" and dtype in (torch.float32, torch.float16) and not transformed()
+
+
 def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows (on the cpu backend
-    in fp32 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection)."""
+    in fp32/fp16 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection: native_gemm)."""
     prev = previous_hidden(y, h0, lengths, resets, reverse).flatten(0, 1).to(dgh.dtype)
     dgh = dgh.flatten(0, 1).t()
-    if backend == "cpu" and dgh.dtype == torch.float32 and not transformed():
+    if native_gemm(backend, dgh.dtype):
         from .backends import native
 
-        return native.mm(dgh, prev)
+        return native.mm(dgh.float(), prev.float()).to(dgh.dtype)
     return dgh @ prev
 
 
 def input_projection(x, w_ih, b_in, backend):
-    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 through
-    fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA; MKL's sgemm runs its AVX2
-    code on AMD CPUs: 1.2-2.3x slower per product on the Zen 5, docs/cpu.md), differentiable twice through
-    its own autograd formula; under a torch.func transform, F.linear (that op has no batching rule)."""
-    if backend == "cpu" and x.dtype == torch.float32 and not transformed():
+    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 and fp16
+    (native_gemm) through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA),
+    differentiable twice through its own autograd formula (so dx and dW_ih run there too); otherwise
+    F.linear."""
+    if native_gemm(backend, x.dtype):
         from .backends import native
 
         T, B = x.shape[:2]
-        return native.linear(x.reshape(T * B, x.shape[2]), w_ih, b_in).view(T, B, w_ih.shape[0])
+        b = None if b_in is None else b_in.float()
+        gx = native.linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])
+        return gx.to(x.dtype)
     return F.linear(x, w_ih, b_in).contiguous()
 
 

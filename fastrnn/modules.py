@@ -22,9 +22,10 @@ from .functional import LayerWeights
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-# backend="auto" on the CPU hands fp32 LSTMs of at least this batch to torch.nn's own forward (measured:
-# _RecurrentMixin._torch_nn_is_faster).
+# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes, on padded input, to torch.nn's own
+# forward, and fp32 LSTMs of 2+ layers or directions when training (measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
+AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_backend(backend):
@@ -85,24 +86,30 @@ class _RecurrentMixin(_FastRNNModule):
         return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
 
     def _torch_nn_is_faster(self, input):
-        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels:
-        on the CPU, fp32, batch >= 8 (ratio torch.nn / fastrnn 0.75-0.98 there on an AVX-512 Zen 5, against
-        1.46-1.51 at B = 1: docs/api.md, "Where auto hands the layer to torch.nn"). Never under torch.compile or export
-        (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching
-        rule): there the custom ops serve every shape."""
-        if self.backend != "auto" or self._cell != "lstm":
+        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels (AVX-512
+        Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"), on the CPU, padded
+        input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
+        - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
+          bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16);
+        - fp32, 2+ layers or bidirectional, when a gradient will flow (training), at any batch: forward+backward
+          0.45-1.05 at B = 1 and 4 (1 thread; 5 of 6 rows below 1), 0.91 / 0.96 at B = 1 (2 threads); inference
+          there stays fastrnn's (0.84-1.19).
+        Not for a PackedSequence: torch.nn's packed LSTM is ATen's generic loop (an addmm a step, no oneDNN), which
+        fastrnn beats from B = 4 (1.44-4.55). Not for fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM).
+        Never under torch.compile or export (torch.nn's LSTM would be unrolled there) nor under a torch.func
+        transform (torch.nn has no batching rule): there the custom ops serve every shape."""
+        if self.backend != "auto" or self._cell != "lstm" or isinstance(input, PackedSequence):
             return False
-        packed = isinstance(input, PackedSequence)
-        data = input.data if packed else input
-        if data.device.type != "cpu" or data.dtype != torch.float32 or data.dim() not in (2, 3):
+        if input.device.type != "cpu" or input.dtype not in AUTO_TORCH_NN_DTYPES or input.dim() not in (2, 3):
             return False
         if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
             return False
-        if packed:
-            batch = int(input.batch_sizes[0]) if input.batch_sizes.numel() else 0
-        else:
-            batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
-        return batch >= AUTO_TORCH_NN_MIN_BATCH
+        batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
+        if batch >= AUTO_TORCH_NN_MIN_BATCH:
+            return True
+        stacked = self.num_layers > 1 or self.bidirectional
+        return stacked and input.dtype == torch.float32 and torch.is_grad_enabled() and (
+            input.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
 
     def forward(self, input, hx=None, *, resets=None):
         """torch.nn's forward, plus `resets` (keyword only): a bool mask of episode starts, [T, B] for

@@ -330,24 +330,56 @@ def test_autocast_runs_in_the_autocast_dtype(cell):
     torch.testing.assert_close(y, expected, atol=0, rtol=0)
 
 
-def test_auto_hands_fp32_cpu_lstm_of_batch_8_and_more_to_torch_nn():
-    """backend="auto" runs torch.nn's own LSTM where it measured faster (CPU, fp32, B >= 8): the result is
-    torch.nn's to the bit and no fastrnn op runs; below that batch, with an explicit backend, and under a
-    torch.func transform, fastrnn's ops run."""
-    model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True)
-    oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
+    """backend="auto" runs torch.nn's own LSTM where it measured faster (CPU, fp32 or bf16, B >= 8, padded
+    input; docs/api.md): the result is torch.nn's to the bit and no fastrnn op runs. Below that batch (in
+    inference: training a stacked fp32 LSTM goes to torch.nn, the next test), for a
+    PackedSequence (torch.nn's packed LSTM has no oneDNN path: slower than fastrnn's), in fp16, with an
+    explicit backend and under a torch.func transform, fastrnn's ops run."""
+    model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
+    oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle.load_state_dict(model.state_dict())
-    big = torch.randn(3, fastrnn.modules.AUTO_TORCH_NN_MIN_BATCH, 4)
-    packed = pack_padded_sequence(big, torch.full((big.shape[1],), 3))
-    for x in (big, packed):
-        with CountOps() as counter:
+    big = torch.randn(3, fastrnn.modules.AUTO_TORCH_NN_MIN_BATCH, 4, dtype=dtype)
+    for x in (big, big[:, 0]):  # batched, and unbatched ([T, I]: one sequence, batch 1; inference, see below)
+        with CountOps() as counter, torch.set_grad_enabled(x is big):
             got = model(x)
-        assert counter.calls == []
-        expected = oracle(x)
-        assert torch.equal(got[0].data if x is packed else got[0], expected[0].data if x is packed else expected[0])
-        assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
-    for runs_ours in (lambda: model(big[:, :1]), lambda: fastrnn.LSTM(4, 5, backend="cpu")(big),
+        if x is big:
+            assert counter.calls == []
+            expected = oracle(x)
+            assert torch.equal(got[0], expected[0])
+            assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+        else:
+            assert any("lstm_fwd" in c for c in counter.calls), counter.calls
+    packed = pack_padded_sequence(big, torch.full((big.shape[1],), 3))
+    half = fastrnn.LSTM(4, 5).half()
+    for runs_ours in (lambda: torch.no_grad()(model)(big[:, :1]), lambda: model(packed),
+                      lambda: fastrnn.LSTM(4, 5, backend="cpu").to(dtype)(big),
+                      lambda: half(big.half()),
                       lambda: torch.func.vmap(model)(big.unsqueeze(0))):
         with CountOps() as counter:
             runs_ours()
+        assert any("lstm_fwd" in c for c in counter.calls), counter.calls
+
+
+def test_auto_hands_training_of_stacked_fp32_cpu_lstm_to_torch_nn():
+    """Below batch 8, an fp32 LSTM of 2 layers or 2 directions runs torch.nn's forward when a gradient will
+    flow (measured slower in fastrnn there: docs/api.md), fastrnn's kernels for inference, for one layer and
+    one direction, and in bf16."""
+    x = torch.randn(5, 1, 4)
+    for kw in (dict(num_layers=2), dict(bidirectional=True)):
+        model = fastrnn.LSTM(4, 5, **kw)
+        oracle = nn.LSTM(4, 5, **kw)
+        oracle.load_state_dict(model.state_dict())
+        with CountOps() as counter:
+            got = model(x)
+        assert counter.calls == []
+        assert torch.equal(got[0], oracle(x)[0])
+        for runs_ours in (lambda: model.requires_grad_(False)(x), lambda: model.bfloat16().requires_grad_(True)(
+                x.bfloat16()), lambda: torch.no_grad()(fastrnn.LSTM(4, 5, **kw))(x)):
+            with CountOps() as counter:
+                runs_ours()
+            assert any("lstm_fwd" in c for c in counter.calls), counter.calls
+        with CountOps() as counter:
+            fastrnn.LSTM(4, 5)(x)
         assert any("lstm_fwd" in c for c in counter.calls), counter.calls

@@ -485,6 +485,98 @@ def test_activations_of_every_capability(capability):
     test_saturation_is_finite()
 
 
+# ----- bf16 / fp16 (docs/cpu.md, "bf16 and fp16") -----------------------------------------------------
+
+
+def cpu_flags():
+    """The feature flags of this CPU as Linux reports them (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+HAS_BF16_DOT = "avx512_bf16" in cpu_flags()
+
+
+def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch):
+    """bf16 weights run the step product on avx512_bf16 (vdpbf16ps) exactly when the AVX-512 copy is active
+    and the CPU has the instruction, and never when FASTRNN_CPU_BF16_DOT=0 or for fp32/fp16 weights. The
+    kernels count the step products built on it (torch.ops.fastrnn_cpu.bf16_dot_products(); -1: this copy
+    cannot use it on this CPU). On and off give different bits from step 1 on (the state h is rounded to
+    bf16 for the product), both within the kernels' bf16 bound of the reference."""
+    count = torch.ops.fastrnn_cpu.bf16_dot_products
+    if capability != "avx512" or not HAS_BF16_DOT:
+        assert count() == -1
+        return
+    fwd, bwd = lstm_args(5, 3, 40, 0, torch.bfloat16, None, False)
+    before = count()
+    monkeypatch.setenv("FASTRNN_CPU_BF16_DOT", "0")
+    off_fwd = torch.ops.fastrnn.lstm_fwd(*fwd, True)
+    off_bwd = torch.ops.fastrnn.lstm_bwd(*bwd)
+    assert count() == before
+    monkeypatch.delenv("FASTRNN_CPU_BF16_DOT")
+    on_fwd = torch.ops.fastrnn.lstm_fwd(*fwd, True)
+    assert count() == before + 1
+    on_bwd = torch.ops.fastrnn.lstm_bwd(*bwd)
+    assert count() == before + 2
+    assert not torch.equal(on_fwd[0], off_fwd[0]) and not torch.equal(on_bwd[0], off_bwd[0])
+    for out in (on_fwd, off_fwd):
+        assert_close("lstm_fwd y", out[0], REF["lstm_fwd"](*fwd, True)[0], TOL[torch.bfloat16])
+    for dtype in (torch.float32, torch.float16):
+        torch.ops.fastrnn.lstm_fwd(*lstm_args(5, 3, 40, 0, dtype, None, False)[0], True)
+    assert count() == before + 2  # only bf16 weights take it
+
+
+# Module error against the fp64 oracle, relative to the largest magnitude of each fp64 tensor (y, dx and
+# every parameter's gradient), next to torch.nn's own error in the same dtype. The bound is the issue's: at
+# most 2x torch.nn's error. torch.nn in bf16 on the CPU runs the LSTM through oneDNN (bf16 matmuls, fp32
+# gates and cell state) and the GRU/RNN through ATen's generic cell loop in bf16 (each step's product and
+# pointwise math rounded to bf16); fastrnn keeps the states and the pointwise math in fp32 and rounds only
+# the stored outputs (and, on avx512_bf16, h_{t-1} for the product). Measured here (Zen 5, every capability,
+# dot product on and off): bf16 torch.nn 3.0e-3..1.4e-2, fastrnn 2.3e-3..6.8e-3, worst ratio 1.04; fp16
+# torch.nn 4.5e-4..1.5e-3, fastrnn 2.5e-4..6.6e-4, worst ratio 0.98 (docs/cpu.md, "bf16 and fp16").
+@pytest.mark.parametrize("dtype,bf16_dot", [
+    pytest.param(torch.bfloat16, "1", id="bf16"),
+    pytest.param(torch.bfloat16, "0", id="bf16-dot-off"),
+    pytest.param(torch.float16, "1", id="fp16"),
+])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_low_precision_error_within_twice_torch_nn(capability, cell, dtype, bf16_dot, monkeypatch):
+    import fastrnn
+
+    monkeypatch.setenv("FASTRNN_CPU_BF16_DOT", bf16_dot)
+    T, B, I, H = 30, 5, 24, 40
+    torch.manual_seed(0)
+    ref_cls, fast_cls = {"lstm": (torch.nn.LSTM, fastrnn.LSTM), "gru": (torch.nn.GRU, fastrnn.GRU),
+                         "rnn": (torch.nn.RNN, fastrnn.RNN)}[cell]
+    oracle = ref_cls(I, H).double()
+    x64 = torch.randn(T, B, I, dtype=torch.float64)
+    dy = torch.randn(T, B, H, dtype=torch.float64)
+
+    def outputs(module, dt):
+        module = module.to(dt)
+        x = x64.detach().to(dt).clone().requires_grad_()
+        y = module(x)[0]
+        (y.double() * dy).sum().backward()
+        return [y.detach().double(), x.grad.double()] + [p.grad.double() for p in module.parameters()]
+
+    exact = outputs(oracle, torch.float64)
+    low_ref = ref_cls(I, H)
+    low_ref.load_state_dict(oracle.state_dict())
+    fast = fast_cls(I, H, backend="cpu")
+    fast.load_state_dict(oracle.state_dict())
+    names = ["y", "dx"] + [n for n, _ in fast.named_parameters()]
+    for name, ours, theirs, e in zip(names, outputs(fast, dtype), outputs(low_ref, dtype), exact):
+        scale = e.abs().max().item()
+        err, ref_err = (ours - e).abs().max().item() / scale, (theirs - e).abs().max().item() / scale
+        # torch.nn's error is itself a few roundings of the dtype; the floor (one rounding: 2^-8 bf16,
+        # 2^-11 fp16) keeps a lucky torch.nn tensor from making the bound tighter than one rounding.
+        floor = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        assert err <= 2 * max(ref_err, floor), f"{cell} {name}: error {err:.3g} > 2 x torch.nn's {ref_err:.3g}"
+
+
 def test_capability_errors():
     with pytest.raises(RuntimeError, match="the capability must be default, avx2 or avx512, got 'sse9'"):
         native.set_cpu_capability("sse9")
@@ -575,6 +667,17 @@ def test_no_wide_instruction_outside_its_capability():
     for f in libraries:
         found = _functions_using(os.path.join(here, f), avx512)
         assert not found, f"{f} has AVX-512 instructions in {dict(list(found.items())[:5])}"
+    # avx512_bf16 is not part of the avx512 capability: its instructions may sit only in the tile that
+    # runs after the CPUID check (gemm.h, bf16_pair_tile), in no other function of any library.
+    bf16 = re.compile(r":\s+v(dpbf16ps|cvtne2ps2bf16|cvtneps2bf16)\s")
+    for f in os.listdir(here):
+        if f.startswith("_C") and f.endswith(".so"):
+            found = {fn: i for fn, i in _functions_using(os.path.join(here, f), bf16).items()
+                     if "bf16_pair_tile" not in fn}
+            assert not found, f"{f} has avx512_bf16 instructions outside bf16_pair_tile: {found}"
+    avx512_libraries = [f for f in os.listdir(here) if f.startswith("_C_avx512.") and f.endswith(".so")]
+    for f in avx512_libraries:
+        assert any("bf16_pair_tile" in fn for fn in _functions_using(os.path.join(here, f), bf16)), f
 
 
 # ----- the big GEMMs (csrc/cpu/linear.cpp) -------------------------------------------------------------

@@ -191,6 +191,10 @@ std::vector<std::string> supported() {
 // Floats in one at::vec vector of the active copy: 8 (default, avx2) or 16 (avx512).
 int64_t vector_floats() { return active().vector_floats; }
 
+// -1 where the active copy cannot run bf16 weights on avx512_bf16 on this CPU, else how many step products
+// of this process ran on it (docs/cpu.md, "bf16 and fp16").
+int64_t bf16_dot_products() { return active().bf16_dot_products(); }
+
 // ---- the six ops, for the CPU dispatch key ------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
@@ -254,6 +258,7 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("set_capability(str name) -> str", &set_capability);
   m.def("supported() -> str[]", &supported);
   m.def("vector_floats() -> int", &vector_floats);
+  m.def("bf16_dot_products() -> int", &bf16_dot_products);
 }
 
 }  // namespace cpu

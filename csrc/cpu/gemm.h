@@ -14,8 +14,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace fastrnn {
 namespace cpu {
@@ -153,6 +158,152 @@ inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
       break;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// bf16 weights with the avx512_bf16 dot product (AVX-512 copy only, and only on a CPU that has it).
+//
+// vdpbf16ps multiplies pairs of bf16 and adds both products to one fp32 lane: acc[j] += a[k] w[k][j] +
+// a[k+1] w[k+1][j]. So the panel holds the weights as bf16 PAIRS along K: [groups][blocks][K/2][P][2],
+// which is exactly a Panels<float> (same code, same layout) of the 32-bit pairs: W [N, K] in bf16 viewed as
+// [N, K/2] 32-bit words (bits moved, never converted). A panel of K rows is half the bytes of the fp32 one,
+// and one instruction does 32 multiply-adds instead of 16. The operand a (the state h_{t-1} or the
+// gradient da, fp32 in the kernels) is rounded to bf16 a step (the caller: HiddenGemm), the sums stay fp32.
+// Why only bf16 storage: the weights are then bf16 already (packing them loses nothing); an fp32 or fp16
+// weight rounded to bf16 would lose 16 or 3 mantissa bits. No instruction of this runs unless
+// bf16_dot_supported() (CPUID, at run time): the AVX-512 library itself requires only F/BW/VL/DQ.
+#if defined(CPU_CAPABILITY_AVX512)
+#define FASTRNN_BF16_DOT 1
+
+// Whether this CPU (and OS) runs avx512_bf16 (the AVX-512 state itself is checked before this copy loads).
+inline bool bf16_dot_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+}
+
+// Two fp32 values that are exact in bf16 (their low 16 bits are 0) as one 32-bit word of bf16 pairs: the
+// first in the low half (vdpbf16ps's even element). Integer ops only; gcc vectorises the loops below.
+inline uint32_t bf16_pair_word(const float* lo, const float* hi) {
+  uint32_t a, b;
+  std::memcpy(&a, lo, 4);
+  std::memcpy(&b, hi, 4);
+  return (a >> 16) | (b & 0xFFFF0000u);
+}
+
+// R [K, N] fp32 whose values are exact in bf16 (HiddenGemm: bf16 weights widened by to_acc) -> the pair
+// panels, K padded to even with zeros. Forward R is the transposed view of W_hh [N, K] (stride(0) == 1): its
+// pairs are adjacent in W_hh's rows, so the words are built as [N, K/2] and Panels' square-block transpose
+// packs them. Backward R is W_hh [K, N] itself: rows k and k+1 pair up into [K/2, N]. (Interleaving with
+// torch copies instead cost 2x the fp32 path's packing a call: LSTM backward, 1 thread, B=1, H=128 63 us
+// against 20, B=64, H=512 1382 against 1000.)
+inline Panels<float> bf16_pair_panels(const at::Tensor& r, int64_t groups) {
+  TORCH_CHECK(r.scalar_type() == at::kFloat, "bf16_pair_panels: fp32 operand expected");
+  const int64_t K = r.size(0), N = r.size(1), KP = (K + 1) / 2;
+  const at::Tensor rc = r.stride(0) == 1 || r.stride(1) == 1 ? r : r.contiguous();
+  const float* src = rc.const_data_ptr<float>();
+  const int64_t s0 = rc.stride(0), s1 = rc.stride(1);
+  const float zero = 0.0f;
+  if (s0 == 1) {
+    at::Tensor words = at::empty({N, KP}, r.options());
+    auto* w = reinterpret_cast<uint32_t*>(words.data_ptr<float>());
+    for (int64_t n = 0; n < N; ++n) {
+      const float* col = src + n * s1;
+      for (int64_t kp = 0; kp < K / 2; ++kp) {
+        w[n * KP + kp] = bf16_pair_word(col + 2 * kp, col + 2 * kp + 1);
+      }
+      if (K % 2 != 0) {
+        w[n * KP + KP - 1] = bf16_pair_word(col + K - 1, &zero);
+      }
+    }
+    return Panels<float>(words.t(), groups);  // [KP, N] words, strides (1, KP)
+  }
+  at::Tensor words = at::empty({KP, N}, r.options());
+  auto* w = reinterpret_cast<uint32_t*>(words.data_ptr<float>());
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    const float* lo = src + 2 * kp * s0;
+    for (int64_t n = 0; n < N; ++n) {
+      w[kp * N + n] = bf16_pair_word(lo + n, lo + s0 + n);
+    }
+  }
+  if (K % 2 != 0) {
+    const float* lo = src + (K - 1) * s0;
+    for (int64_t n = 0; n < N; ++n) {
+      w[(KP - 1) * N + n] = bf16_pair_word(lo + n, &zero);
+    }
+  }
+  return Panels<float>(words, groups);  // [KP, N] words, contiguous
+}
+
+// out[MR][P] (+)= a[MR rows, 2*KP] @ pair panel[KP][P][2]: panel_tile's loop on bf16 pairs. a: bf16 rows
+// as 32-bit pairs (row stride lda pairs). Accumulators in fp32, the same split over odd pairs for MR <= 2.
+template <int MR>
+__attribute__((target("avx512bf16"))) void bf16_pair_tile(const uint32_t* a, int64_t lda, const float* panel,
+                                                          int64_t KP, float* out, bool accumulate) {
+  constexpr int64_t P = 32;
+  static_assert(panel_width<float>() == P, "the pair tile is written for 16-float vectors");
+  constexpr bool kSplitK = MR <= 2;
+  __m512 lo[MR], hi[MR], lo2[MR], hi2[MR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = hi[m] = lo2[m] = hi2[m] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  if constexpr (kSplitK) {
+    for (; k + 2 <= KP; k += 2) {
+      const float* p = panel + k * P;
+      const __m512bh r0 = (__m512bh)_mm512_loadu_ps(p), r1 = (__m512bh)_mm512_loadu_ps(p + 16),
+                     r2 = (__m512bh)_mm512_loadu_ps(p + P), r3 = (__m512bh)_mm512_loadu_ps(p + P + 16);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k]));
+        const __m512bh a1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k + 1]));
+        lo[m] = _mm512_dpbf16_ps(lo[m], a0, r0);
+        hi[m] = _mm512_dpbf16_ps(hi[m], a0, r1);
+        lo2[m] = _mm512_dpbf16_ps(lo2[m], a1, r2);
+        hi2[m] = _mm512_dpbf16_ps(hi2[m], a1, r3);
+      }
+    }
+  }
+  for (; k < KP; ++k) {
+    const float* p = panel + k * P;
+    const __m512bh r0 = (__m512bh)_mm512_loadu_ps(p), r1 = (__m512bh)_mm512_loadu_ps(p + 16);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + k]));
+      lo[m] = _mm512_dpbf16_ps(lo[m], a0, r0);
+      hi[m] = _mm512_dpbf16_ps(hi[m], a0, r1);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    __m512 sum_lo = _mm512_add_ps(lo[m], lo2[m]), sum_hi = _mm512_add_ps(hi[m], hi2[m]);
+    if (accumulate) {
+      sum_lo = _mm512_add_ps(sum_lo, _mm512_loadu_ps(out + m * P));
+      sum_hi = _mm512_add_ps(sum_hi, _mm512_loadu_ps(out + m * P + 16));
+    }
+    _mm512_storeu_ps(out + m * P, sum_lo);
+    _mm512_storeu_ps(out + m * P + 16, sum_hi);
+  }
+}
+
+// Rows [m0, m0 + mr) (mr in 1..4) of one pair panel, as panel_rows.
+inline void bf16_pair_rows(const uint32_t* a, int64_t lda, const float* panel, int64_t KP, int64_t mr, float* out,
+                           bool accumulate) {
+  switch (mr) {
+    case 4:
+      bf16_pair_tile<4>(a, lda, panel, KP, out, accumulate);
+      break;
+    case 3:
+      bf16_pair_tile<3>(a, lda, panel, KP, out, accumulate);
+      break;
+    case 2:
+      bf16_pair_tile<2>(a, lda, panel, KP, out, accumulate);
+      break;
+    default:
+      bf16_pair_tile<1>(a, lda, panel, KP, out, accumulate);
+      break;
+  }
+}
+#endif  // CPU_CAPABILITY_AVX512
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

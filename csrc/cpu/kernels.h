@@ -56,7 +56,7 @@ using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const a
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 2;  // 2: the resets argument
+constexpr int64_t kKernelsAbi = 3;  // 2: the bf16 dot-product counter; 3: the resets argument
 
 struct Kernels {
   int64_t abi;
@@ -69,6 +69,9 @@ struct Kernels {
   GruBwd gru_bwd;
   RnnFwd rnn_fwd;
   RnnBwd rnn_bwd;
+  // -1 where this copy cannot run bf16 weights on the avx512_bf16 dot product on this CPU, else how many step
+  // products of this process ran on it (recurrence.h, bf16_dot_products).
+  int64_t (*bf16_dot_products)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
@@ -121,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                              &k::gru_fwd,                                                      \
                                              &k::gru_bwd,                                                      \
                                              &k::rnn_fwd,                                                      \
-                                             &k::rnn_bwd};                                                     \
+                                             &k::rnn_bwd,                                                      \
+                                             &k::bf16_dot_products};                                                   \
     return &table;                                                                                             \
   }

@@ -32,6 +32,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "gemm.h"
 #include "vec_math.h"
@@ -318,13 +319,42 @@ class SpinBarrier {
 // Rough cycles per multiply-add of a packed tile on one core (~50% of the 16 fp32 FMA lanes a cycle).
 constexpr int64_t kMacsPerCycle = 8;
 
+// bf16 weights on the avx512_bf16 dot product (gemm.h): used for bf16 storage when this copy has it
+// (AVX-512), the CPU runs it and FASTRNN_CPU_BF16_DOT is not 0 (read at each call, like FASTRNN_CPU_GEMM).
+inline bool bf16_dot_allowed() {
+#ifdef FASTRNN_BF16_DOT
+  const char* env = std::getenv("FASTRNN_CPU_BF16_DOT");
+  return bf16_dot_supported() && (env == nullptr || std::string(env) != "0");
+#else
+  return false;
+#endif
+}
+
+inline std::atomic<int64_t>& bf16_dot_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// In the Kernels table (kernels.h): -1 where this copy cannot use the bf16 dot product on this CPU, else how
+// many step products of this process were built on it (the tests' proof that the path is taken).
+inline int64_t bf16_dot_products() {
+#ifdef FASTRNN_BF16_DOT
+  if (bf16_dot_supported()) {
+    return bf16_dot_count().load();
+  }
+#endif
+  return -1;
+}
+
 template <typename acc_t>
 class HiddenGemm {
  public:
   static constexpr int64_t P = panel_width<acc_t>();
 
-  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch).
-  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows) : rows_(rows), groups_(groups), n_(r.size(1)) {
+  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); storage: the dtype
+  // the weights came in (bf16: the packed path may run on bf16 pairs, see bf16_dot_allowed).
+  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, at::ScalarType storage = at::kFloat)
+      : rows_(rows), groups_(groups), n_(r.size(1)), k_(r.size(0)) {
     const GemmPath path = gemm_path_override();
     const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
     // With 512-bit vectors (the AVX-512 copy) the packed path wins at every batch measured, one group
@@ -335,6 +365,16 @@ class HiddenGemm {
     const bool wide = at::vec::Vectorized<acc_t>::size() * bytes == 64;
     const bool packed_wins = wide || groups > 1 || rows * K * bytes < kL1Bytes;
     packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && packed_wins);
+#ifdef FASTRNN_BF16_DOT
+    if constexpr (std::is_same_v<acc_t, float>) {
+      bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
+      if (bf16_) {
+        panels_ = bf16_pair_panels(r, groups);  // exact: r holds bf16 values
+        bf16_dot_count().fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+#endif
     if (packed_) {
       panels_ = Panels<acc_t>(r, groups);
     } else {
@@ -343,6 +383,7 @@ class HiddenGemm {
   }
 
   bool packed() const { return packed_; }
+  bool bf16() const { return bf16_; }
   int64_t blocks() const { return panels_.blocks; }
 
   // For every (chunk of <= kChunkRows rows, block of P columns of each group): the product of those rows
@@ -460,36 +501,78 @@ class HiddenGemm {
     return std::max<int64_t>(1, kMinParallelCycles / block_cycles(product, cost));
   }
 
-  // by_blocks' work for the column blocks [begin, end), on the calling thread.
+  // by_blocks' work for the column blocks [begin, end), on the calling thread: the fp32/fp64 tile, or on bf16
+  // pairs the avx512_bf16 tile, with a rounded to bf16 first (once per thread and step: B*K values, e.g.
+  // 32K at B=64, K=512, where the whole bf16 step takes 640-800 us on one core: bench/cpu_bf16_steps.py).
   template <typename F>
   void blocks_range(const acc_t* a, int64_t begin, int64_t end, const F& fn) const {
+#ifdef FASTRNN_BF16_DOT
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_) {
+        const int64_t pairs = panels_.K;  // (k_ + 1) / 2
+        const uint32_t* a2 = a == nullptr ? nullptr : bf16_pairs(a);
+        tiles(a2 != nullptr, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr,
+                                                 float* out, bool accumulate) {
+          bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
+        });
+        return;
+      }
+    }
+#endif
+    tiles(a != nullptr, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t mr,
+                                            acc_t* out, bool accumulate) {
+      panel_rows(a + m * k_ + k0, k_, slice, kc, mr, out, accumulate);
+    });
+  }
+
+  // a [rows, K] fp32 -> bf16 rows of (K + 1) / 2 32-bit pairs (an odd K padded with 0), in a buffer of the
+  // calling thread.
+  const uint32_t* bf16_pairs(const acc_t* a) const {
+    thread_local std::vector<uint32_t> buffer;
+    const int64_t pairs = (k_ + 1) / 2;
+    buffer.resize(rows_ * pairs);
+    for (int64_t b = 0; b < rows_; ++b) {
+      auto* dst = reinterpret_cast<c10::BFloat16*>(buffer.data() + b * pairs);
+      copy_row<acc_t>(dst, a + b * k_, k_);
+      if (k_ % 2 != 0) {
+        dst[k_] = c10::BFloat16(0.0f);
+      }
+    }
+    return buffer.data();
+  }
+
+  // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16);
+  // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc).
+  template <typename F, typename Tile>
+  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile) const {
     const int64_t K = panels_.K, width = panels_.width;
     const int64_t sub_rows = std::max<int64_t>(4, kChunkRows / groups_ / 4 * 4);
-    alignas(64) acc_t tiles[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
+    alignas(64) acc_t buffer[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
       for (int64_t m0 = 0; m0 < rows_; m0 += kChunkRows) {
         const int64_t mr = std::min(kChunkRows, rows_ - m0);
-        for (int64_t r0 = 0; a != nullptr && r0 < mr; r0 += sub_rows) {
+        for (int64_t r0 = 0; product && r0 < mr; r0 += sub_rows) {
           const int64_t r1 = std::min(mr, r0 + sub_rows);
           for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
             const int64_t kc = std::min(kSliceK, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
               const acc_t* slice = panels_.panel(g, blk) + k0 * P;
               for (int64_t m = r0; m < r1; m += 4) {
-                panel_rows(a + (m0 + m) * K + k0, K, slice, kc, std::min<int64_t>(4, r1 - m),
-                           tiles + (g * kChunkRows + m) * P, /*accumulate=*/k0 > 0);
+                tile(m0 + m, k0, kc, slice, std::min<int64_t>(4, r1 - m), buffer + (g * kChunkRows + m) * P,
+                     /*accumulate=*/k0 > 0);
               }
             }
           }
         }
-        fn(m0, mr, j0, j1, static_cast<const acc_t*>(tiles), kChunkRows * P);
+        fn(m0, mr, j0, j1, static_cast<const acc_t*>(buffer), kChunkRows * P);
       }
     }
   }
 
-  int64_t rows_, groups_, n_;
+  int64_t rows_, groups_, n_, k_;
   bool packed_;
+  bool bf16_ = false;
   at::Tensor w_nk_;
   Panels<acc_t> panels_;
 };
