@@ -93,13 +93,21 @@ def reverse_resets(resets):
 
 
 def unpack(data, batch_sizes):
-    """Packed rows (sorted by decreasing length) -> padded x [T, B, *] in the same order, lengths [B] on the host."""
-    padded, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.numel())
+    """Packed rows (sorted by decreasing length) -> padded x [T, B, *] in the same order, lengths [B] on the
+    host; lengths None when every sequence has the full length T (a single sequence, or equal lengths):
+    then the packed rows already are the time-major [T, B, *] tensor, and x is a view of them (no copy, and
+    the ops skip the lengths test). batch_sizes is on the host: deciding costs no synchronisation."""
+    T = batch_sizes.numel()
+    if T and batch_sizes[0] == batch_sizes[-1]:
+        return data.view(T, data.shape[0] // T, *data.shape[1:]), None
+    padded, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, T)
     return padded, lengths
 
 
 def pack(padded, lengths):
-    """Padded, time-major y [T, B, *] with lengths sorted decreasing -> the packed rows."""
+    """Padded, time-major y [T, B, *] with lengths sorted decreasing (None: all T) -> the packed rows."""
+    if lengths is None:
+        return padded.flatten(0, 1)
     data, _ = torch._VF._pack_padded_sequence(padded, lengths, False)
     return data
 
