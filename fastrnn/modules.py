@@ -23,7 +23,7 @@ from .functional import LayerWeights
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
 # backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes, on padded input, to torch.nn's own
-# forward, and fp32 LSTMs of 2+ layers or directions when training (measured: _RecurrentMixin._torch_nn_is_faster).
+# forward, and fp32 LSTMs when training at any batch (measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
 AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -91,25 +91,31 @@ class _RecurrentMixin(_FastRNNModule):
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16);
-        - fp32, 2+ layers or bidirectional, when a gradient will flow (training), at any batch: forward+backward
-          0.45-1.05 at B = 1 and 4 (1 thread; 5 of 6 rows below 1), 0.91 / 0.96 at B = 1 (2 threads); inference
-          there stays fastrnn's (0.84-1.19).
-        Not for a PackedSequence: torch.nn's packed LSTM is ATen's generic loop (an addmm a step, no oneDNN), which
-        fastrnn beats from B = 4 (1.44-4.55). Not for fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM).
-        Never under torch.compile or export (torch.nn's LSTM would be unrolled there) nor under a torch.func
-        transform (torch.nn has no batching rule): there the custom ops serve every shape."""
-        if self.backend != "auto" or self._cell != "lstm" or isinstance(input, PackedSequence):
+        - fp32 when a gradient will flow (training), at any batch: one layer forward+backward 0.78-0.90 at
+          B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92 (2 threads,
+          fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
+          0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
+          0.84-1.19).
+        A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
+        generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
+        not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7). Not for fp16
+        (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or export (torch.nn's
+        LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching rule): there
+        the custom ops serve every shape."""
+        if self.backend != "auto" or self._cell != "lstm":
             return False
-        if input.device.type != "cpu" or input.dtype not in AUTO_TORCH_NN_DTYPES or input.dim() not in (2, 3):
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if data.device.type != "cpu" or data.dtype not in AUTO_TORCH_NN_DTYPES or data.dim() not in (2, 3):
             return False
         if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
             return False
-        batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        if batch >= AUTO_TORCH_NN_MIN_BATCH:
-            return True
-        stacked = self.num_layers > 1 or self.bidirectional
-        return stacked and input.dtype == torch.float32 and torch.is_grad_enabled() and (
-            input.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
+        training = data.dtype == torch.float32 and torch.is_grad_enabled() and (
+            data.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
+        if packed:
+            return training and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
+        batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+        return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def forward(self, input, hx=None, *, resets=None):
         """torch.nn's forward, plus `resets` (keyword only): a bool mask of episode starts, [T, B] for

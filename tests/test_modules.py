@@ -334,7 +334,7 @@ def test_autocast_runs_in_the_autocast_dtype(cell):
 def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
     """backend="auto" runs torch.nn's own LSTM where it measured faster (CPU, fp32 or bf16, B >= 8, padded
     input; docs/api.md): the result is torch.nn's to the bit and no fastrnn op runs. Below that batch (in
-    inference: training a stacked fp32 LSTM goes to torch.nn, the next test), for a
+    inference: training an fp32 LSTM goes to torch.nn, the next test), for a
     PackedSequence (torch.nn's packed LSTM has no oneDNN path: slower than fastrnn's), in fp16, with an
     explicit backend and under a torch.func transform, fastrnn's ops run."""
     model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
@@ -362,12 +362,19 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
         assert any("lstm_fwd" in c for c in counter.calls), counter.calls
 
 
-def test_auto_hands_training_of_stacked_fp32_cpu_lstm_to_torch_nn():
-    """Below batch 8, an fp32 LSTM of 2 layers or 2 directions runs torch.nn's forward when a gradient will
-    flow (measured slower in fastrnn there: docs/api.md), fastrnn's kernels for inference, for one layer and
-    one direction, and in bf16."""
+def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
+    """Below batch 8, an fp32 LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient
+    will flow (measured slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a
+    PackedSequence of one sequence in training too, of two sequences fastrnn's (torch.nn's packed loop is
+    slower there)."""
     x = torch.randn(5, 1, 4)
-    for kw in (dict(num_layers=2), dict(bidirectional=True)):
+    model = fastrnn.LSTM(4, 5)
+    for lengths, runs_torch_nn in (([5], True), ([5, 3], False)):
+        packed = pack_padded_sequence(torch.randn(5, len(lengths), 4), torch.tensor(lengths))
+        with CountOps() as counter:
+            model(packed)
+        assert (counter.calls == []) == runs_torch_nn, counter.calls
+    for kw in (dict(), dict(num_layers=2), dict(bidirectional=True)):
         model = fastrnn.LSTM(4, 5, **kw)
         oracle = nn.LSTM(4, 5, **kw)
         oracle.load_state_dict(model.state_dict())
@@ -380,6 +387,3 @@ def test_auto_hands_training_of_stacked_fp32_cpu_lstm_to_torch_nn():
             with CountOps() as counter:
                 runs_ours()
             assert any("lstm_fwd" in c for c in counter.calls), counter.calls
-        with CountOps() as counter:
-            fastrnn.LSTM(4, 5)(x)
-        assert any("lstm_fwd" in c for c in counter.calls), counter.calls
