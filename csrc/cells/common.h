@@ -17,6 +17,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTRNN_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced on the host too: the CPU cells call 5 transcendentals per vector; left to gcc 12, sigmoid/tanh
+// stayed out-of-line calls (vectors through the stack, the 5 chains run one after another). See docs/cpu.md.
+#define FASTRNN_HD inline __attribute__((always_inline))
 #else
 #define FASTRNN_HD inline
 #endif
