@@ -117,8 +117,9 @@ def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend):
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
     if function is not None:
-        y, h_n, c_n, _, _ = function.apply(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih,
-                                              b_in)
+        y, h_n, c_n, _, _ = function.apply(
+            gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in
+        )
         return y, h_n, c_n
     y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False)
     return y, h_n, c_n
