@@ -36,7 +36,7 @@ NO_COMPILER = textwrap.dedent(
     import warnings, torch, fastrnn
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m = fastrnn.LSTM(4, 5)
+        m = fastrnn.GRU(4, 5)  # a GRU: auto may hand an LSTM to torch.nn, which resolves no backend
         m(torch.randn(3, 2, 4))
         m(torch.randn(3, 2, 4))
     assert fastrnn.backends.resolve("auto", "cpu") == "reference"
