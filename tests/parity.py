@@ -204,3 +204,30 @@ class CountOps(TorchDispatchMode):
         if "fastrnn" in str(func):
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def reset_mask(kind, T, B, seed=0):
+    """An episode-reset mask of a named kind (docs/contract.md), the same for every backend's tests: None for
+    None, else bool [T, B] on the CPU with a reset at step 0 of every sequence ("first"), at the last step
+    ("last"), at every step ("all"), nowhere ("none": all false, which must give the bits of resets=None), or
+    at about a third of the steps ("random", seeded: the same mask for the same sizes and seed; with B > 1
+    sequence 0 never resets, so one runs through, and the last one resets at step min(2, T - 1), so at least
+    one reset falls inside the sequence)."""
+    if kind is None:
+        return None
+    mask = torch.zeros(T, B, dtype=torch.bool)
+    if kind == "first":
+        mask[0] = True
+    elif kind == "last":
+        mask[-1] = True
+    elif kind == "all":
+        mask[:] = True
+    elif kind == "random":
+        mask = torch.rand(T, B, generator=torch.Generator().manual_seed(seed + 1)) < 0.35
+        if B > 1:
+            mask[:, 0] = False
+        if B and T:
+            mask[min(2, T - 1), B - 1] = True
+    else:
+        assert kind == "none", kind
+    return mask

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import gpu_checks
+from parity import reset_mask
 from fastrnn.backends.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,25 +184,17 @@ def random_inputs(cell, T, B, H, proj, dtype, device, gen):
 
 
 def make_resets(pattern, T, B, lengths, device):
-    """The episode-reset mask [T, B] (docs/contract.md) of a named pattern, or None for "absent"."""
+    """The episode-reset mask [T, B] (docs/contract.md) of a named pattern: parity.reset_mask's kinds, plus
+    "seq_ends", or None for "absent"."""
     if pattern == "absent":
         return None
+    if pattern != "seq_ends":
+        return reset_mask(pattern, T, B, seed=98).to(device)
+    # Each sequence's own last active step: with a reverse op that is the step processed first forward
+    # and last but the inactive ones backward, where the cut gradient must pass through as 0.
     resets = torch.zeros(T, B, dtype=torch.bool)
-    if pattern == "first":
-        resets[0] = True
-    elif pattern == "last":
-        resets[T - 1] = True
-    elif pattern == "all":
-        resets[:] = True
-    elif pattern == "random":
-        resets = torch.rand(T, B, generator=torch.Generator().manual_seed(99)) < 0.35
-    elif pattern == "seq_ends":
-        # Each sequence's own last active step: with a reverse op that is the step processed first forward
-        # and last but the inactive ones backward, where the cut gradient must pass through as 0.
-        ends = lengths.cpu() - 1 if lengths is not None else torch.full((B,), T - 1)
-        resets[ends.clamp(min=0), torch.arange(B)] = True
-    else:
-        assert pattern == "none", pattern  # all false: the result of None, bit for bit
+    ends = lengths.cpu() - 1 if lengths is not None else torch.full((B,), T - 1)
+    resets[ends.clamp(min=0), torch.arange(B)] = True
     return resets.to(device)
 
 

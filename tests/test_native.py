@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastrnn.backends import native, ops, schemas
+from parity import reset_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = ops("reference")
@@ -83,28 +84,6 @@ def lengths_for(B, T, kind):
     if B:
         lengths[0] = T
     return lengths
-
-
-def resets_for(T, B, kind):
-    """None, or bool [T, B] (docs/contract.md): a reset at step 0 of every sequence ("first"), at its last
-    step ("last"), at every step ("all"), at none ("none"), or at random steps ("random", ~1 in 3, with row
-    0 left without any so that one sequence runs through)."""
-    if kind is None:
-        return None
-    resets = torch.zeros(T, B, dtype=torch.bool)
-    if kind == "first":
-        resets[0] = True
-    elif kind == "last":
-        resets[-1] = True
-    elif kind == "all":
-        resets[:] = True
-    elif kind == "random":
-        resets = torch.rand(T, B) < 0.35
-        if B:
-            resets[:, 0] = False
-    else:
-        assert kind == "none", kind
-    return resets
 
 
 def lstm_args(T, B, H, proj, dtype, lengths, reverse, resets=None):
@@ -179,7 +158,7 @@ def test_opcheck(dtype, T, B, lengths, reverse):
 ])
 def test_opcheck_with_resets(dtype, lengths, reverse):
     T, B = 3, 3
-    lengths, resets = lengths_for(B, T, lengths), resets_for(T, B, "random")
+    lengths, resets = lengths_for(B, T, lengths), reset_mask("random", T, B)
     resets[1, 1] = True  # at least one reset
     fwd, bwd = lstm_args(T, B, 3, 2, dtype, lengths, reverse, resets)
     torch.library.opcheck(torch.ops.fastrnn.lstm_fwd.default, fwd + (True,))
@@ -274,9 +253,9 @@ def test_gemm_path_switch_is_checked(monkeypatch):
 
 def check_kernels(dtype, T, B, H, lengths, reverse, resets=None):
     """Every op of every cell against the reference ops; lengths and resets: kinds of lengths_for and
-    resets_for."""
+    parity.reset_mask."""
     tol = TOL[dtype]
-    lengths, resets = lengths_for(B, T, lengths), resets_for(T, B, resets)
+    lengths, resets = lengths_for(B, T, lengths), reset_mask(resets, T, B)
     for proj in (0, 5):
         fwd, bwd = lstm_args(T, B, H, proj, dtype, lengths, reverse, resets)
         for save in (True, False):

@@ -15,27 +15,14 @@ from torch import nn
 
 import fastrnn
 from conftest import backend_params, case_params
-from parity import FP32_TOL, FP64_TOL, Case, CountOps, assert_all_close, make_inputs, make_pair, output_shapes
+from parity import (
+    FP32_TOL, FP64_TOL, Case, CountOps, assert_all_close, make_inputs, make_pair, output_shapes, reset_mask,
+)
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
-# Where episodes start: step 0 only, the last step only, every step, none (all false), a random mask.
-PATTERNS = ("start", "last", "every", "none", "random")
-
-
-def make_resets(pattern, T, B, generator=None):
-    """[T, B] bool, time-major."""
-    r = torch.zeros(T, B, dtype=torch.bool)
-    if pattern == "start":
-        r[0] = True
-    elif pattern == "last":
-        r[-1] = True
-    elif pattern == "every":
-        r[:] = True
-    elif pattern == "random":
-        r = torch.rand(T, B, generator=generator) < 0.3
-        r[min(2, T - 1), 0] = True  # at least one reset inside the sequence
-    return r
+# Where episodes start (parity.reset_mask): step 0 only, the last step only, every step, none (all false), random.
+PATTERNS = ("first", "last", "all", "none", "random")
 
 
 def as_given(resets, case):
@@ -143,7 +130,7 @@ def run_with_resets(module, case, x, state, resets, weights, device, dtype, orac
 def compare(case, pattern, device, backend, dtype=torch.float64, tol=FP64_TOL):
     x, state, _ = make_inputs(case)
     T, B = case.T, (1 if case.unbatched else case.B)
-    resets = make_resets(pattern, T, B, torch.Generator().manual_seed(T * 100 + B))
+    resets = reset_mask(pattern, T, B, seed=T * 100 + B)
     oracle, model = make_pair(case, backend, dtype, device)
     weights = [torch.randn(s, dtype=torch.float64) for s in output_shapes(case, x, None)]
     ref = run_with_resets(oracle, case, x, state, resets, weights, "cpu", torch.float64, oracle=True)
@@ -216,7 +203,7 @@ def test_inference_path(cell, device, backend):
     case = Case(cell, T=6, B=4, I=3, H=5, bidirectional=True)
     x, state, _ = make_inputs(case)
     _, model = make_pair(case, backend, torch.float64, device)
-    resets = make_resets("random", case.T, case.B, torch.Generator().manual_seed(1)).to(device)
+    resets = reset_mask("random", case.T, case.B, seed=1).to(device)
     x, st = x.to(device), _pack(tuple(s.to(device) for s in _states(state, cell)), cell)
     with torch.no_grad():
         y0, h0 = model(x, st, resets=resets)
@@ -286,7 +273,7 @@ def test_compiles_once_for_every_length(device, backend):
     with torch._dynamo.config.patch(allow_rnn=True):
         for T in (3, 5, 8):
             x = torch.randn(T, 2, 3, device=device)
-            resets = make_resets("random", T, 2, torch.Generator().manual_seed(T)).to(device)
+            resets = reset_mask("random", T, 2, seed=T).to(device)
             torch.testing.assert_close(compiled(x, resets=resets)[0], model(x, resets=resets)[0])
     assert len(graphs) <= 2, f"{len(graphs)} graphs for 3 lengths"
 
@@ -299,7 +286,7 @@ def _op_args(backend, device):
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
 
-    resets = make_resets("random", T, B, g).to(device)
+    resets = reset_mask("random", T, B).to(device)
     table = fastrnn.backends.ops(backend)
     lstm = (r(T, B, 4 * H), r(4 * H, H), r(B, H), r(B, H), None, None, resets, False, True)
     _, _, _, gates, cs = table["lstm_fwd"](*lstm)
@@ -332,7 +319,7 @@ def test_vmap_with_resets(device, backend):
     model = fastrnn.GRU(3, 4, backend=backend).double().to(device)
     params = dict(model.named_parameters())
     xs = torch.randn(3, 6, 2, 3, dtype=torch.float64, device=device)
-    masks = torch.stack([make_resets(p, 6, 2) for p in ("start", "random", "every")]).to(device)
+    masks = torch.stack([reset_mask(p, 6, 2) for p in ("first", "random", "all")]).to(device)
 
     def run(x, resets):
         return torch.func.functional_call(model, params, (x,), dict(resets=resets))[0]
@@ -349,7 +336,7 @@ def test_double_backward_with_resets(cell, device, backend):
     equal those of the torch.nn oracle."""
     case = Case(cell, T=5, B=2, I=3, H=4)
     x, state, _ = make_inputs(case)
-    resets = make_resets("random", case.T, case.B, torch.Generator().manual_seed(3))
+    resets = reset_mask("random", case.T, case.B, seed=3)
     oracle, model = make_pair(case, backend, torch.float64, device)
     results = []
     for module, dev, is_oracle in ((oracle, "cpu", True), (model, device, False)):

@@ -21,7 +21,7 @@ import torch
 import fastrnn
 import gpu_checks
 from fastrnn.backends import ops
-from parity import assert_close
+from parity import assert_close, reset_mask
 
 pytest.importorskip("triton")
 from fastrnn.backends.triton import recurrence as rec  # noqa: E402
@@ -45,26 +45,6 @@ def family(cell):
     return cell.split("_")[0]
 
 
-def reset_mask(kind, T, B, seed=0):
-    """A [T, B] bool reset mask (docs/contract.md): None, or resets at step 0 ("first"), at the last step
-    ("last"), at every step ("all"), nowhere ("none": all false), or at about a third of the steps
-    ("random"; the same mask for every call with these sizes and seed)."""
-    if kind is None:
-        return None
-    m = torch.zeros(T, B, dtype=torch.bool)
-    if kind == "first":
-        m[0] = True
-    elif kind == "last":
-        m[-1] = True
-    elif kind == "all":
-        m[:] = True
-    elif kind == "random":
-        m = torch.rand(T, B, generator=torch.Generator().manual_seed(seed + 1)) < 0.35
-    else:
-        assert kind == "none", kind
-    return m.to(DEVICE)
-
-
 def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=torch.float64, seed=0, resets=None):
     """(forward op name, its arguments, a function of the forward outputs -> (backward op name, arguments)).
     resets: the kind of reset_mask."""
@@ -77,6 +57,7 @@ def make_case(cell, T, B, H, P=0, lengths=None, reverse=False, bias=True, dtype=
     G = GATES[cell]
     lens = torch.tensor(lengths, dtype=torch.int64, device=DEVICE) if lengths is not None else None
     rst = reset_mask(resets, T, B, seed)
+    rst = rst.to(DEVICE) if rst is not None else None
     # W_hh at 1/sqrt(H) keeps the recurrence away from saturation, so gradients stay informative.
     gx, w, h0 = r(T, B, G * H), r(G * H, Hout, scale=H**-0.5), r(B, Hout)
     dy, dh_n = r(T, B, Hout), r(B, Hout)
