@@ -23,16 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import fastrnn
 from fastrnn.backends import native
 from fastrnn.bench.machine import cpu_name
 
-SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
-MODULES = {
-    "lstm": (torch.nn.LSTM, fastrnn.LSTM),
-    "gru": (torch.nn.GRU, fastrnn.GRU),
-    "rnn": (torch.nn.RNN, fastrnn.RNN),
-}
+from cpu_configs import MODULES, SIZES  # bench/ is the script's directory, first on sys.path
 
 
 def modules(cell, I, H, dtype, **kw):

@@ -23,9 +23,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn.backends import native
+from fastrnn.bench.cases import CPU_TARGET_SIZES
 from fastrnn.bench.machine import cpu_name
 
-SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
+SIZES = CPU_TARGET_SIZES  # issue 11's four
 MODULES = {
     "lstm": (torch.nn.LSTM, fastrnn.LSTM),
     "gru": (torch.nn.GRU, fastrnn.GRU),
