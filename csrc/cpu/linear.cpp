@@ -9,8 +9,11 @@
 // under a load average of 12). Calling the mkldnn op from Python inside a compiled graph fails (Inductor
 // lowers it only with a frozen weight), hence these ops. The mkldnn op is found through the dispatcher at
 // run time, so a torch without it (no MKLDNN) links and falls back to at::addmm / at::mm.
-// FASTRNN_CPU_BLAS=mkl|onednn forces a path (benchmarks); the choice never depends on timing, so results
-// are the same run to run. ISA-neutral source (oneDNN does its own dispatch): compiled into fastrnn._C.
+// On Intel CPUs MKL runs its AVX-512 code and is the faster one: on a Xeon with AVX-512 and AMX (2 threads,
+// 2026-12-02, bench/cpu_gemm.py, p50) MKL led oneDNN in all eight products, e.g. dgx^T x [2048,6400]x[6400,
+// 512] 329 vs 195 GFLOP/s and [6400,512]x[512,2048] 286 vs 273. So oneDNN on every CPU but Intel's (MKL's
+// own vendor test), MKL there. FASTRNN_CPU_BLAS=mkl|onednn forces a path (benchmarks); the choice never
+// depends on timing, so results are the same run to run. ISA-neutral source (oneDNN does its own dispatch): compiled into fastrnn._C.
 //
 // Legend: x [M, K], w [N, K], bias [N], a [M, K], b [K, N].
 #include <ATen/core/Tensor.h>
@@ -49,13 +52,25 @@ std::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear() {
   return handle;
 }
 
+// Whether MKL runs its widest code on this CPU: it checks the vendor, and on other vendors' CPUs takes its
+// AVX2 path whatever they support.
+bool mkl_at_full_width() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 bool use_onednn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   const char* env = std::getenv("FASTRNN_CPU_BLAS");
   const std::string choice = env == nullptr ? "" : env;
   TORCH_CHECK(choice.empty() || choice == "onednn" || choice == "mkl",
               "FASTRNN_CPU_BLAS must be onednn or mkl, got '", choice, "'");
+  const bool onednn_wins = choice == "onednn" || (choice.empty() && !mkl_at_full_width());
   // oneDNN's linear takes fp32/bf16/fp16; fp32 is the measured case. Empty operands: at::addmm's rules.
-  return choice != "mkl" && onednn_linear().has_value() && x.scalar_type() == at::kFloat &&
+  return onednn_wins && onednn_linear().has_value() && x.scalar_type() == at::kFloat &&
          w.scalar_type() == at::kFloat && (!bias.has_value() || bias->scalar_type() == at::kFloat) &&
          x.numel() > 0 && w.numel() > 0;
 }
