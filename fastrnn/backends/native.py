@@ -99,7 +99,8 @@ def supported_cpu_capabilities():
 
 def linear(x, w, bias=None):
     """x [M, K] @ w [N, K]^T (+ bias [N]) like torch.nn.functional.linear on 2-D CPU input: fp32 through
-    oneDNN's matmul where torch has it (faster than MKL on AMD CPUs, csrc/cpu/linear.cpp), else torch.addmm.
+    oneDNN's matmul where torch has it (faster than MKL on AMD CPUs), MKL on Intel CPUs (faster there;
+    csrc/cpu/linear.cpp), else torch.addmm.
     Differentiable (its backward runs the same path: dx = dy w, dw = dy^T x)."""
     return torch.ops.fastrnn_cpu.linear(x, w, bias)
 
