@@ -512,6 +512,7 @@ def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch)
     assert count() == before + 2  # only bf16 weights take it
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags() sets it
 def test_bf16_amx_is_taken_where_the_cpu_has_it(capability, monkeypatch):
     """bf16 step products run on AMX (the same pair panels through torch's oneDNN micro-kernel, fp32 sums)
     exactly when the AVX-512 copy is active, torch's micro-kernel runs bf16 on AMX here
@@ -544,6 +545,12 @@ def test_bf16_amx_is_taken_where_the_cpu_has_it(capability, monkeypatch):
     for dtype in (torch.float32, torch.float16):
         torch.ops.fastrnn.lstm_fwd(*lstm_args(5, 9, 40, 0, dtype, None, False)[0], True)
     assert count() == before  # only bf16 weights take it
+    with torch.backends.mkldnn.flags(enabled=False):  # torch's micro-kernel is off: vdpbf16ps, no error
+        assert count() == -1
+        before_dot = dots()
+        torch.ops.fastrnn.lstm_fwd(*lstm_args(5, 9, 40, 0, torch.bfloat16, None, False)[0], True)
+        assert dots() == before_dot + 1
+    assert count() == before
 
 
 # Module error against the fp64 oracle, relative to the largest magnitude of each fp64 tensor (y, dx and
@@ -553,7 +560,8 @@ def test_bf16_amx_is_taken_where_the_cpu_has_it(capability, monkeypatch):
 # pointwise math rounded to bf16); fastrnn keeps the states and the pointwise math in fp32 and rounds only
 # the stored outputs (and, on avx512_bf16, h_{t-1} for the product). Measured here (Zen 5, every capability,
 # dot product on and off): bf16 torch.nn 3.0e-3..1.4e-2, fastrnn 2.3e-3..6.8e-3, worst ratio 1.04; fp16
-# torch.nn 4.5e-4..1.5e-3, fastrnn 2.5e-4..6.6e-4, worst ratio 0.98 (docs/cpu.md, "bf16 and fp16").
+# torch.nn 4.5e-4..1.5e-3, fastrnn 2.5e-4..6.6e-4, worst ratio 0.98 (docs/cpu.md, "bf16 and fp16"). bf16-amx
+# forces the steps onto AMX (FASTRNN_CPU_BF16_AMX=1) where the CPU has it (a Xeon with AMX: passes, every cell).
 @pytest.mark.parametrize("dtype,bf16_dot,bf16_amx", [
     pytest.param(torch.bfloat16, "1", "0", id="bf16"),
     pytest.param(torch.bfloat16, "1", "1", id="bf16-amx"),

@@ -312,10 +312,11 @@ inline void bf16_pair_rows(const uint32_t* a, int64_t lda, const float* panel, i
 // [KP][P][2] is exactly the "VNNI" B layout that kernel takes (ld_b = P), so the packing is shared with the
 // avx512_bf16 tile. Used only where torch reports that its micro-kernel runs bf16 on AMX
 // (cpublas::could_pack(bf16): oneDNN's ISA >= avx512_core_amx); elsewhere the kernel would run oneDNN's
-// avx512_core_bf16 code or a scalar fallback, which the vdpbf16ps tile beats.
+// avx512_core_bf16 code or a scalar fallback, which the vdpbf16ps tile beats. Not cached here: could_pack
+// also says false while the user turns oneDNN off (torch.backends.mkldnn.enabled = False), where the
+// micro-kernel would refuse the call (its ISA check is cached inside, so this costs a flag and a static).
 inline bool bf16_amx_supported() {
-  static const bool supported = bf16_dot_supported() && at::native::cpublas::could_pack(at::kBFloat16);
-  return supported;
+  return bf16_dot_supported() && at::native::cpublas::could_pack(at::kBFloat16);
 }
 
 // out[mr][P] (+)= a[mr rows, 2*KP] @ pair panel[KP][P][2] on AMX, any mr (the kernel tiles it by 16);
