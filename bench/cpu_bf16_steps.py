@@ -49,7 +49,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cells", default="lstm,gru,rnn")
     parser.add_argument("--sizes", default="1,128;8,128;32,256;64,512")
-    parser.add_argument("--amx", action="store_true", help="vdpbf16ps tile against AMX (instead of fp32 against vdpbf16ps)")
+    parser.add_argument("--amx", action="store_true",
+                        help="vdpbf16ps tile against AMX (instead of fp32 against vdpbf16ps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assert torch.ops.fastrnn_cpu.bf16_dot_products() >= 0, "needs the avx512 copy on a CPU with avx512_bf16"

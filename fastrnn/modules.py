@@ -127,9 +127,9 @@ class _RecurrentMixin(_FastRNNModule):
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
         generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
         not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7). Not for fp16
-        without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or export (torch.nn's
-        LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching rule): there
-        the custom ops serve every shape."""
+        without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
+        export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
+        batching rule): there the custom ops serve every shape."""
         if self.backend != "auto" or self._cell != "lstm":
             return False
         packed = isinstance(input, PackedSequence)
