@@ -9,6 +9,9 @@ runs alternated, median of --repeats after warm-up, on --threads threads.
 --parts: where fastrnn's forward time goes: the input projection (F.linear in the dtype, as the layer runs
 it) against the recurrence op alone (gx given), medians of interleaved calls.
 --dot-off: also fastrnn with FASTRNN_CPU_BF16_DOT=0 (bf16 step products in fp32, the path before avx512_bf16).
+--amx-off: also fastrnn with FASTRNN_CPU_BF16_AMX=0 (bf16 step products on vdpbf16ps, the path before AMX).
+--gemm-alt: also fastrnn with its big fp16 GEMMs on the other route (torch's fp16 matmul against fp32 through
+fastrnn_cpu::linear / mm; fastrnn.backends.native.TORCH_FP16_GEMM_IS_NATIVE flipped for those calls).
 --error: the worst error of y and of every gradient against the same module in fp64 (the oracle), for
 torch.nn and fastrnn in the dtype, each divided by the largest magnitude of that fp64 tensor.
 
@@ -55,19 +58,30 @@ def interleaved(fns, repeats, warmup=2):
     return {name: STAT(t) for name, t in times.items()}
 
 
-def run(module, x, backward, dot=None):
-    """One forward (+ backward); dot: FASTRNN_CPU_BF16_DOT for this call ("0": the fp32 step product)."""
-    if dot is None:
-        os.environ.pop("FASTRNN_CPU_BF16_DOT", None)
-    else:
-        os.environ["FASTRNN_CPU_BF16_DOT"] = dot
-    if backward:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x)[0].float().sum().backward()
-    else:
-        with torch.no_grad():
-            module(x)
+VARIANTS = {  # the other fastrnn paths a run can add: (column name, environment, fp16 GEMM route flipped)
+    "dot_off": ("fastrnn dot off", {"FASTRNN_CPU_BF16_DOT": "0"}, False),
+    "amx_off": ("fastrnn AMX off", {"FASTRNN_CPU_BF16_AMX": "0"}, False),
+    "gemm_alt": ("fastrnn other fp16 GEMM", {}, True),
+}
+
+
+def run(module, x, backward, variant=None):
+    """One forward (+ backward), on the path of VARIANTS[variant] for this call (None: the default path)."""
+    _, env, flip = VARIANTS[variant] if variant else (None, {}, False)
+    os.environ.update(env)
+    native.TORCH_FP16_GEMM_IS_NATIVE ^= flip
+    try:
+        if backward:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x)[0].float().sum().backward()
+        else:
+            with torch.no_grad():
+                module(x)
+    finally:
+        native.TORCH_FP16_GEMM_IS_NATIVE ^= flip
+        for name in env:
+            os.environ.pop(name)
 
 
 def parts(cell, T, B, I, H, dtype, repeats):
@@ -121,7 +135,10 @@ def main():
     parser.add_argument("--parts", action="store_true")
     parser.add_argument("--error", action="store_true")
     parser.add_argument("--dot-off", action="store_true", help="also fastrnn with FASTRNN_CPU_BF16_DOT=0")
+    parser.add_argument("--amx-off", action="store_true", help="also fastrnn with FASTRNN_CPU_BF16_AMX=0")
+    parser.add_argument("--gemm-alt", action="store_true", help="also fastrnn with the other fp16 GEMM route")
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if getattr(args, v)]
     torch.set_num_threads(args.threads)
     global STAT
     STAT = min if args.stat == "min" else statistics.median
@@ -132,7 +149,7 @@ def main():
           f"{torch.get_num_threads()} threads, {args.stat} of {args.repeats}, load average "
           f"{open('/proc/loadavg').read().split()[0]}")
     print("| cell | T, B, I, H | pass | torch.nn ms | fastrnn ms | ratio |"
-          + (" fastrnn dot off ms | ratio dot off |" if args.dot_off else "")
+          + "".join(f" {VARIANTS[v][0]} ms | ratio |" for v in variants)
           + (" proj ms | rec ms |" if args.parts else "")
           + (" y err torch.nn / fastrnn | grad err torch.nn / fastrnn |" if args.error else ""))
     for cell in args.cells.split(","):
@@ -142,13 +159,13 @@ def main():
                 backward = p == "fwd+bwd"
                 x = torch.randn(T, B, I, dtype=dtype, requires_grad=backward)
                 fns = {"torch": lambda: run(ref, x, backward), "fast": lambda: run(fast, x, backward)}
-                if args.dot_off:
-                    fns["off"] = lambda: run(fast, x, backward, dot="0")
+                for v in variants:
+                    fns[v] = lambda v=v: run(fast, x, backward, v)
                 t = interleaved(fns, args.repeats)
                 line = f"| {cell} | {T}, {B}, {I}, {H} | {p} | {t['torch'] * 1e3:.2f} | {t['fast'] * 1e3:.2f} | " \
                        f"{t['torch'] / t['fast']:.2f} |"
-                if args.dot_off:
-                    line += f" {t['off'] * 1e3:.2f} | {t['torch'] / t['off']:.2f} |"
+                for v in variants:
+                    line += f" {t[v] * 1e3:.2f} | {t['torch'] / t[v]:.2f} |"
                 if args.parts:
                     if backward:
                         line += " | |"

@@ -58,11 +58,19 @@ def transformed():
 def native_gemm(backend, dtype):
     """Whether a big GEMM of `dtype` on `backend` goes through fastrnn_cpu::linear / mm (oneDNN's fp32 matmul)
     instead of torch's own: fp32 (MKL's sgemm runs its AVX2 code on AMD CPUs: 1.2-2.3x slower per product on
-    the Zen 5, docs/cpu.md) and fp16, computed in fp32 (exact conversions; both sum in fp32): torch's fp16
-    matmul on a CPU without avx512_fp16 ran 16 GFLOP/s against 123 converted to fp32 ([6400,512]x[512,2048],
-    Zen 5, 2 threads, load 5.5). Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 (232 vs 97
-    GFLOP/s for fp32 in the same run). Not under a torch.func transform (these ops have no batching rule)."""
-    return backend == "cpu" and dtype in (torch.float32, torch.float16) and not transformed()
+    the Zen 5, docs/cpu.md) and fp16 on a CPU without avx512_fp16, computed in fp32 (exact conversions; both
+    sum in fp32): torch's fp16 matmul there ran 16 GFLOP/s against 123 converted to fp32
+    ([6400,512]x[512,2048], Zen 5, 2 threads, load 5.5). With avx512_fp16 torch's fp16 matmul is oneDNN's on
+    it, with fp32 sums, and faster than the conversions (native.TORCH_FP16_GEMM_IS_NATIVE; docs/cpu.md).
+    Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 / AMX (232 vs 97 GFLOP/s for fp32 on
+    the Zen 5). Not under a torch.func transform (these ops have no batching rule)."""
+    if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
+        return False
+    if dtype == torch.float16:
+        from .backends import native
+
+        return not native.TORCH_FP16_GEMM_IS_NATIVE
+    return True
 
 
 def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):

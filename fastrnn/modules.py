@@ -12,6 +12,7 @@ inspects recurrent layers by type keeps working) and ask compile users to set th
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +27,27 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 # forward, and fp32 LSTMs when training at any batch (measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
 AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
+# On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
+# from this batch (_torch_nn_is_faster).
+AUTO_TORCH_NN_FP16_MIN_BATCH = 32
+
+
+@functools.cache
+def _cpu_has_amx():
+    """Whether torch runs bf16 on AMX here (its oneDNN LSTM then does; torch.cpu's own check, False where
+    this torch has none)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
+@functools.cache
+def _torch_fp16_gemm_is_native():
+    """Whether torch's fp16 matmul runs on avx512_fp16 here (fastrnn.backends.native; False without it)."""
+    try:
+        from .backends import native
+    except ImportError:
+        return False
+    return native.TORCH_FP16_GEMM_IS_NATIVE
 
 
 def _check_backend(backend):
@@ -96,25 +118,37 @@ class _RecurrentMixin(_FastRNNModule):
           fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
           0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
           0.84-1.19).
+        On an Intel Xeon with AMX and avx512_fp16 (1 thread, load 3.5-5.7; docs/cpu.md, "bf16 and fp16"), where
+        torch.nn's bf16 LSTM is oneDNN's on AMX and its fp16 loop runs each step's addmm on avx512_fp16:
+        - bf16 inference at any batch (the CPU has AMX): forward 0.46-0.80 at B = 1-4, 0.17-0.62 at B >= 8
+          (fastrnn's steps on AMX too); bf16 training below batch 8 stays fastrnn's (0.87-1.21);
+        - fp16 inference from batch 32 (the CPU has avx512_fp16): forward 0.88-0.90 at B = 32, 64; 1.06 at
+          B = 16, 1.51 at B = 8; fp16 training stays fastrnn's (1.01-13).
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
         generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
         not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7). Not for fp16
-        (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or export (torch.nn's
-        LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no batching rule): there
-        the custom ops serve every shape."""
+        without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
+        export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
+        batching rule): there the custom ops serve every shape."""
         if self.backend != "auto" or self._cell != "lstm":
             return False
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        if data.device.type != "cpu" or data.dtype not in AUTO_TORCH_NN_DTYPES or data.dim() not in (2, 3):
+        dtype = data.dtype
+        if data.device.type != "cpu" or dtype not in (*AUTO_TORCH_NN_DTYPES, torch.float16) or data.dim() not in (2, 3):
             return False
         if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
             return False
-        training = data.dtype == torch.float32 and torch.is_grad_enabled() and (
+        grad = torch.is_grad_enabled() and (
             data.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
+        training = dtype == torch.float32 and grad
         if packed:
             return training and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
         batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+        if dtype == torch.float16:
+            return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
+        if dtype == torch.bfloat16 and not grad and _cpu_has_amx():
+            return True
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def forward(self, input, hx=None, *, resets=None):

@@ -441,6 +441,8 @@ def capability(request):
     pytest.param(torch.bfloat16, 4, 6, 40, None, True, id="bf16-T4-B6-H40-full-rev"),
     pytest.param(torch.float16, 3, 2, 17, None, False, id="fp16-T3-B2-H17-full-fwd"),
     pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
+    # bf16 at B >= 8: the step products on AMX where the CPU has it (a 64-row chunk and a 3-row one).
+    pytest.param(torch.bfloat16, 3, 67, 260, "var", True, id="bf16-T3-B67-H260-var-rev"),
 ])
 def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
@@ -477,6 +479,7 @@ def cpu_flags():
 
 
 HAS_BF16_DOT = "avx512_bf16" in cpu_flags()
+HAS_AMX_BF16 = "amx_bf16" in cpu_flags()
 
 
 def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch):
@@ -489,6 +492,7 @@ def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch)
     if capability != "avx512" or not HAS_BF16_DOT:
         assert count() == -1
         return
+    monkeypatch.setenv("FASTRNN_CPU_BF16_AMX", "0")  # B=3 stays on vdpbf16ps anyway (kAmxMinRows)
     fwd, bwd = lstm_args(5, 3, 40, 0, torch.bfloat16, None, False)
     before = count()
     monkeypatch.setenv("FASTRNN_CPU_BF16_DOT", "0")
@@ -508,6 +512,47 @@ def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch)
     assert count() == before + 2  # only bf16 weights take it
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags() sets it
+def test_bf16_amx_is_taken_where_the_cpu_has_it(capability, monkeypatch):
+    """bf16 step products run on AMX (the same pair panels through torch's oneDNN micro-kernel, fp32 sums)
+    exactly when the AVX-512 copy is active, torch's micro-kernel runs bf16 on AMX here
+    (cpublas::could_pack), the batch is at least 8 (or FASTRNN_CPU_BF16_AMX=1) and FASTRNN_CPU_BF16_AMX is
+    not 0; counted by torch.ops.fastrnn_cpu.bf16_amx_products() (-1: not available). AMX and vdpbf16ps
+    round the same operands (bf16 weights, h rounded to bf16) and sum in fp32, so they agree to the fp32
+    sums' order, and both stay within the kernels' bf16 bound of the reference."""
+    count, dots = torch.ops.fastrnn_cpu.bf16_amx_products, torch.ops.fastrnn_cpu.bf16_dot_products
+    if capability != "avx512" or not HAS_AMX_BF16:
+        assert count() == -1
+        return
+    if count() == -1:
+        pytest.skip("the CPU has amx_bf16 but torch's oneDNN micro-kernel does not run bf16 on AMX here")
+    for B, env, on_amx in ((9, None, True), (3, None, False), (3, "1", True), (9, "0", False)):
+        if env is None:
+            monkeypatch.delenv("FASTRNN_CPU_BF16_AMX", raising=False)
+        else:
+            monkeypatch.setenv("FASTRNN_CPU_BF16_AMX", env)
+        fwd, bwd = lstm_args(6, B, 40, 0, torch.bfloat16, None, True)
+        before, before_dot = count(), dots()
+        out_fwd = torch.ops.fastrnn.lstm_fwd(*fwd, True)
+        out_bwd = torch.ops.fastrnn.lstm_bwd(*bwd)
+        assert (count() - before, dots() - before_dot) == ((2, 0) if on_amx else (0, 2)), (B, env)
+        assert_close("lstm_fwd y", out_fwd[0], REF["lstm_fwd"](*fwd, True)[0], TOL[torch.bfloat16])
+        for i, (ours, ref) in enumerate(zip(out_bwd, REF["lstm_bwd"](*bwd))):
+            if ours is not None:
+                assert_close(f"lstm_bwd output {i}", ours, ref, TOL[torch.bfloat16])
+    monkeypatch.setenv("FASTRNN_CPU_BF16_AMX", "1")
+    before = count()
+    for dtype in (torch.float32, torch.float16):
+        torch.ops.fastrnn.lstm_fwd(*lstm_args(5, 9, 40, 0, dtype, None, False)[0], True)
+    assert count() == before  # only bf16 weights take it
+    with torch.backends.mkldnn.flags(enabled=False):  # torch's micro-kernel is off: vdpbf16ps, no error
+        assert count() == -1
+        before_dot = dots()
+        torch.ops.fastrnn.lstm_fwd(*lstm_args(5, 9, 40, 0, torch.bfloat16, None, False)[0], True)
+        assert dots() == before_dot + 1
+    assert count() == before
+
+
 # Module error against the fp64 oracle, relative to the largest magnitude of each fp64 tensor (y, dx and
 # every parameter's gradient), next to torch.nn's own error in the same dtype. The bound is the issue's: at
 # most 2x torch.nn's error. torch.nn in bf16 on the CPU runs the LSTM through oneDNN (bf16 matmuls, fp32
@@ -515,17 +560,22 @@ def test_bf16_dot_product_is_taken_where_the_cpu_has_it(capability, monkeypatch)
 # pointwise math rounded to bf16); fastrnn keeps the states and the pointwise math in fp32 and rounds only
 # the stored outputs (and, on avx512_bf16, h_{t-1} for the product). Measured here (Zen 5, every capability,
 # dot product on and off): bf16 torch.nn 3.0e-3..1.4e-2, fastrnn 2.3e-3..6.8e-3, worst ratio 1.04; fp16
-# torch.nn 4.5e-4..1.5e-3, fastrnn 2.5e-4..6.6e-4, worst ratio 0.98 (docs/cpu.md, "bf16 and fp16").
-@pytest.mark.parametrize("dtype,bf16_dot", [
-    pytest.param(torch.bfloat16, "1", id="bf16"),
-    pytest.param(torch.bfloat16, "0", id="bf16-dot-off"),
-    pytest.param(torch.float16, "1", id="fp16"),
+# torch.nn 4.5e-4..1.5e-3, fastrnn 2.5e-4..6.6e-4, worst ratio 0.98 (docs/cpu.md, "bf16 and fp16"). bf16-amx
+# forces the steps onto AMX (FASTRNN_CPU_BF16_AMX=1) where the CPU has it (a Xeon with AMX: passes, every cell).
+@pytest.mark.parametrize("dtype,bf16_dot,bf16_amx", [
+    pytest.param(torch.bfloat16, "1", "0", id="bf16"),
+    pytest.param(torch.bfloat16, "1", "1", id="bf16-amx"),
+    pytest.param(torch.bfloat16, "0", "0", id="bf16-dot-off"),
+    pytest.param(torch.float16, "1", "0", id="fp16"),
 ])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_low_precision_error_within_twice_torch_nn(capability, cell, dtype, bf16_dot, monkeypatch):
+def test_low_precision_error_within_twice_torch_nn(capability, cell, dtype, bf16_dot, bf16_amx, monkeypatch):
     import fastrnn
 
     monkeypatch.setenv("FASTRNN_CPU_BF16_DOT", bf16_dot)
+    monkeypatch.setenv("FASTRNN_CPU_BF16_AMX", bf16_amx)
+    if bf16_amx == "1" and torch.ops.fastrnn_cpu.bf16_amx_products() < 0:
+        pytest.skip("no bf16 step products on AMX here (needs the avx512 copy and a CPU with AMX)")
     T, B, I, H = 30, 5, 24, 40
     torch.manual_seed(0)
     ref_cls, fast_cls = {"lstm": (torch.nn.LSTM, fastrnn.LSTM), "gru": (torch.nn.GRU, fastrnn.GRU),

@@ -195,6 +195,21 @@ int64_t vector_floats() { return active().vector_floats; }
 // of this process ran on it (docs/cpu.md, "bf16 and fp16").
 int64_t bf16_dot_products() { return active().bf16_dot_products(); }
 
+// Whether this CPU (and OS) runs avx512_fp16: there torch's fp16 matmul is oneDNN's on it, summing in fp32,
+// and the layer code keeps its fp16 GEMMs on it (fastrnn/autograd.py, native_gemm).
+bool has_avx512_fp16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return cpu_supported() == 2 && __builtin_cpu_supports("avx512fp16");
+#else
+  return false;
+#endif
+}
+
+// -1 where the active copy cannot run the bf16 step products on AMX on this CPU, else how many step products
+// of this process ran on AMX.
+int64_t bf16_amx_products() { return active().bf16_amx_products(); }
+
 // ---- the six ops, for the CPU dispatch key ------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
@@ -259,6 +274,8 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("supported() -> str[]", &supported);
   m.def("vector_floats() -> int", &vector_floats);
   m.def("bf16_dot_products() -> int", &bf16_dot_products);
+  m.def("bf16_amx_products() -> int", &bf16_amx_products);
+  m.def("has_avx512_fp16() -> bool", &has_avx512_fp16);
 }
 
 }  // namespace cpu

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 
 #if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 #endif
 
@@ -303,6 +304,32 @@ inline void bf16_pair_rows(const uint32_t* a, int64_t lda, const float* panel, i
       break;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The same pair panels on AMX (tdpbf16ps: a 16 x 16 fp32 tile += 16 x 32 bf16 by 32 x 16 bf16), through
+// torch's oneDNN micro-kernel (at::native::cpublas::brgemm, bf16 x bf16 -> fp32 sums, the kernel
+// JIT-compiled by oneDNN for the running CPU, which also asks the OS for the AMX state). A pair panel
+// [KP][P][2] is exactly the "VNNI" B layout that kernel takes (ld_b = P), so the packing is shared with the
+// avx512_bf16 tile. Used only where torch reports that its micro-kernel runs bf16 on AMX
+// (cpublas::could_pack(bf16): oneDNN's ISA >= avx512_core_amx); elsewhere the kernel would run oneDNN's
+// avx512_core_bf16 code or a scalar fallback, which the vdpbf16ps tile beats. Not cached here: could_pack
+// also says false while the user turns oneDNN off (torch.backends.mkldnn.enabled = False), where the
+// micro-kernel would refuse the call (its ISA check is cached inside, so this costs a flag and a static).
+inline bool bf16_amx_supported() {
+  return bf16_dot_supported() && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+// out[mr][P] (+)= a[mr rows, 2*KP] @ pair panel[KP][P][2] on AMX, any mr (the kernel tiles it by 16);
+// a: bf16 rows as 32-bit pairs (row stride lda pairs). The caller releases the tile state
+// (bf16_amx_release) when its thread is done with a step's products.
+inline void bf16_amx_rows(const uint32_t* a, int64_t lda, const float* panel, int64_t KP, int64_t mr, float* out,
+                          bool accumulate) {
+  constexpr int64_t P = panel_width<float>();
+  at::native::cpublas::brgemm(mr, P, 2 * KP, 2 * lda, P, P, accumulate, reinterpret_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(panel), out, /*is_vnni=*/true);
+}
+
+inline void bf16_amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 #endif  // CPU_CAPABILITY_AVX512
 
 }  // namespace CPU_CAPABILITY

@@ -346,6 +346,43 @@ inline int64_t bf16_dot_products() {
   return -1;
 }
 
+// The bf16 pair panels on AMX (gemm.h, bf16_amx_rows) instead of the vdpbf16ps tile: where torch's oneDNN
+// micro-kernel runs bf16 on AMX and the batch is at least kAmxMinRows. FASTRNN_CPU_BF16_AMX=0 turns it off,
+// =1 takes it at any batch (benchmarks and tests); read at each call. Measured (Intel Xeon with AMX, "family 6
+// model 167" as its VM reports it, 2 threads, ops, us a step, vdpbf16ps / AMX, fastest of 15, load ~5.8,
+// bench/cpu_bf16_steps.py --amx): B=2, H=128 0.68-0.99x (AMX slower: it computes 16 rows whatever the
+// batch, and each call costs the kernel lookup); B=4 0.86-1.16x at H=128, 1.15-1.57x at H=256; B=8, H=128
+// 0.94-1.33x (LSTM 9.2 -> 6.9 fwd); B=32, H=256 2.8-6x; B=64, H=512 2.2-4.5x (1 thread: LSTM forward
+// 1909 -> 618 us, backward 1832 -> 412). One thread: B=1 0.73-1.06x, B=4 1.2-1.7x.
+constexpr int64_t kAmxMinRows = 8;
+
+inline bool bf16_amx_allowed(int64_t rows) {
+#ifdef FASTRNN_BF16_DOT
+  const char* env = std::getenv("FASTRNN_CPU_BF16_AMX");
+  const std::string v = env == nullptr ? "" : env;
+  TORCH_CHECK(v.empty() || v == "0" || v == "1", "FASTRNN_CPU_BF16_AMX must be 0 or 1, got '", v, "'");
+  return bf16_amx_supported() && v != "0" && (v == "1" || rows >= kAmxMinRows);
+#else
+  return false;
+#endif
+}
+
+inline std::atomic<int64_t>& bf16_amx_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// In the Kernels table: -1 where this copy cannot run the bf16 step products on AMX on this CPU, else how
+// many step products of this process ran on AMX.
+inline int64_t bf16_amx_products() {
+#ifdef FASTRNN_BF16_DOT
+  if (bf16_amx_supported()) {
+    return bf16_amx_count().load();
+  }
+#endif
+  return -1;
+}
+
 template <typename acc_t>
 class HiddenGemm {
  public:
@@ -370,7 +407,8 @@ class HiddenGemm {
       bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
       if (bf16_) {
         panels_ = bf16_pair_panels(r, groups);  // exact: r holds bf16 values
-        bf16_dot_count().fetch_add(1, std::memory_order_relaxed);
+        amx_ = bf16_amx_allowed(rows);
+        (amx_ ? bf16_amx_count() : bf16_dot_count()).fetch_add(1, std::memory_order_relaxed);
         return;
       }
     }
@@ -511,6 +549,17 @@ class HiddenGemm {
       if (bf16_) {
         const int64_t pairs = panels_.K;  // (k_ + 1) / 2
         const uint32_t* a2 = a == nullptr ? nullptr : bf16_pairs(a);
+        if (amx_) {
+          // One kernel call a (chunk of rows, group, column block), over the whole K: AMX tiles 16 rows.
+          tiles(
+              a2 != nullptr, begin, end, fn,
+              [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr, float* out, bool accumulate) {
+                bf16_amx_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
+              },
+              /*tile_rows=*/kChunkRows, /*slice_k=*/panels_.K);
+          bf16_amx_release();
+          return;
+        }
         tiles(a2 != nullptr, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr,
                                                  float* out, bool accumulate) {
           bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
@@ -542,11 +591,13 @@ class HiddenGemm {
   }
 
   // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16);
-  // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc).
+  // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc),
+  // mr <= tile_rows, kc <= slice_k (4 and kSliceK for the register tiles).
   template <typename F, typename Tile>
-  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile) const {
+  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t tile_rows = 4,
+             int64_t slice_k = kSliceK) const {
     const int64_t K = panels_.K, width = panels_.width;
-    const int64_t sub_rows = std::max<int64_t>(4, kChunkRows / groups_ / 4 * 4);
+    const int64_t sub_rows = std::max<int64_t>(tile_rows, kChunkRows / groups_ / 4 * 4);
     alignas(64) acc_t buffer[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
@@ -554,12 +605,12 @@ class HiddenGemm {
         const int64_t mr = std::min(kChunkRows, rows_ - m0);
         for (int64_t r0 = 0; product && r0 < mr; r0 += sub_rows) {
           const int64_t r1 = std::min(mr, r0 + sub_rows);
-          for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
-            const int64_t kc = std::min(kSliceK, K - k0);
+          for (int64_t k0 = 0; k0 < K; k0 += slice_k) {
+            const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
               const acc_t* slice = panels_.panel(g, blk) + k0 * P;
-              for (int64_t m = r0; m < r1; m += 4) {
-                tile(m0 + m, k0, kc, slice, std::min<int64_t>(4, r1 - m), buffer + (g * kChunkRows + m) * P,
+              for (int64_t m = r0; m < r1; m += tile_rows) {
+                tile(m0 + m, k0, kc, slice, std::min(tile_rows, r1 - m), buffer + (g * kChunkRows + m) * P,
                      /*accumulate=*/k0 > 0);
               }
             }
@@ -573,6 +624,7 @@ class HiddenGemm {
   int64_t rows_, groups_, n_, k_;
   bool packed_;
   bool bf16_ = false;
+  bool amx_ = false;  // bf16_ on AMX
   at::Tensor w_nk_;
   Panels<acc_t> panels_;
 };

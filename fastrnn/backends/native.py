@@ -110,6 +110,13 @@ def mm(a, b):
     return torch.ops.fastrnn_cpu.mm(a, b)
 
 
+# Whether the big fp16 GEMMs of the layer code stay on torch's own fp16 matmul (autograd.native_gemm): on a
+# CPU with avx512_fp16 that is oneDNN's brgemm on it, summing in fp32 (its error against fp64 equals the fp32
+# product's rounded to fp16, K up to 20000) and faster than the fp32 route (docs/cpu.md, "bf16 and fp16").
+# Read once here: a constant for torch.compile.
+TORCH_FP16_GEMM_IS_NATIVE = bool(torch.ops.fastrnn_cpu.has_avx512_fp16()) and torch.backends.mkldnn.is_available()
+
+
 def built_cpu_capabilities():
     """The capabilities this CPU can run and fastrnn._C can load, lowest first (switches to each and back)."""
     current, found = cpu_capability(), []
