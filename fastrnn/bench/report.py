@@ -100,13 +100,38 @@ def header(rows):
         rates.setdefault(row["dtype"], row)
     lines.append(
         "GEMM rate (best path measured in this run, the roofline): "
-        + ", ".join(f"{dtype} {r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s ({r.get('gemm_path', 'torch.mm')})"
+        + "; ".join(f"{dtype} {r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s ({_gemm_paths(r)})"
                     for dtype, r in rates.items())
     )
-    peak = next((r.get("fma_peak_flops_per_s") for r in rows if r.get("fma_peak_flops_per_s")), None)
+    peak = next((r for r in rows if r.get("fma_peak_flops_per_s")), None)
     if peak:
-        lines.append(f"FMA peak (ISA lanes x 2 FMA units x threads x clock): fp32 {peak / 1e9:.0f} GFLOP/s")
+        lines.append(f"FMA peak, fp32: {peak['fma_peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({_peak_how(peak)})")
     return lines
+
+
+def _gemm_paths(row):
+    """'torch.mm; onednn linear 300, fastrnn linear 350': the best path, then the others' GFLOP/s."""
+    best = row.get("gemm_path", "torch.mm")
+    others = [f"{path} {rate / 1e9:.0f}" for path, rate in (row.get("gemm_rates") or {}).items() if path != best]
+    return "; ".join([best] + ([", ".join(others)] if others else []))
+
+
+def _peak_how(row):
+    """How the row's FMA peak was found: measured (and the clock it implies) or the nominal clock's formula;
+    rows from before the measured peak carry neither field."""
+    isa, threads, clock = row.get("fastrnn_isa"), row["threads"], row.get("fma_clock_hz")
+    if row.get("fma_peak_source") == "measured":
+        return f"measured: {isa} FMA loop on {threads} threads, {clock / 1e9:.2f} GHz at 2 FMA units"
+    if row.get("fma_peak_source") == "nominal clock":
+        return f"{isa} lanes x 2 FMA units x {threads} threads x nominal clock {clock / 1e9:.2f} GHz, not measured"
+    return "ISA lanes x 2 FMA units x threads x nominal clock"
+
+
+def backend_label(row):
+    """The backend column: the backend, and for backend="auto" what it ran in that case and pass, e.g.
+    'auto (torch.nn)' or 'auto (cpu)'."""
+    resolved = row.get("resolved_backend")
+    return f"{row['backend']} ({resolved})" if resolved and resolved != row["backend"] else row["backend"]
 
 
 def table(rows, markdown=False):
@@ -120,10 +145,10 @@ def table(rows, markdown=False):
         pass_name = row["pass"] if (row["case"], row["pass"]) != previous else ""
         previous = (row["case"], row["pass"])
         if "error" in row:
-            lines.append([case, pass_name, row["backend"], "ERROR", row["error"][:60], "", "", ""])
+            lines.append([case, pass_name, backend_label(row), "ERROR", row["error"][:60], "", "", ""])
             continue
         lines.append([
-            case, pass_name, row["backend"], format_seconds(row["p50_s"]),
+            case, pass_name, backend_label(row), format_seconds(row["p50_s"]),
             f"{format_seconds(row['p20_s'])}-{format_seconds(row['p80_s'])}", _mib(row["peak_bytes"]),
             _ratio(row["speedup"]), _percent(row["roofline"]),
         ])
@@ -154,7 +179,7 @@ def comparison(base_rows, rows):
         if old is None or row.get("p50_s") is None:
             continue
         lines.append([
-            row["case"], row["pass"], row["backend"], format_seconds(old["p50_s"]), format_seconds(row["p50_s"]),
+            row["case"], row["pass"], backend_label(row), format_seconds(old["p50_s"]), format_seconds(row["p50_s"]),
             _ratio(old["p50_s"] / row["p50_s"]),
         ])
     if len(lines) == 1:
