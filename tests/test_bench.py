@@ -177,13 +177,18 @@ def test_fma_peak_measured_on_every_capability_and_the_nominal_fallback(monkeypa
 
 
 def test_each_dtype_has_its_own_roofline_reference(monkeypatch, tmp_path):
-    # bf16 runs on other units than fp32 (avx512_bf16, AMX): a bf16 case's reference is the bf16 GEMM rate.
+    # bf16 runs on other units than fp32 (avx512_bf16, AMX): a bf16 case's reference is the bf16 GEMM rate,
+    # measured before and after the cases, each path's best of the two.
     measured = []
 
     def fake_best_gemm(device, dtype):
         measured.append(dtype)
         rate = {torch.float32: 1e9, torch.bfloat16: 8e9}[dtype]
-        return {"rates": {"torch.mm": rate}, "best": "torch.mm", "best_flops": rate}
+        # The second measurement finds torch.mm slower (a neighbour's job), oneDNN faster.
+        rates = {"torch.mm": rate, "onednn linear": rate / 2} if len(measured) % 2 else {"torch.mm": rate / 3,
+                                                                                         "onednn linear": rate / 1.5}
+        best = max(rates, key=rates.get)
+        return {"rates": rates, "best": best, "best_flops": rates[best]}
 
     monkeypatch.setattr(roofline, "best_gemm", fake_best_gemm)
     for dtype in ("float32", "bfloat16"):
@@ -192,8 +197,11 @@ def test_each_dtype_has_its_own_roofline_reference(monkeypatch, tmp_path):
                            "--no-memory"])
         assert status == 0
     rows = [json.loads(line) for line in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
-    assert measured == [torch.float32, torch.bfloat16]
+    assert measured == [torch.float32] * 2 + [torch.bfloat16] * 2
     assert {r["dtype"]: r["gemm_flops_per_s"] for r in rows} == {"float32": 1e9, "bfloat16": 8e9}
+    for r in rows:
+        assert r["gemm_path"] == "torch.mm" and r["gemm_rates"]["onednn linear"] == r["gemm_flops_per_s"] / 1.5
+        assert r["roofline"] == pytest.approx(r["flops"] / r["p50_s"] / r["gemm_flops_per_s"])
     assert all(r["case"].endswith("-bf16") == (r["dtype"] == "bfloat16") for r in rows)
 
 
