@@ -20,8 +20,6 @@ from .timing import call_once, measure_interleaved, peak_memory, percentile
 TORCH_NN = "torch.nn"
 _TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 _FASTRNN_CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
-
-
 AUTO = "auto"
 
 
@@ -32,13 +30,13 @@ def benchmark_backends(device_type, wanted=None):
     only: there it may hand a layer to torch.nn (modules._torch_nn_is_faster), and the issue's targets are
     about it; on CUDA it always resolves to the first available backend, which is timed anyway."""
     names = [b for b in fastrnn.available_backends(device_type) if not (b == "triton" and device_type != "cuda")]
+    if wanted is None:
+        return ([AUTO] if device_type == "cpu" else []) + names
     names = [AUTO] + names
-    if wanted is not None:
-        unknown = sorted(set(wanted) - set(names))
-        if unknown:
-            raise ValueError(f"backend(s) {unknown} cannot be benchmarked on {device_type} here; available: {names}")
-        return [b for b in names if b in wanted]
-    return names if device_type == "cpu" else names[1:]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"backend(s) {unknown} cannot be benchmarked on {device_type} here; available: {names}")
+    return [b for b in names if b in wanted]
 
 
 def module_kwargs(case):
@@ -160,13 +158,15 @@ def run(case_set, device, backends, passes, repeats, progress, measure_memory=Tr
             rows += _run_case(case, device, backends, passes, repeats, progress, measure_memory, common)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    after = {name: _gemm_rates(device, dtype, f"GEMM rate again, {name}", progress) for name, dtype in dtypes.items()}
-    for row in rows:
-        rates = {path: max(before[row["dtype"]].get(path, 0), after[row["dtype"]].get(path, 0))
-                 for path in {**before[row["dtype"]], **after[row["dtype"]]}}
+    references = {}
+    for name, dtype in dtypes.items():
+        after = _gemm_rates(device, dtype, f"GEMM rate again, {name}", progress)
+        rates = {path: max(before[name].get(path, 0), after.get(path, 0)) for path in {**before[name], **after}}
         best = max(rates, key=rates.get)
-        row.update(gemm_flops_per_s=rates[best], gemm_path=best, gemm_rates=rates,
-                   roofline=row["flops"] / row["p50_s"] / rates[best] if row.get("p50_s") is not None else None)
+        references[name] = {"gemm_flops_per_s": rates[best], "gemm_path": best, "gemm_rates": rates}
+    for row in rows:
+        row.update(references[row["dtype"]])
+        row["roofline"] = row["flops"] / row["p50_s"] / row["gemm_flops_per_s"] if row.get("p50_s") else None
     return rows
 
 
