@@ -109,7 +109,7 @@ _SETS = {
     },
     "quick": {
         "cpu": CaseSet("quick", _CPU_TARGETS + (RL_ROLLOUT,),
-                       help="the 12 CPU target cases and the RL rollout with resets (about 2 minutes on 2 cores)"),
+                       help="the 12 CPU target cases and the RL rollout with resets (about 3 minutes on 2 cores)"),
         "cuda": CaseSet(
             "quick",
             _each_cell((FASTRNNS_DEFAULT,))

@@ -29,7 +29,7 @@ def bench_parser(parser):
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="the quick set, few repeats (default; about 2 minutes on 2 CPU cores)")
+                      help="the quick set, few repeats (default; about 3 minutes on 2 quiet CPU cores)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full set, many repeats")
     parser.set_defaults(mode="quick")
