@@ -293,3 +293,22 @@ def test_a_backend_that_raises_becomes_an_error_row_and_fails_the_run(monkeypatc
     rows = {r["backend"]: r for r in map(json.loads, path.read_text().splitlines())}
     assert "kernel exploded" in rows["reference"]["error"] and rows["reference"].get("p50_s") is None
     assert rows["torch.nn"]["p50_s"] > 0, "torch.nn is still measured"
+
+
+def test_issue_11_targets_are_checked_on_the_auto_rows():
+    targets = {c.name: cases.target_speedup(c) for c in cases.case_set("cpu", "cpu").cases}
+    assert targets["lstm-T100-B64-I512-H512"] == 1.1 and targets["lstm-T200-B8-I128-H128"] == 2.0
+    assert targets["gru-T100-B32-I256-H256"] == 1.5 and targets["rnn-T50-B1-I64-H128"] == 3.0
+    assert cases.target_speedup(cases.Case("lstm", 100, 64, 512, 512, dtype="bfloat16")) is None
+    assert cases.target_speedup(cases.Case("gru", 100, 64, 512, 512, layers=2)) is None
+
+    def row(case, backend, speedup, resolved):
+        return {**case.fields(), "case": case.name, "pass": "fwd", "backend": backend, "speedup": speedup,
+                "resolved_backend": resolved, "device_type": "cpu", "threads": 2}
+
+    lstm, gru = cases.Case("lstm", 100, 64, 512, 512), cases.Case("gru", 50, 1, 64, 128)
+    rows = [row(lstm, "auto", 1.2, "torch.nn"), row(gru, "auto", 2.5, "cpu"), row(gru, "cpu", 0.1, "cpu")]
+    lines = report.targets(rows)
+    assert lines[0] == "issue 11 targets (torch.nn / auto, 2 threads): 1 of 2 met"
+    assert lines[1:] == ["  missed: gru-T50-B1-I64-H128 fwd 2.50x < 3.0x (auto ran cpu)"]
+    assert report.targets([row(gru, "cpu", 0.1, "cpu")]) == []

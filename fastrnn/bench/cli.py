@@ -98,7 +98,7 @@ def run_bench(args):
         with open(args.json_out, "w") as f:
             json.dump(rows, f)
         return 0
-    for line in report.header(rows) + [""] + report.table(rows):
+    for line in report.header(rows) + [""] + report.table(rows) + [""] + report.targets(rows):
         print(line)
     if base_rows:
         print(f"\nagainst {args.base} (p50; base/this > 1: this commit is faster; torch.nn's own ratio is the noise):")

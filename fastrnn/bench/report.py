@@ -155,6 +155,29 @@ def table(rows, markdown=False):
     return _align([columns] + lines, markdown)
 
 
+def targets(rows):
+    """Issue 11's targets (torch.nn / backend="auto", cases.target_speedup) against the `auto` rows of a run that
+    has them: one summary line and a line per missed row; [] when the run has no auto row at a target size."""
+    from .cases import Case, target_speedup
+
+    checked = []
+    for row in rows:
+        if row["backend"] != "auto" or row.get("speedup") is None or row["device_type"] != "cpu":
+            continue
+        case = Case(**{f: row[f] for f in Case.__dataclass_fields__})
+        target = target_speedup(case)
+        if target is not None:
+            checked.append((row, target))
+    if not checked:
+        return []
+    missed = [(row, target) for row, target in checked if row["speedup"] < target]
+    lines = [f"issue 11 targets (torch.nn / auto, {checked[0][0]['threads']} threads): "
+             f"{len(checked) - len(missed)} of {len(checked)} met"]
+    lines += [f"  missed: {row['case']} {row['pass']} {_ratio(row['speedup'])} < {target:.1f}x "
+              f"(auto ran {row.get('resolved_backend')})" for row, target in missed]
+    return lines
+
+
 def _align(lines, markdown=False):
     """Text columns (the first three) flush left, numbers flush right; Markdown says the same with its
     alignment row."""
@@ -237,7 +260,8 @@ def run(args):
         print(f"no run {missing or ''} in {', '.join(map(str, paths))}")
         return 1
     for run_id in chosen:
-        for line in header(by_run[run_id]) + [""] + table(by_run[run_id], markdown=args.markdown) + [""]:
+        group = by_run[run_id]
+        for line in header(group) + [""] + table(group, markdown=args.markdown) + [""] + targets(group):
             print(line)
     return 0
 
