@@ -310,5 +310,7 @@ def test_issue_11_targets_are_checked_on_the_auto_rows():
     rows = [row(lstm, "auto", 1.2, "torch.nn"), row(gru, "auto", 2.5, "cpu"), row(gru, "cpu", 0.1, "cpu")]
     lines = report.targets(rows)
     assert lines[0] == "issue 11 targets (torch.nn / auto, 2 threads): 1 of 2 met"
-    assert lines[1:] == ["  missed: gru-T50-B1-I64-H128 fwd 2.50x < 3.0x (auto ran cpu)"]
+    assert lines[1:] == ["  missed: gru-T50-B1-I64-H128 fwd 2.50x < 3.0x (auto ran cpu)",
+                         "noise: on the 1 line(s) where auto ran torch.nn itself the ratio spans 1.20x-1.20x "
+                         "(1.00x on a quiet machine)"]
     assert report.targets([row(gru, "cpu", 0.1, "cpu")]) == []

@@ -175,6 +175,12 @@ def targets(rows):
              f"{len(checked) - len(missed)} of {len(checked)} met"]
     lines += [f"  missed: {row['case']} {row['pass']} {_ratio(row['speedup'])} < {target:.1f}x "
               f"(auto ran {row.get('resolved_backend')})" for row, target in missed]
+    # Where auto ran torch.nn itself, the ratio is 1.00 but for the noise (and a few us of auto's own checks):
+    # the spread of those lines says how far this run's ratios can be trusted.
+    same = [row["speedup"] for row, _ in checked if row.get("resolved_backend") == "torch.nn"]
+    if same:
+        lines.append(f"noise: on the {len(same)} line(s) where auto ran torch.nn itself the ratio spans "
+                     f"{_ratio(min(same))}-{_ratio(max(same))} (1.00x on a quiet machine)")
     return lines
 
 
