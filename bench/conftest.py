@@ -19,6 +19,7 @@ ROUNDS = 10
 def pytest_configure(config):
     config.addinivalue_line("markers", "with_torch_nn: also benchmark torch.nn itself, as the baseline")
     config.addinivalue_line("markers", "one_layer: only one-layer, one-direction cases without proj_size")
+    config.addinivalue_line("markers", "op_tables: only backends with an op table (not auto: a module's choice)")
 
 
 def pytest_generate_tests(metafunc):
@@ -31,6 +32,8 @@ def pytest_generate_tests(metafunc):
         selected = [c for c in selected if c.layers == 1 and not c.bidirectional and not c.proj]
     with_torch_nn = metafunc.definition.get_closest_marker("with_torch_nn") is not None
     names = ([runner.TORCH_NN] if with_torch_nn else []) + runner.benchmark_backends(DEVICE.type)
+    if metafunc.definition.get_closest_marker("op_tables"):
+        names = [n for n in names if n != runner.AUTO]
     metafunc.parametrize(
         "case, backend", [pytest.param(c, n, id=f"{c.name}-{n}") for c in selected for n in names]
     )

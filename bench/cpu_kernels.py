@@ -9,7 +9,8 @@ torch.get_num_threads() threads (2 by default here, --threads), fastrnn once per
 alternate torch.nn / fastrnn@isa... so that load from other processes on the machine falls on all; each
 number is the median of --repeats runs after warm-up. The roofline reference is the machine's best
 measured fp32 GEMM rate in this run (fastrnn.bench.roofline.best_gemm: MKL's torch.mm and oneDNN's
-linear, fastest of the repeats) and, beside it, the FMA peak (ISA lanes x FMA units x cores x clock).
+linear, fastest of the repeats) and, beside it, the FMA peak (measured by the extension's FMA loop of the
+running ISA on each thread: fastrnn.bench.roofline.fma_peak).
 
 T: steps  B: batch  I: input size  H: hidden size  G: gates (LSTM 4, GRU 3, RNN 1)
 """

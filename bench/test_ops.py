@@ -43,6 +43,7 @@ def _backward_call(case, table, args):
 
 
 @pytest.mark.one_layer
+@pytest.mark.op_tables
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_recurrence_op(benchmark, case, backend, direction):
     table = ops(backend)

@@ -151,11 +151,27 @@ class _RecurrentMixin(_FastRNNModule):
             return True
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
+    def _runs_torch_nn(self, input, resets):
+        # torch.nn has no resets: a call with them always runs fastrnn's kernels.
+        return resets is None and self._torch_nn_is_faster(input)
+
+    def resolved_backend(self, input, resets=None):
+        """What a forward on `input` (with `resets`) runs here, in the current grad mode and with the inputs'
+        requires_grad as they are: "torch.nn" where backend="auto" hands the layer to torch.nn's own forward
+        (_torch_nn_is_faster), else the concrete fastrnn backend ("cpu", "cuda", "triton", "reference"). The
+        benchmark records it for every backend="auto" row (docs/benchmarks.md)."""
+        if self._runs_torch_nn(input, resets):
+            return "torch.nn"
+        from .backends import resolve
+
+        data = input.data if isinstance(input, PackedSequence) else input
+        return resolve(self.backend, data.device)
+
     def forward(self, input, hx=None, *, resets=None):
         """torch.nn's forward, plus `resets` (keyword only): a bool mask of episode starts, [T, B] for
         time-major input, [B, T] with batch_first, [T] unbatched; where resets[t, b] is true no state crosses
         between steps t-1 and t of sequence b (docs/api.md, "Episode resets"). None: torch.nn's behaviour."""
-        if resets is None and self._torch_nn_is_faster(input):
+        if self._runs_torch_nn(input, resets):
             return super().forward(input, hx)
         lstm = self._cell == "lstm"
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size

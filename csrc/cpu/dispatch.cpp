@@ -17,7 +17,9 @@
 #include <dirent.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -210,6 +212,28 @@ bool has_avx512_fp16() {
 // of this process ran on AMX.
 int64_t bf16_amx_products() { return active().bf16_amx_products(); }
 
+// The fp32 FMA throughput of the active copy on torch's threads, in FLOP/s: the best of repeated runs of its
+// FMA loop (fma_peak.cpp, each thread timing itself) over about `seconds` in all, each run grown until every
+// thread's loop takes >= 1 ms (far above the clock's resolution). The best run, since a descheduled thread
+// only ever slows one down. The benchmark's measured FMA peak (fastrnn/bench/roofline.py).
+double fma_peak(double seconds) {
+  using Clock = std::chrono::steady_clock;
+  const Kernels& k = active();
+  const auto start = Clock::now();
+  int64_t iterations = 1024;
+  double best = 0;
+  while (best == 0 || std::chrono::duration<double>(Clock::now() - start).count() < seconds) {
+    double shortest = 0;
+    const double rate = k.fma_loop(iterations, &shortest);
+    if (shortest < 1e-3) {
+      iterations *= 2;
+      continue;
+    }
+    best = std::max(best, rate);
+  }
+  return best;
+}
+
 // ---- the six ops, for the CPU dispatch key ------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
@@ -276,6 +300,7 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("bf16_dot_products() -> int", &bf16_dot_products);
   m.def("bf16_amx_products() -> int", &bf16_amx_products);
   m.def("has_avx512_fp16() -> bool", &has_avx512_fp16);
+  m.def("fma_peak(float seconds) -> float", &fma_peak);
 }
 
 }  // namespace cpu

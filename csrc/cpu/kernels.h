@@ -12,6 +12,7 @@
 // implementation, as in ATen's own build). Everything those files define sits in
 // `namespace fastrnn::cpu::CPU_CAPABILITY` (and at::vec in `at::vec::CPU_CAPABILITY`), so no two copies
 // share a symbol. The vector width is a compile-time parameter of that one source (Vectorized<float>::size()).
+// fma_peak.cpp, the benchmark's FMA-peak loop, is compiled into each copy the same way.
 //
 // The default copy is linked into the op library itself (fastrnn._C / libfastrnn_ops.so), which is
 // compiled with no ISA flag at all. The avx2 and avx512 copies are separate shared libraries
@@ -56,7 +57,8 @@ using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const a
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 4;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter
+constexpr int64_t kKernelsAbi = 5;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+                                    // 5: fma_loop
 
 struct Kernels {
   int64_t abi;
@@ -74,6 +76,9 @@ struct Kernels {
   int64_t (*bf16_dot_products)();
   // The same for the bf16 step products on AMX (recurrence.h, bf16_amx_products).
   int64_t (*bf16_amx_products)();
+  // The fp32 FMA loop of this copy's vectors on each of torch's threads (fma_peak.cpp): returns their summed
+  // FLOP/s and the shortest thread's seconds; dispatch.cpp's fma_peak repeats it for the benchmark.
+  double (*fma_loop)(int64_t iterations, double* shortest_seconds);
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
@@ -128,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                              &k::rnn_fwd,                                                      \
                                              &k::rnn_bwd,                                                      \
                                              &k::bf16_dot_products,                                            \
-                                             &k::bf16_amx_products};                                           \
+                                             &k::bf16_amx_products,                                            \
+                                             &k::fma_loop};                                                    \
     return &table;                                                                                             \
   }

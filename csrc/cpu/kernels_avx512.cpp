@@ -12,5 +12,6 @@
 #include "gru.cpp"
 #include "lstm.cpp"
 #include "rnn.cpp"
+#include "fma_peak.cpp"  // the FMA-peak loop of this capability (the benchmark's measured FMA peak)
 
 FASTRNN_DEFINE_CPU_KERNELS(avx512)

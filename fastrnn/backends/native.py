@@ -97,6 +97,13 @@ def supported_cpu_capabilities():
     return tuple(torch.ops.fastrnn_cpu.supported())
 
 
+def fma_peak(seconds):
+    """The fp32 FMA throughput, FLOP/s, of the running capability's vectors on each of torch's threads at once:
+    the best of ~1 ms runs of an FMA loop for about `seconds` (csrc/cpu/fma_peak.cpp; the benchmark's FMA
+    peak)."""
+    return torch.ops.fastrnn_cpu.fma_peak(seconds)
+
+
 def linear(x, w, bias=None):
     """x [M, K] @ w [N, K]^T (+ bias [N]) like torch.nn.functional.linear on 2-D CPU input: fp32 through
     oneDNN's matmul where torch has it (faster than MKL on AMD CPUs), MKL on Intel CPUs (faster there;

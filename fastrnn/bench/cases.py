@@ -81,6 +81,9 @@ def _each_cell(sizes, cells=CELLS, **kw):
 # The CPU kernel's targets (T, B, I, H): PyTorch's fastrnns default, a mid size, a latency-bound
 # single sequence, and a long thin one.
 CPU_TARGET_SIZES = ((100, 64, 512, 512), (100, 32, 256, 256), (50, 1, 64, 128), (200, 8, 128, 128))
+# Issue 11's targets at those sizes: torch.nn p50 / backend="auto" p50, forward and forward+backward, fp32, per cell:
+# (at the first two sizes, at the last two).
+CPU_TARGET_SPEEDUPS = {"lstm": (1.1, 2.0), "gru": (1.5, 3.0), "rnn": (1.5, 3.0)}
 # PyTorch's benchmarks/fastrnns default: T=100, B=64, I=H=512, one layer.
 FASTRNNS_DEFAULT = (100, 64, 512, 512)
 # DESIGN.md section 7's small-batch sweep: B in 1..16, H in 128..1024 (I = H, T = 100).
@@ -91,6 +94,14 @@ LONG_SEQUENCE = (1024, 16, 768, 768)
 # CleanRL's ppo_atari_lstm rollout: LSTM(512, 128), 128 steps x 8 environments, episodes ending anywhere
 # (2% of the steps start one), forward+backward as the PPO update runs it (issue 15).
 RL_ROLLOUT = Case("lstm", 128, 8, 512, 128, resets=0.02)
+
+
+def target_speedup(case):
+    """Issue 11's speedup target of `case` over torch.nn (CPU_TARGET_SPEEDUPS), or None where it sets none."""
+    size = (case.T, case.B, case.I, case.H)
+    if case != Case(case.cell, *size) or size not in CPU_TARGET_SIZES:  # one plain fp32 layer at a target size
+        return None
+    return CPU_TARGET_SPEEDUPS[case.cell][CPU_TARGET_SIZES.index(size) // 2]
 
 
 def _sweep(batches, hiddens, cells, dtype="float32"):
@@ -109,7 +120,7 @@ _SETS = {
     },
     "quick": {
         "cpu": CaseSet("quick", _CPU_TARGETS + (RL_ROLLOUT,),
-                       help="the 12 CPU target cases and the RL rollout with resets (about 2 minutes on 2 cores)"),
+                       help="the 12 CPU target cases and the RL rollout with resets (about 3 minutes on 2 cores)"),
         "cuda": CaseSet(
             "quick",
             _each_cell((FASTRNNS_DEFAULT,))

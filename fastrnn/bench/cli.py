@@ -2,6 +2,7 @@
 `report` (a run's table again, as text or Markdown), `info` (fastrnn/info.py)."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def bench_parser(parser):
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="the quick set, few repeats (default; about 2 minutes on 2 CPU cores)")
+                      help="the quick set, few repeats (default; about 3 minutes on 2 quiet CPU cores)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full set, many repeats")
     parser.set_defaults(mode="quick")
@@ -37,6 +38,8 @@ def bench_parser(parser):
     parser.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--backends", type=_names, help="comma-separated backends (default: all available)")
     parser.add_argument("--cells", type=_names, help=f"comma-separated subset of {','.join(cases.CELLS)}")
+    parser.add_argument("--dtype", choices=list(cases.DTYPES),
+                        help="run every case of the set in this dtype (default: each case's own, mostly float32)")
     parser.add_argument("--passes", type=_names, default=list(cases.PASSES),
                         help="comma-separated subset of fwd,fwd+bwd")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: the set's)")
@@ -59,7 +62,8 @@ def run_bench(args):
         unknown = sorted(set(wanted) - set(known))
         if unknown:
             sys.exit(f"fastrnn bench: unknown {kind}(s) {unknown}; expected some of {list(known)}")
-    selected = [c for c in case_set.cases if args.cells is None or c.cell in args.cells]
+    selected = [dataclasses.replace(c, dtype=args.dtype or c.dtype) for c in case_set.cases
+                if args.cells is None or c.cell in args.cells]
     if not selected or not args.passes:
         sys.exit(f"fastrnn bench: the {case_set.name!r} set has no case for cells {args.cells}")
     case_set = cases.CaseSet(case_set.name, tuple(selected), case_set.threads, case_set.help)
@@ -94,7 +98,7 @@ def run_bench(args):
         with open(args.json_out, "w") as f:
             json.dump(rows, f)
         return 0
-    for line in report.header(rows) + [""] + report.table(rows):
+    for line in report.header(rows) + [""] + report.table(rows) + [""] + report.targets(rows):
         print(line)
     if base_rows:
         print(f"\nagainst {args.base} (p50; base/this > 1: this commit is faster; torch.nn's own ratio is the noise):")

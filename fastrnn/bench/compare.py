@@ -37,6 +37,8 @@ def child_argv(args, set_name):
         argv += ["--backends", ",".join(args.backends)]
     if args.cells:
         argv += ["--cells", ",".join(args.cells)]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.no_memory:
@@ -60,8 +62,8 @@ def _export(revision, directory):
     shutil.copy2(PACKAGE_DIR / "__main__.py", base_package / "__main__.py")
 
 
-# The backends that live in the compiled extension.
-_COMPILED_BACKENDS = {"cpu", "cuda"}
+# The backends that live in the compiled extension (auto runs it wherever it is built).
+_COMPILED_BACKENDS = {"cpu", "cuda", "auto"}
 
 
 def _extension(revision, directory, backends):

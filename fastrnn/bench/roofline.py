@@ -1,5 +1,6 @@
 """FLOPs of a case counted from the math, the device's GEMM rate measured with torch.mm, and on the CPU
-the best GEMM path measured in the same run (MKL's torch.mm, oneDNN's linear) and the FMA peak.
+the best GEMM path measured in the same run (MKL's torch.mm, oneDNN's linear, fastrnn's own input
+projection) and the FMA peak (measured by the extension's FMA loop; the nominal clock's formula without it).
 
 The roofline fraction of a measurement is (FLOPs / seconds) / (GEMM FLOP/s): how close the recurrent
 module comes to running as fast as one dense matrix product does on the same device, in the same dtype,
@@ -8,6 +9,9 @@ pointwise gate math is O(G*H) per row against O(G*H*(I+H)) for the products, und
 """
 
 import torch
+
+import fastrnn
+from fastrnn import autograd
 
 from .timing import Repeats, measure, percentile
 
@@ -60,7 +64,11 @@ def gemm_rate(device, dtype):
 # fp32 FLOPs a core does per cycle with each of fastrnn's ISA capabilities: lanes x 2 (an FMA is two FLOPs) x
 # 2 FMA pipes. AVX-512 assumes two full-width (512-bit) FMA units (Intel Xeon Gold/Platinum, AMD Zen 5); on a
 # CPU with one (Zen 4 double-pumps 256-bit units, some Xeon Silver/Bronze) the real peak is half of it.
+# default: 4-lane SSE, a multiply and an add a cycle. Used for the clock a measured peak implies, and for
+# the nominal-clock peak where nothing can be measured.
 FLOPS_PER_CYCLE = {"default": 8, "avx2": 32, "avx512": 64}
+# How long the FMA loop runs (csrc/cpu/fma_peak.cpp): the best of ~1 ms runs for this long in all.
+FMA_PEAK_SECONDS = 0.05
 
 
 def cpu_clock_hz():
@@ -73,33 +81,66 @@ def cpu_clock_hz():
         return None
 
 
-def fma_peak(isa, threads=None):
-    """{flops, formula} of the fp32 FMA peak on `threads` cores (torch's thread count) with `isa`, or None
-    when the clock cannot be read."""
+def fma_peak(isa, threads=None, measure=True):
+    """The fp32 FMA peak of `threads` cores (torch's thread count; the loop runs on torch's threads) with
+    fastrnn's ISA capability `isa`, as {flops, clock_hz, source, formula}, or None:
+    - source "measured": the compiled extension's FMA loop of the running capability on each of torch's
+      threads (native.fma_peak, csrc/cpu/fma_peak.cpp); clock_hz is the clock that rate implies at
+      FLOPS_PER_CYCLE[isa] (two FMA units: on a CPU with one, half the real clock);
+    - source "nominal clock": without the extension (or measure=False), FLOPS_PER_CYCLE[isa] x threads x the
+      clock /proc/cpuinfo reports, which in a VM is the nominal one (1.5x too low on the Zen 5 of issue 11,
+      below torch.mm's measured rate on the Xeon of 2026-12-02); None when that clock cannot be read."""
     threads = threads or torch.get_num_threads()
-    clock = cpu_clock_hz()
-    if clock is None or isa not in FLOPS_PER_CYCLE:
+    per = FLOPS_PER_CYCLE.get(isa)
+    if per is None:
         return None
-    per = FLOPS_PER_CYCLE[isa]
-    return {"flops": per * threads * clock,
-            "formula": f"{isa}: {per} FLOP/cycle x {threads} cores x {clock / 1e9:.2f} GHz"}
+    if measure:
+        try:
+            from ..backends import native
+
+            flops = native.fma_peak(FMA_PEAK_SECONDS)
+        except (ImportError, AttributeError, RuntimeError):  # no extension, or one built before fma_peak
+            flops = None
+        if flops:
+            clock = flops / (per * threads)
+            return {"flops": flops, "clock_hz": clock, "source": "measured",
+                    "formula": f"{isa} FMA loop on {threads} threads, measured; {per} FLOP/cycle x {threads} "
+                               f"cores x {clock / 1e9:.2f} GHz implied"}
+    clock = cpu_clock_hz()
+    if clock is None:
+        return None
+    return {"flops": per * threads * clock, "clock_hz": clock, "source": "nominal clock",
+            "formula": f"{isa}: {per} FLOP/cycle x {threads} cores x {clock / 1e9:.2f} GHz (/proc/cpuinfo)"}
 
 
 def best_gemm(device, dtype, repeats=_GEMM_REPEATS):
-    """{rates: {path: FLOP/s}, best, best_flops}: the GEMM paths torch offers on the CPU at GEMM_SHAPES["cpu"],
-    in one run: torch.mm (MKL, which on AMD CPUs runs its AVX2 code) and oneDNN's linear
-    (torch.ops.mkldnn._linear_pointwise, JIT-compiled for the running ISA). The best of them is the
-    roofline reference: torch.mm alone under-states an AVX-512 AMD CPU by ~2.5x (docs/benchmarks.md)."""
+    """{rates: {path: FLOP/s}, best, best_flops}: the GEMM paths torch and fastrnn use on the CPU, in `dtype`,
+    at GEMM_SHAPES["cpu"], in one run: torch.mm (MKL in fp32, which on AMD CPUs runs its AVX2 code; in bf16
+    oneDNN, on AMX where the CPU has it), oneDNN's linear (torch.ops.mkldnn._linear_pointwise, JIT-compiled
+    for the running ISA) and fastrnn's input projection (the path its cpu backend takes in that dtype:
+    autograd.input_projection). The best of them is the roofline reference: torch.mm alone under-states an
+    AVX-512 AMD CPU by ~2.5x in fp32 (docs/benchmarks.md), and each dtype has its own (bf16 on AMX: 359
+    GFLOP/s against 96 for fp32 in one run on the Xeon of 2026-12-02, 2 threads, load 6.7)."""
     device = torch.device(device)
     rates = {"torch.mm": gemm_rate(device, dtype)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if device.type == "cpu":
         M, K, N = GEMM_SHAPES["cpu"]
         a, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
-        try:
-            linear = torch.ops.mkldnn._linear_pointwise
-            seconds = percentile(measure(lambda: linear(a, w, None, "none", [], ""), device, repeats), 50)
-            rates["onednn linear"] = 2 * M * K * N / seconds
-        except (AttributeError, RuntimeError):
-            pass
+        paths = {}
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            paths["onednn linear"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        if "cpu" in fastrnn.available_backends("cpu"):
+            # What fastrnn's cpu backend runs for its big GEMMs in this dtype (autograd.input_projection):
+            # fastrnn_cpu::linear (MKL on Intel, oneDNN elsewhere) in fp32 and in fp16 (computed in fp32,
+            # conversions included), torch's F.linear in bf16.
+            paths["fastrnn linear"] = lambda: autograd.input_projection(a.unsqueeze(0), w, None, "cpu")
+        for name, call in paths.items():
+            try:
+                with torch.no_grad():
+                    call()  # a path this torch or dtype lacks raises here
+                    seconds = percentile(measure(call, device, repeats), 50)
+            except (AttributeError, RuntimeError, NotImplementedError):
+                continue
+            rates[name] = 2 * M * K * N / seconds
     best = max(rates, key=rates.get)
     return {"rates": rates, "best": best, "best_flops": rates[best]}

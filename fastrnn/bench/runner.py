@@ -20,18 +20,23 @@ from .timing import call_once, measure_interleaved, peak_memory, percentile
 TORCH_NN = "torch.nn"
 _TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 _FASTRNN_CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+AUTO = "auto"
 
 
 def benchmark_backends(device_type, wanted=None):
-    """fastrnn's backends to time on this device type: all available ones, except the Triton
-    interpreter (triton on a CPU runs a Python emulation of the kernel, which measures nothing)."""
+    """fastrnn's backends to time on this device type: "auto" (what a user who converts a model gets; each row
+    records what it resolved to) and every available backend, except the Triton interpreter (triton on a CPU
+    runs a Python emulation of the kernel, which measures nothing). By default "auto" is timed on the CPU
+    only: there it may hand a layer to torch.nn (modules._torch_nn_is_faster), and the issue's targets are
+    about it; on CUDA it always resolves to the first available backend, which is timed anyway."""
     names = [b for b in fastrnn.available_backends(device_type) if not (b == "triton" and device_type != "cuda")]
-    if wanted is not None:
-        unknown = sorted(set(wanted) - set(names))
-        if unknown:
-            raise ValueError(f"backend(s) {unknown} cannot be benchmarked on {device_type} here; available: {names}")
-        names = [b for b in names if b in wanted]
-    return names
+    if wanted is None:
+        return ([AUTO] if device_type == "cpu" else []) + names
+    names = [AUTO] + names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"backend(s) {unknown} cannot be benchmarked on {device_type} here; available: {names}")
+    return [b for b in names if b in wanted]
 
 
 def module_kwargs(case):
@@ -130,26 +135,44 @@ def run(case_set, device, backends, passes, repeats, progress, measure_memory=Tr
         "case_set": case_set.name,
         **environment(device),
     }
-    gemm_rates = {}  # dtype name -> FLOP/s, measured once per run
+    if device.type == "cpu":
+        # The fp32 FMA peak of fastrnn's ISA on torch's threads, measured once per run (roofline.fma_peak).
+        progress.start("FMA peak")
+        peak = roofline.fma_peak(common["fastrnn_isa"]) or {}
+        common.update({"fma_peak_flops_per_s": peak.get("flops"), "fma_peak_source": peak.get("source"),
+                       "fma_clock_hz": peak.get("clock_hz")})
+    else:
+        common.update({"fma_peak_flops_per_s": None, "fma_peak_source": None, "fma_clock_hz": None})
+    # The roofline reference of each dtype: the best GEMM path of this device in that dtype (on the CPU the fastest
+    # of MKL, oneDNN and fastrnn's own path: torch.mm alone under-states an AVX-512 AMD CPU in fp32, and bf16 on
+    # AMX runs several times the fp32 rate), measured before the cases and again after them, each path's best
+    # of the two: on a shared machine a neighbour's job during one measurement put torch.nn at 178% of "the
+    # GEMM rate" (Xeon, 2026-12-02, load 6-7).
+    dtypes = {c.dtype: c.torch_dtype for c in case_set.cases}
+    before = {name: _gemm_rates(device, dtype, f"GEMM rate, {name}", progress) for name, dtype in dtypes.items()}
     rows = []
     with warnings.catch_warnings():
         # torch.nn's notice that oneDNN has no LSTM with proj_size (its native kernel runs): docs/benchmarks.md.
         warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
         for case in case_set.cases:
-            if case.dtype not in gemm_rates:
-                # The roofline reference: the best GEMM path of this device measured now (on the CPU the
-                # faster of MKL and oneDNN; torch.mm alone under-states an AVX-512 AMD CPU), and the FMA peak.
-                progress.start(f"GEMM rate, {case.dtype}")
-                best = roofline.best_gemm(device, case.torch_dtype)
-                peak = roofline.fma_peak(common["fastrnn_isa"]) if device.type == "cpu" else None
-                gemm_rates[case.dtype] = {"gemm_flops_per_s": best["best_flops"], "gemm_path": best["best"],
-                                          "gemm_rates": best["rates"],
-                                          "fma_peak_flops_per_s": peak["flops"] if peak else None}
-            rows += _run_case(case, device, backends, passes, repeats, progress, measure_memory,
-                              {**common, **gemm_rates[case.dtype]})
+            rows += _run_case(case, device, backends, passes, repeats, progress, measure_memory, common)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    references = {}
+    for name, dtype in dtypes.items():
+        after = _gemm_rates(device, dtype, f"GEMM rate again, {name}", progress)
+        rates = {path: max(before[name].get(path, 0), after.get(path, 0)) for path in {**before[name], **after}}
+        best = max(rates, key=rates.get)
+        references[name] = {"gemm_flops_per_s": rates[best], "gemm_path": best, "gemm_rates": rates}
+    for row in rows:
+        row.update(references[row["dtype"]])
+        row["roofline"] = row["flops"] / row["p50_s"] / row["gemm_flops_per_s"] if row.get("p50_s") else None
     return rows
+
+
+def _gemm_rates(device, dtype, text, progress):
+    progress.start(text)
+    return roofline.best_gemm(device, dtype)["rates"]
 
 
 def _run_case(case, device, backends, passes, repeats, progress, measure_memory, common):
@@ -168,9 +191,21 @@ def _run_case(case, device, backends, passes, repeats, progress, measure_memory,
                 **common, "case": case.name, **case.fields(), "pass": pass_name, "backend": name, **result,
                 "torch_p50_s": baseline_p50, "flops": case_flops,
                 "speedup": baseline_p50 / p50 if p50 is not None and baseline_p50 is not None else None,
-                "roofline": case_flops / p50 / common["gemm_flops_per_s"] if p50 is not None else None,
             })
     return rows
+
+
+def resolved_backend(name, module, x, pass_name, kwargs):
+    """What the module named `name` runs in this pass: "torch.nn" for torch.nn, else the module's own answer
+    (modules.resolved_backend) under the pass's conditions, the ones `calls` sets: no_grad for fwd; grad mode
+    and an input that requires grad for fwd+bwd (backend="auto" on the CPU decides by them)."""
+    if name == TORCH_NN:
+        return TORCH_NN
+    if not hasattr(module, "resolved_backend"):  # a --base revision from before it existed
+        return None
+    training = pass_name != "fwd"
+    with torch.set_grad_enabled(training):
+        return module.resolved_backend(x.detach().requires_grad_(training), kwargs.get("resets"))
 
 
 def _measure_pass(modules, x, grad_y, kwargs, pass_name, device, repeats, measure_memory):
@@ -178,17 +213,19 @@ def _measure_pass(modules, x, grad_y, kwargs, pass_name, device, repeats, measur
     A backend that raises on its first call becomes a row with the error (shown in the table and
     counted in the exit status), and the others are still measured."""
     results, runnable = {}, {}
+    resolved = {name: resolved_backend(name, module, x, pass_name, kwargs) for name, module in modules.items()}
     for name, module in modules.items():
         call, reset = calls(module, x, grad_y, pass_name, kwargs)
         try:
             call_once(call, reset)  # also the first warm-up call
         except Exception as e:  # reported in the row, the table and the exit status
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            results[name] = {"resolved_backend": resolved[name], "error": f"{type(e).__name__}: {e}"}
             continue
         runnable[name] = (call, reset)
     times = measure_interleaved(runnable, device, repeats)
     for name, (call, reset) in runnable.items():
         results[name] = {
+            "resolved_backend": resolved[name],
             "p20_s": percentile(times[name], 20), "p50_s": percentile(times[name], 50),
             "p80_s": percentile(times[name], 80), "reps": len(times[name]),
             "peak_bytes": peak_memory(call, device, reset) if measure_memory else None,
