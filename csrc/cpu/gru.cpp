@@ -37,6 +37,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   acc_t* next_p = h_next.data_ptr<acc_t>();
 
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
+    prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 3, H, j0, j1);
     const acc_t* h_b = row(h_p, b, H);
     acc_t* next_b = row(next_p, b, H);
     scalar_t* y_b = row(y_p, t, B, b, H);
@@ -126,6 +127,11 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
     const bool from_y = reverse ? (tp < T && (len == nullptr || tp < len[b])) : tp >= 0;
     const scalar_t* h_prev_b =
         resets_at(rst, t, B, b) ? zeros_p : from_y ? row(y_p, tp, B, b, H) : row(h0_p, b, H);
+    prefetch_row_ahead(row(saved_p, t, B, 0, 4 * H), b, B, 4 * H, 4, H, j0, j1);
+    prefetch_row_ahead(row(dy_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
+    if (from_y) {
+      prefetch_row_ahead(row(y_p, tp, B, 0, H), b, B, H, 1, H, j0, j1);
+    }
     const scalar_t* saved_b = row(saved_p, t, B, b, 4 * H);
     const scalar_t* dy_b = row(dy_p, t, B, b, H);
     const acc_t* dh_b = row(dh_p, b, H);

@@ -48,6 +48,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   acc_t* out_p = proj ? m.data_ptr<acc_t>() : h_next.data_ptr<acc_t>();  // where the cell writes m_t
 
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
+    prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 4, H, j0, j1);
     const scalar_t* gx_b = row(gx_p, t, B, b, G);
     acc_t* c_b = row(c_p, b, H);
     acc_t* out_b = row(out_p, b, H);
@@ -194,6 +195,12 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
       return;
     }
     const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in forward order
+    prefetch_row_ahead(row(gates_p, t, B, 0, G), b, B, G, 4, H, j0, j1);
+    prefetch_row_ahead(row(cs_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
+    if (tp >= 0 && tp < T) {
+      prefetch_row_ahead(row(cs_p, tp, B, 0, H), b, B, H, 1, H, j0, j1);
+    }
+    prefetch_row_ahead(row(dy_p, t, B, 0, Hout), b, B, Hout, 1, Hout, j0, j1);
     const bool cut = resets_at(rst, t, B, b);     // step t started from zero: c_{t-1} = 0, no dc across
     const scalar_t* gates_b = row(gates_p, t, B, b, G);
     const scalar_t* c_b = row(cs_p, t, B, b, H);

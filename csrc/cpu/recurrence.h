@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -187,6 +188,34 @@ inline void for_rows_units(int64_t B, int64_t H, int64_t cost, const F& fn) {
       fn(b, j0, std::min(H, j0 + kUnitBlock));
     }
   });
+}
+
+// Software prefetch of the [T, B, n] streams a cell reads once (forward gx; backward the saved gates, c and
+// dy), kPrefetchRows rows ahead of the row the cell works on. Those rows are in no cache (gx of a large layer
+// is tens of MB, written by the input projection; the saved gates were written by the forward), and a cell
+// touches 2 lines per gate of a row at a 4H stride, a pattern the hardware prefetchers do not follow: the
+// LSTM forward cell then waited on its first gx load for ~40% of its time (perf, Intel Xeon family 6 model
+// 167, 1 thread, B=64, H=512). Prefetching rows b + 2, + 4 or + 8 measured the same there (1 thread, CPU
+// time, fastest of 7: 1651 -> 1447-1453 us a step); prefetching the written streams too (for ownership) was
+// slower (1489-1501). The rows of one block of units are handled one after another by one thread (fused
+// path) or a few blocks apart (for_rows_units), so 4 rows ahead is a few hundred ns of cell work.
+constexpr int64_t kPrefetchRows = 4;
+
+// Prefetches units [j0, j1) of the `count` gate segments (H apart) of row b + kPrefetchRows of one step of
+// a [T, B, n] stream (step: its row 0), when that row exists.
+template <typename S>
+inline void prefetch_row_ahead(const S* step, int64_t b, int64_t B, int64_t n, int64_t count, int64_t H, int64_t j0,
+                               int64_t j1) {
+  if (b + kPrefetchRows >= B) {
+    return;
+  }
+  const S* p = step + (b + kPrefetchRows) * n;
+  for (int64_t k = 0; k < count; ++k) {
+    const auto end = reinterpret_cast<uintptr_t>(p + k * H + j1);
+    for (auto line = reinterpret_cast<uintptr_t>(p + k * H + j0) & ~uintptr_t(63); line < end; line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -432,8 +461,10 @@ class HiddenGemm {
   // fn, to size the parallel grain. Packed path only.
   //
   // Loop order: K is taken in slices of kSliceK, whose kSliceK x P panel slice (16 KB) stays in L1 while
-  // the 4-row tiles of up to sub_rows rows multiply it; sub_rows shrinks with the number of groups so that
-  // those rows' slice of A stays in L1 across the groups too. The first version took each 4-row tile
+  // the register tiles (4 rows, 8 for fp32 on AVX-512) of up to sub_rows rows multiply it; sub_rows shrinks
+  // with the number of groups so that those rows' slice of A stays in L1 across the groups too. On the Intel
+  // Xeon (family 6 model 167, 1 thread, LSTM forward B=64, H=512) sub_rows 8-64 and kSliceK 32-512 all
+  // measured within noise of each other (1144-1237 us a step). The first version took each 4-row tile
   // through the whole K x P panel of every group in turn, streaming every panel from L2 again for every
   // 4 rows; against it (2 threads, interleaved runs, us a step) this order takes the LSTM forward at
   // B=64, H=512 from 1638 to 1368, at B=32, H=256 from 247 to 208, the RNN forward at B=32, H=256 from
@@ -556,7 +587,7 @@ class HiddenGemm {
               [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr, float* out, bool accumulate) {
                 bf16_amx_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
               },
-              /*tile_rows=*/kChunkRows, /*slice_k=*/panels_.K);
+              /*height=*/kChunkRows, /*slice_k=*/panels_.K);
           bf16_amx_release();
           return;
         }
@@ -592,12 +623,14 @@ class HiddenGemm {
 
   // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16);
   // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc),
-  // mr <= tile_rows, kc <= slice_k (4 and kSliceK for the register tiles).
+  // mr <= height (by default the register tile's: 8 for fp32 in the AVX-512 copy, gemm.h panel_tile_zmm, else 4,
+  // bf16 pairs too), kc <= slice_k.
   template <typename F, typename Tile>
-  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t tile_rows = 4,
+  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
              int64_t slice_k = kSliceK) const {
     const int64_t K = panels_.K, width = panels_.width;
-    const int64_t sub_rows = std::max<int64_t>(tile_rows, kChunkRows / groups_ / 4 * 4);
+    const int64_t tile_height = height > 0 ? height : (bf16_ ? 4 : tile_rows<acc_t>());
+    const int64_t sub_rows = std::max<int64_t>(tile_height, kChunkRows / groups_ / tile_height * tile_height);
     alignas(64) acc_t buffer[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
@@ -609,9 +642,9 @@ class HiddenGemm {
             const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
               const acc_t* slice = panels_.panel(g, blk) + k0 * P;
-              for (int64_t m = r0; m < r1; m += tile_rows) {
-                tile(m0 + m, k0, kc, slice, std::min(tile_rows, r1 - m), buffer + (g * kChunkRows + m) * P,
-                     /*accumulate=*/k0 > 0);
+              for (int64_t m = r0; m < r1; m += tile_height) {
+                const int64_t rows = std::min<int64_t>(tile_height, r1 - m);
+                tile(m0 + m, k0, kc, slice, rows, buffer + (g * kChunkRows + m) * P, /*accumulate=*/k0 > 0);
               }
             }
           }

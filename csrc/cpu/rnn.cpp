@@ -33,6 +33,7 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
   acc_t* next_p = h_next.data_ptr<acc_t>();
 
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t) {
+    prefetch_row_ahead(row(gx_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
     acc_t* next_b = row(next_p, b, H);
     scalar_t* y_b = row(y_p, t, B, b, H);
     if (!active(len, t, b)) {  // state carried, y_t = 0
@@ -77,6 +78,8 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   const acc_t* dh_p = dh.const_data_ptr<acc_t>();
 
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
+    prefetch_row_ahead(row(dy_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
+    prefetch_row_ahead(row(y_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
     scalar_t* dgx_b = row(dgx_p, t, B, b, H);
     if (!active(len, t, b)) {  // no gradient into this step; dh passes through
       zero_row<acc_t>(dgx_b + j0, j1 - j0);
