@@ -195,6 +195,9 @@ int64_t vector_floats() { return active().vector_floats; }
 // of this process ran on it (docs/cpu.md, "bf16 and fp16").
 int64_t bf16_dot_products() { return active().bf16_dot_products(); }
 
+// How many step products of the active copy took W_hh's packed panels from its cache (panel_cache.h).
+int64_t panel_cache_hits() { return active().panel_cache_hits(); }
+
 // ---- the six ops, for the CPU dispatch key ------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
@@ -259,6 +262,7 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("supported() -> str[]", &supported);
   m.def("vector_floats() -> int", &vector_floats);
   m.def("bf16_dot_products() -> int", &bf16_dot_products);
+  m.def("panel_cache_hits() -> int", &panel_cache_hits);
 }
 
 }  // namespace cpu

@@ -56,7 +56,7 @@ using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const a
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 3;  // 2: the bf16 dot-product counter; 3: the resets argument
+constexpr int64_t kKernelsAbi = 4;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: panel cache hits
 
 struct Kernels {
   int64_t abi;
@@ -72,6 +72,8 @@ struct Kernels {
   // -1 where this copy cannot run bf16 weights on the avx512_bf16 dot product on this CPU, else how many step
   // products of this process ran on it (recurrence.h, bf16_dot_products).
   int64_t (*bf16_dot_products)();
+  // How many HiddenGemm constructions of this copy took W_hh's packed panels from its cache (panel_cache.h).
+  int64_t (*panel_cache_hits)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
@@ -125,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                              &k::gru_bwd,                                                      \
                                              &k::rnn_fwd,                                                      \
                                              &k::rnn_bwd,                                                      \
-                                             &k::bf16_dot_products};                                                   \
+                                             &k::bf16_dot_products,                                            \
+                                             &k::panel_cache_hits};                                            \
     return &table;                                                                                             \
   }

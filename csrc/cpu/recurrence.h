@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "panel_cache.h"
 #include "vec_math.h"
 
 namespace fastrnn {
@@ -351,10 +352,12 @@ class HiddenGemm {
  public:
   static constexpr int64_t P = panel_width<acc_t>();
 
-  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); storage: the dtype
-  // the weights came in (bf16: the packed path may run on bf16 pairs, see bf16_dot_allowed).
-  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, at::ScalarType storage = at::kFloat)
+  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
+  // argument r was made from, in the dtype it came in (bf16: the packed path may run on bf16 pairs, see
+  // bf16_dot_allowed), whose packed panels are kept across calls (panel_cache.h); undefined: fp32, no cache.
+  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, const at::Tensor& weight = at::Tensor())
       : rows_(rows), groups_(groups), n_(r.size(1)), k_(r.size(0)) {
+    const at::ScalarType storage = weight.defined() ? weight.scalar_type() : at::kFloat;
     const GemmPath path = gemm_path_override();
     const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
     // With 512-bit vectors (the AVX-512 copy) the packed path wins at every batch measured, one group
@@ -369,14 +372,16 @@ class HiddenGemm {
     if constexpr (std::is_same_v<acc_t, float>) {
       bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
       if (bf16_) {
-        panels_ = bf16_pair_panels(r, groups);  // exact: r holds bf16 values
+        panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, true),
+                                         [&] { return bf16_pair_panels(r, groups); });  // exact: r holds bf16 values
         bf16_dot_count().fetch_add(1, std::memory_order_relaxed);
         return;
       }
     }
 #endif
     if (packed_) {
-      panels_ = Panels<acc_t>(r, groups);
+      panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, false),
+                                       [&] { return Panels<acc_t>(r, groups); });
     } else {
       w_nk_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
     }
@@ -384,6 +389,12 @@ class HiddenGemm {
 
   bool packed() const { return packed_; }
   bool bf16() const { return bf16_; }
+
+  // What tells two packings of one weight apart in the cache: the view of it packed (forward: W^T, stride(0)
+  // 1; backward: W), the groups and the bf16 pairs.
+  static int64_t cache_layout(const at::Tensor& r, int64_t groups, bool bf16_pairs) {
+    return groups * 4 + (r.stride(0) == 1 ? 2 : 0) + (bf16_pairs ? 1 : 0);
+  }
   int64_t blocks() const { return panels_.blocks; }
 
   // For every (chunk of <= kChunkRows rows, block of P columns of each group): the product of those rows
