@@ -61,8 +61,17 @@ def native_gemm(backend, dtype):
     the Zen 5, docs/cpu.md) and fp16, computed in fp32 (exact conversions; both sum in fp32): torch's fp16
     matmul on a CPU without avx512_fp16 ran 16 GFLOP/s against 123 converted to fp32 ([6400,512]x[512,2048],
     Zen 5, 2 threads, load 5.5). Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 (232 vs 97
-    GFLOP/s for fp32 in the same run). Not under a torch.func transform (these ops have no batching rule)."""
-    return backend == "cpu" and dtype in (torch.float32, torch.float16) and not transformed()
+    GFLOP/s for fp32 in the same run). Not under a torch.func transform (these ops have no batching rule).
+
+    Not fp32 where those ops would take MKL anyway (Intel CPUs, csrc/cpu/linear.cpp; native.blas()): torch's
+    own F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
+    forward and ~30 us a forward+backward of a small layer's projection ([50,64]x[64,512], Intel Xeon AVX-512,
+    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh."""
+    if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
+        return False
+    from .backends import native
+
+    return dtype == torch.float16 or native.blas() != "mkl"
 
 
 def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):

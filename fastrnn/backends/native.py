@@ -12,6 +12,8 @@ which runs, set_cpu_capability() switches it (tests, benchmarks), supported_cpu_
 the CPU can run.
 """
 
+import os
+
 import torch
 
 from .. import _jit
@@ -107,6 +109,20 @@ def linear(x, w, bias=None):
 def mm(a, b):
     """a @ b like torch.mm (2-D CPU tensors), on the path of linear()."""
     return torch.ops.fastrnn_cpu.mm(a, b)
+
+
+_blas_of_setting = {}
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the path of its tracing
+def blas():
+    """"onednn" or "mkl": the path fp32 products of linear() and mm() take (csrc/cpu/linear.cpp) under the
+    current FASTRNN_CPU_BLAS (remembered per value: the op call costs ~3 us, a visible share of a small layer)."""
+    setting = os.environ.get("FASTRNN_CPU_BLAS")
+    path = _blas_of_setting.get(setting)
+    if path is None:
+        path = _blas_of_setting[setting] = torch.ops.fastrnn_cpu.blas()
+    return path
 
 
 def built_cpu_capabilities():
