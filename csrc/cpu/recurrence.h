@@ -293,15 +293,19 @@ inline GemmPath gemm_path_override() {
   return GemmPath::kPacked;
 }
 
-// A barrier for the threads of one OpenMP team: the last to arrive bumps the generation the others spin
-// on (acquire/release: every write before the barrier is visible after it). After a while of spinning a
-// waiter yields its core, so a thread descheduled by another process is not raced against forever.
+// A barrier for the threads of one OpenMP team: the last to arrive runs `completion` (every other thread
+// is then done with what came before and none has gone past) and bumps the generation the others spin on
+// (acquire/release: every write before the barrier, the completion's included, is visible after it). After a
+// while of spinning a waiter yields its core, so a thread descheduled by another process is not raced
+// against forever.
 class SpinBarrier {
  public:
-  void wait(int64_t team) {
+  template <typename F>
+  void wait(int64_t team, const F& completion) {
     const int64_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
       arrived_.store(0, std::memory_order_relaxed);
+      completion();
       generation_.fetch_add(1, std::memory_order_release);
       return;
     }
@@ -424,12 +428,13 @@ class HiddenGemm {
   // thread once every thread is done with step s, before step s + 1 starts. a_of(s) == nullptr: no product
   // at that step. A short step (under kMaxPersistentStepCycles) runs all steps in ONE parallel region, each
   // thread keeping the same column blocks at every step (its panels stay in its own caches) and the threads
-  // meeting at a spinning barrier twice a step (~0.1 us each with 2 threads) instead of a fork and join
-  // (~1.0-1.4 us). Measured (ops, interleaved runs, one region against a region a step): GRU at B=1, H=128
-  // forward 272 vs 416 us, backward 273 vs 409; RNN at B=8, H=128 backward 697 vs 1327; equal within noise
-  // at B=1 for LSTM and RNN and at B=8 for the LSTM. At the longer steps of B=32, H=256 the LSTM forward
-  // ran 3-15% slower in one region (cause not pinned down; the fork/join is < 1% of such a step), so long
-  // steps keep a region a step.
+  // meeting at a spinning barrier once a step (~0.1 us with 2 threads; the last to arrive runs serial(s)
+  // before it lets the others go, where there were two barriers around serial(s) on thread 0) instead of a
+  // fork and join (~1.0-1.4 us). Measured (ops, interleaved runs, one region against a region a step): GRU
+  // at B=1, H=128 forward 272 vs 416 us, backward 273 vs 409; RNN at B=8, H=128 backward 697 vs 1327; equal
+  // within noise at B=1 for LSTM and RNN and at B=8 for the LSTM. At the longer steps of B=32, H=256 the LSTM
+  // forward ran 3-15% slower in one region (cause not pinned down; the fork/join is < 1% of such a step), so
+  // long steps keep a region a step.
   static constexpr int64_t kMaxPersistentStepCycles = 256 * 1024;
 
   // one_region = false: a region a step whatever the step's length (serial is too heavy for one thread).
@@ -458,11 +463,7 @@ class HiddenGemm {
         const int64_t begin = blocks * tid / team, end = blocks * (tid + 1) / team;
         for (int64_t s = 0; s < steps; ++s) {
           step(s, begin, end);
-          barrier.wait(team);
-          if (tid == 0) {
-            serial(s);
-          }
-          barrier.wait(team);
+          barrier.wait(team, [&] { serial(s); });  // on the last thread to finish step s
         }
       }
       return;
