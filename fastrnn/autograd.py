@@ -24,6 +24,7 @@ import functools
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
+from torch._functorch import utils as _functorch_utils
 
 from .backends import ops
 from .backends import reference
@@ -63,14 +64,19 @@ def native_gemm(backend, dtype):
     ([6400,512]x[512,2048], Zen 5, 2 threads, load 5.5). With avx512_fp16 torch's fp16 matmul is oneDNN's on
     it, with fp32 sums, and faster than the conversions (native.TORCH_FP16_GEMM_IS_NATIVE; docs/cpu.md).
     Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 / AMX (232 vs 97 GFLOP/s for fp32 on
-    the Zen 5). Not under a torch.func transform (these ops have no batching rule)."""
+    the Zen 5). Not under a torch.func transform (these ops have no batching rule).
+
+    Not fp32 where those ops would take MKL anyway (Intel CPUs, csrc/cpu/linear.cpp; native.blas()): torch's
+    own F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
+    forward and ~30 us a forward+backward of a small layer's projection ([50,64]x[64,512], Intel Xeon AVX-512,
+    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh."""
     if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
         return False
-    if dtype == torch.float16:
-        from .backends import native
+    from .backends import native
 
+    if dtype == torch.float16:
         return not native.TORCH_FP16_GEMM_IS_NATIVE
-    return True
+    return native.blas() != "mkl"
 
 
 def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
@@ -116,6 +122,22 @@ def function_for(plain, forward_mode, *tensors):
     return None
 
 
+# autograd.Function's C entry point, which Function.apply (Python) calls after binding the arguments to
+# forward's signature with inspect; None on a torch that lays it out otherwise (then Function.apply is used).
+_FUNCTION_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+
+
+def apply(function, *args):
+    """function.apply(*args) without autograd.Function.apply's Python layer where that layer does nothing for
+    us: it binds the arguments to forward's signature with inspect on every call (our forwards take every
+    argument positionally and have no defaults), ~40 us a call: LSTMFunction at (50,1,64,128), Intel Xeon, 1
+    thread, fastest of 200, load 5.9: 192 us against 148 for the C entry (the op alone: 139). Function.apply
+    itself under torch.compile (Dynamo traces it) and inside functorch transforms (custom_function_call)."""
+    if _FUNCTION_APPLY is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _FUNCTION_APPLY.__get__(None, function)(*_functorch_utils.unwrap_dead_wrappers(args))
+
+
 # The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
 # `b_in` is the bias folded into Gx.
 
@@ -125,8 +147,8 @@ def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend):
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
     if function is not None:
-        y, h_n, c_n, _, _ = function.apply(
-            gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in
+        y, h_n, c_n, _, _ = apply(
+            function, gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in
         )
         return y, h_n, c_n
     y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False)
@@ -138,7 +160,7 @@ def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, resets, reverse, backend):
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
     if function is not None:
-        y, h_n, _ = function.apply(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in)
+        y, h_n, _ = apply(function, gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in)
         return y, h_n
     y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, False)
     return y, h_n
@@ -149,7 +171,7 @@ def rnn(x, w_ih, b_in, w_hh, h0, lengths, resets, reverse, relu, backend):
     gx = input_projection(x, w_ih, b_in, backend)
     function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
     if function is not None:
-        return function.apply(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in)
+        return apply(function, gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in)
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
 
 

@@ -396,6 +396,113 @@ def test_outputs_are_fresh():
     assert dh0.data_ptr() != bwd[1].data_ptr()
 
 
+
+# ----- the packed W_hh kept across calls (csrc/cpu/panel_cache.h) ------------------------------------
+
+CACHE_CELLS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+
+
+def cache_twins(cell, I=6, H=20, seed=0):
+    """A torch.nn layer and a fastrnn twin (backend="cpu") holding equal weights of their own."""
+    import fastrnn
+
+    torch.manual_seed(seed)
+    ref = CACHE_CELLS[cell](I, H)
+    fast = getattr(fastrnn, cell.upper())(I, H, backend="cpu")
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def assert_same_layer(ref, fast, x):
+    with torch.no_grad():
+        y_ref, y_fast = ref(x)[0], fast(x)[0]
+    torch.testing.assert_close(y_fast, y_ref, atol=2e-5, rtol=1e-4)
+
+
+def cache_hits():
+    return torch.ops.fastrnn_cpu.panel_cache_hits()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_panel_cache_is_used_and_follows_every_kind_of_weight_change(cell, monkeypatch):
+    """Repeated inference reuses W_hh's packed panels (the hit counter grows), and every way of changing the
+    weights between calls is seen: an in-place optimizer step (bumps the version counter), a write through
+    `.data` (keeps it: the RL soft target update), load_state_dict, and a tensor at a new address."""
+    monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE", raising=False)
+    ref, fast = cache_twins(cell)
+    x = torch.randn(5, 3, 6)
+    before = cache_hits()
+    for _ in range(4):
+        assert_same_layer(ref, fast, x)
+    assert cache_hits() >= before + 2, "the cache is never hit on repeated calls with the same weights"
+
+    # An optimizer step (in place, version counter bumped), the same step on the twin.
+    for module in (ref, fast):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        module(x)[0].square().sum().backward()
+        optimizer.step()
+    for _ in range(3):
+        assert_same_layer(ref, fast, x)
+
+    # `.data` writes keep the version counter: only the content check sees them.
+    for _ in range(3):
+        assert_same_layer(ref, fast, x)
+    new = torch.randn_like(ref.weight_hh_l0)
+    ref.weight_hh_l0.data.copy_(new)
+    fast.weight_hh_l0.data.copy_(new)
+    hits = cache_hits()
+    assert_same_layer(ref, fast, x)
+    assert cache_hits() == hits, "panels of the old weights were reused after a .data write"
+    fast.weight_hh_l0.data[0, 0] += 1.0  # one element of one row
+    ref.weight_hh_l0.data[0, 0] += 1.0
+    assert_same_layer(ref, fast, x)
+
+    # load_state_dict from another initialisation.
+    other, _ = cache_twins(cell, seed=1)
+    ref.load_state_dict(other.state_dict())
+    fast.load_state_dict(other.state_dict())
+    for _ in range(3):
+        assert_same_layer(ref, fast, x)
+
+    # A new tensor (new address) assigned to the parameter.
+    fast.weight_hh_l0 = torch.nn.Parameter(other.weight_hh_l0.detach() * 0.5)
+    ref.weight_hh_l0 = torch.nn.Parameter(other.weight_hh_l0.detach() * 0.5)
+    for _ in range(3):
+        assert_same_layer(ref, fast, x)
+
+
+def test_panel_cache_is_not_shared_between_modules(monkeypatch):
+    """Two layers of the same shape, called in turn (inference and training), each with its own weights; and
+    two layers sharing one weight tensor."""
+    monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE", raising=False)
+    x = torch.randn(4, 2, 6)
+    pairs = [cache_twins("lstm", seed=s) for s in (0, 1)]
+    for _ in range(4):
+        for ref, fast in pairs:
+            assert_same_layer(ref, fast, x)
+    for ref, fast in pairs:  # gradients too (the backward packs W_hh in another layout)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref(xr)[0].sum().backward()
+        fast(xf)[0].sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(fast.weight_hh_l0.grad, ref.weight_hh_l0.grad, atol=2e-5, rtol=1e-4)
+    (ref_a, fast_a), (ref_b, fast_b) = pairs
+    fast_b.weight_hh_l0 = fast_a.weight_hh_l0  # one Parameter in two modules
+    ref_b.weight_hh_l0 = ref_a.weight_hh_l0
+    for _ in range(3):
+        assert_same_layer(ref_a, fast_a, x)
+        assert_same_layer(ref_b, fast_b, x)
+
+
+def test_panel_cache_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", "0")
+    ref, fast = cache_twins("gru")
+    x = torch.randn(3, 2, 6)
+    before = cache_hits()
+    for _ in range(4):
+        assert_same_layer(ref, fast, x)
+    assert cache_hits() == before
+
 # ----- the ISA capabilities (csrc/cpu/kernels.h, dispatch.cpp) ---------------------------------------
 
 BUILT = native.built_cpu_capabilities()

@@ -234,6 +234,9 @@ double fma_peak(double seconds) {
   return best;
 }
 
+// How many step products of the active copy took W_hh's packed panels from its cache (panel_cache.h).
+int64_t panel_cache_hits() { return active().panel_cache_hits(); }
+
 // ---- the six ops, for the CPU dispatch key ------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
@@ -301,6 +304,7 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("bf16_amx_products() -> int", &bf16_amx_products);
   m.def("has_avx512_fp16() -> bool", &has_avx512_fp16);
   m.def("fma_peak(float seconds) -> float", &fma_peak);
+  m.def("panel_cache_hits() -> int", &panel_cache_hits);
 }
 
 }  // namespace cpu

@@ -57,8 +57,8 @@ using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const a
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 5;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
-                                    // 5: fma_loop
+constexpr int64_t kKernelsAbi = 6;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+                                    // 5: fma_loop; 6: panel cache hits
 
 struct Kernels {
   int64_t abi;
@@ -79,6 +79,8 @@ struct Kernels {
   // The fp32 FMA loop of this copy's vectors on each of torch's threads (fma_peak.cpp): returns their summed
   // FLOP/s and the shortest thread's seconds; dispatch.cpp's fma_peak repeats it for the benchmark.
   double (*fma_loop)(int64_t iterations, double* shortest_seconds);
+  // How many HiddenGemm constructions of this copy took W_hh's packed panels from its cache (panel_cache.h).
+  int64_t (*panel_cache_hits)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
@@ -134,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                              &k::rnn_bwd,                                                      \
                                              &k::bf16_dot_products,                                            \
                                              &k::bf16_amx_products,                                            \
-                                             &k::fma_loop};                                                    \
+                                             &k::fma_loop,                                                     \
+                                             &k::panel_cache_hits};                                            \
     return &table;                                                                                             \
   }

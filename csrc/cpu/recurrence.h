@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "panel_cache.h"
 #include "vec_math.h"
 
 namespace fastrnn {
@@ -321,15 +322,19 @@ inline GemmPath gemm_path_override() {
   return GemmPath::kPacked;
 }
 
-// A barrier for the threads of one OpenMP team: the last to arrive bumps the generation the others spin
-// on (acquire/release: every write before the barrier is visible after it). After a while of spinning a
-// waiter yields its core, so a thread descheduled by another process is not raced against forever.
+// A barrier for the threads of one OpenMP team: the last to arrive runs `completion` (every other thread
+// is then done with what came before and none has gone past) and bumps the generation the others spin on
+// (acquire/release: every write before the barrier, the completion's included, is visible after it). After a
+// while of spinning a waiter yields its core, so a thread descheduled by another process is not raced
+// against forever.
 class SpinBarrier {
  public:
-  void wait(int64_t team) {
+  template <typename F>
+  void wait(int64_t team, const F& completion) {
     const int64_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
       arrived_.store(0, std::memory_order_relaxed);
+      completion();
       generation_.fetch_add(1, std::memory_order_release);
       return;
     }
@@ -417,10 +422,12 @@ class HiddenGemm {
  public:
   static constexpr int64_t P = panel_width<acc_t>();
 
-  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); storage: the dtype
-  // the weights came in (bf16: the packed path may run on bf16 pairs, see bf16_dot_allowed).
-  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, at::ScalarType storage = at::kFloat)
+  // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
+  // argument r was made from, in the dtype it came in (bf16: the packed path may run on bf16 pairs, see
+  // bf16_dot_allowed), whose packed panels are kept across calls (panel_cache.h); undefined: fp32, no cache.
+  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, const at::Tensor& weight = at::Tensor())
       : rows_(rows), groups_(groups), n_(r.size(1)), k_(r.size(0)) {
+    const at::ScalarType storage = weight.defined() ? weight.scalar_type() : at::kFloat;
     const GemmPath path = gemm_path_override();
     const int64_t K = r.size(0), bytes = static_cast<int64_t>(sizeof(acc_t));
     // With 512-bit vectors (the AVX-512 copy) the packed path wins at every batch measured, one group
@@ -435,7 +442,8 @@ class HiddenGemm {
     if constexpr (std::is_same_v<acc_t, float>) {
       bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
       if (bf16_) {
-        panels_ = bf16_pair_panels(r, groups);  // exact: r holds bf16 values
+        panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, true),
+                                         [&] { return bf16_pair_panels(r, groups); });  // exact: r holds bf16 values
         amx_ = bf16_amx_allowed(rows);
         (amx_ ? bf16_amx_count() : bf16_dot_count()).fetch_add(1, std::memory_order_relaxed);
         return;
@@ -443,7 +451,8 @@ class HiddenGemm {
     }
 #endif
     if (packed_) {
-      panels_ = Panels<acc_t>(r, groups);
+      panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, false),
+                                       [&] { return Panels<acc_t>(r, groups); });
     } else {
       w_nk_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
     }
@@ -451,6 +460,12 @@ class HiddenGemm {
 
   bool packed() const { return packed_; }
   bool bf16() const { return bf16_; }
+
+  // What tells two packings of one weight apart in the cache: the view of it packed (forward: W^T, stride(0)
+  // 1; backward: W), the groups and the bf16 pairs.
+  static int64_t cache_layout(const at::Tensor& r, int64_t groups, bool bf16_pairs) {
+    return groups * 4 + (r.stride(0) == 1 ? 2 : 0) + (bf16_pairs ? 1 : 0);
+  }
   int64_t blocks() const { return panels_.blocks; }
 
   // For every (chunk of <= kChunkRows rows, block of P columns of each group): the product of those rows
@@ -482,12 +497,13 @@ class HiddenGemm {
   // thread once every thread is done with step s, before step s + 1 starts. a_of(s) == nullptr: no product
   // at that step. A short step (under kMaxPersistentStepCycles) runs all steps in ONE parallel region, each
   // thread keeping the same column blocks at every step (its panels stay in its own caches) and the threads
-  // meeting at a spinning barrier twice a step (~0.1 us each with 2 threads) instead of a fork and join
-  // (~1.0-1.4 us). Measured (ops, interleaved runs, one region against a region a step): GRU at B=1, H=128
-  // forward 272 vs 416 us, backward 273 vs 409; RNN at B=8, H=128 backward 697 vs 1327; equal within noise
-  // at B=1 for LSTM and RNN and at B=8 for the LSTM. At the longer steps of B=32, H=256 the LSTM forward
-  // ran 3-15% slower in one region (cause not pinned down; the fork/join is < 1% of such a step), so long
-  // steps keep a region a step.
+  // meeting at a spinning barrier once a step (~0.1 us with 2 threads; the last to arrive runs serial(s)
+  // before it lets the others go, where there were two barriers around serial(s) on thread 0) instead of a
+  // fork and join (~1.0-1.4 us). Measured (ops, interleaved runs, one region against a region a step): GRU
+  // at B=1, H=128 forward 272 vs 416 us, backward 273 vs 409; RNN at B=8, H=128 backward 697 vs 1327; equal
+  // within noise at B=1 for LSTM and RNN and at B=8 for the LSTM. At the longer steps of B=32, H=256 the LSTM
+  // forward ran 3-15% slower in one region (cause not pinned down; the fork/join is < 1% of such a step), so
+  // long steps keep a region a step.
   static constexpr int64_t kMaxPersistentStepCycles = 256 * 1024;
 
   // one_region = false: a region a step whatever the step's length (serial is too heavy for one thread).
@@ -516,11 +532,7 @@ class HiddenGemm {
         const int64_t begin = blocks * tid / team, end = blocks * (tid + 1) / team;
         for (int64_t s = 0; s < steps; ++s) {
           step(s, begin, end);
-          barrier.wait(team);
-          if (tid == 0) {
-            serial(s);
-          }
-          barrier.wait(team);
+          barrier.wait(team, [&] { serial(s); });  // on the last thread to finish step s
         }
       }
       return;

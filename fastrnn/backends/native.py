@@ -12,6 +12,8 @@ which runs, set_cpu_capability() switches it (tests, benchmarks), supported_cpu_
 the CPU can run.
 """
 
+import os
+
 import torch
 
 from .. import _jit
@@ -122,6 +124,20 @@ def mm(a, b):
 # product's rounded to fp16, K up to 20000) and faster than the fp32 route (docs/cpu.md, "bf16 and fp16").
 # Read once here: a constant for torch.compile.
 TORCH_FP16_GEMM_IS_NATIVE = bool(torch.ops.fastrnn_cpu.has_avx512_fp16()) and torch.backends.mkldnn.is_available()
+
+
+_blas_of_setting = {}
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the path of its tracing
+def blas():
+    """"onednn" or "mkl": the path fp32 products of linear() and mm() take (csrc/cpu/linear.cpp) under the
+    current FASTRNN_CPU_BLAS (remembered per value: the op call costs ~3 us, a visible share of a small layer)."""
+    setting = os.environ.get("FASTRNN_CPU_BLAS")
+    path = _blas_of_setting.get(setting)
+    if path is None:
+        path = _blas_of_setting[setting] = torch.ops.fastrnn_cpu.blas()
+    return path
 
 
 def built_cpu_capabilities():
