@@ -27,8 +27,6 @@
 #include <optional>
 #include <string>
 
-#include "large_tensor.h"
-
 namespace fastrnn {
 namespace cpu {
 namespace {
@@ -86,9 +84,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   if (use_onednn(x, w, bias)) {
     return onednn_linear()->call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
-  // Into a block with the 2 MB-page hint (large_tensor.h): Gx and dx are 13-52 MB at the large sizes.
-  at::Tensor out = empty_large({x.size(0), w.size(0)}, x.options());
-  return bias.has_value() ? at::addmm_out(out, *bias, x, w.t()) : at::mm_out(out, x, w.t());
+  return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
 // a @ b, as torch.mm.

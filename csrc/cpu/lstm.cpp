@@ -7,7 +7,6 @@
 // more product per step (m_t W_hr^T forward, dh_t W_hr backward); dW_hr is one GEMM over all T*B rows.
 #include "../cells/lstm.h"
 #include "kernels.h"
-#include "large_tensor.h"
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -255,9 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor y = empty_large({T, B, Hout}, gx.options());
-  at::Tensor gates = save ? empty_large({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
-  at::Tensor cs = save ? empty_large({T, B, H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor y = at::empty({T, B, Hout}, gx.options());
+  at::Tensor gates = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor cs = save ? at::empty({T, B, H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n, c_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::lstm_fwd", [&] {
     lstm_fwd_kernel<scalar_t>(gx, w_hh, h0, c0, w_hr, len, rst, reverse, save, y, h_n, c_n, gates, cs);
@@ -291,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor dgx = empty_large({T, B, 4 * H}, gates.options());
+  at::Tensor dgx = at::empty({T, B, 4 * H}, gates.options());
   at::Tensor dh0, dc0, dw_hr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "fastrnn::lstm_bwd", [&] {
     lstm_bwd_kernel<scalar_t>(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, len, rst, reverse, dgx, dh0, dc0, dw_hr);

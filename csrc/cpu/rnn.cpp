@@ -6,7 +6,6 @@
 // template constant).
 #include "../cells/rnn.h"
 #include "kernels.h"
-#include "large_tensor.h"
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -115,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor y = empty_large({T, B, H}, gx.options());
+  at::Tensor y = at::empty({T, B, H}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::rnn_fwd", [&] {
     if (relu) {
@@ -142,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor dgx = empty_large({T, B, H}, y.options());
+  at::Tensor dgx = at::empty({T, B, H}, y.options());
   at::Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::rnn_bwd", [&] {
     if (relu) {
