@@ -81,8 +81,9 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     in fp32/fp16 through fastrnn_cpu::mm, like the input projection: native_gemm).
 
     Two products: dGh over the (T-1)*B rows of every step but the walk's first against y shifted by one step
-    (a view, shifted_hidden), plus dGh_first^T h_first over B rows, summed in fp32. Building the shifted
-    [T, B, Hout] tensor instead (a 13 MB copy at T=100, B=64, H=512) cost more than the B-row product. In bf16
+    (a view, shifted_hidden), plus dGh_first^T h_first over B rows, summed in fp32 (fp64 in fp64). Building the
+    shifted [T, B, Hout] tensor instead (a 13 MB cat at T=100, B=64, H=512: 7-12 ms on the Xeon at load ~4,
+    docs/cpu.md) cost more than the 0.1 GFLOP B-row product. In bf16
     one product over previous_hidden: the sum of two would round once more in bf16 than one product does."""
     native = native_gemm(backend, dgh.dtype)
     if y.shape[0] == 1 or not (native or dgh.dtype in (torch.float32, torch.float64)):
