@@ -30,26 +30,6 @@ from .backends import ops
 from .backends import reference
 
 
-def previous_hidden(y, h0, lengths, resets, reverse):
-    """[T, B, Hout]: the state h_{t-1} each step t started from, rebuilt from the outputs.
-
-    Forward, an active step t >= 1 follows an active step, so h_{t-1} = y[t-1]. Reverse, step t+1 may be
-    padding (t+1 >= lengths[b]), and then the sequence starts at t from h0. Inactive steps have zero
-    gradient, so what stands there does not matter (it is finite: y is 0 there).
-    """
-    if reverse:
-        prev = torch.cat([y[1:], h0.unsqueeze(0)])
-        if lengths is not None:
-            T = y.shape[0]
-            starts_here = torch.arange(1, T + 1, device=y.device).unsqueeze(1) >= lengths.unsqueeze(0)
-            prev = torch.where(starts_here.unsqueeze(2), h0.unsqueeze(0), prev)
-    else:
-        prev = torch.cat([h0.unsqueeze(0), y[:-1]])
-    if resets is not None:  # a step that resets started from zeros
-        prev = prev.masked_fill(resets.unsqueeze(2), 0)
-    return prev
-
-
 def transformed():
     """Whether a forward-AD dual level or a torch.func transform is active (they see only torch ops and
     fastrnn's recurrence ops, whose batching and jvp rules live in this package)."""
@@ -79,16 +59,67 @@ def native_gemm(backend, dtype):
     return native.blas() != "mkl"
 
 
-def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
-    """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}: one GEMM over T*B rows (on the cpu backend
-    in fp32/fp16 through fastrnn_cpu::mm, oneDNN's matmul, like the input projection: native_gemm)."""
-    prev = previous_hidden(y, h0, lengths, resets, reverse).flatten(0, 1).to(dgh.dtype)
-    dgh = dgh.flatten(0, 1).t()
-    if native_gemm(backend, dgh.dtype):
-        from .backends import native
+def shifted_hidden(y, h0, lengths, resets, reverse):
+    """(rows [T, B, Hout], first [B, Hout]): the state h_{t-1} each step t started from is rows[t-1] forward,
+    rows[t+1] reverse, and `first` at the walk's first step (t = 0 forward, T-1 reverse).
 
-        return native.mm(dgh.float(), prev.float()).to(dgh.dtype)
-    return dgh @ prev
+    rows is y itself unless something breaks the shift: reverse, step t+1 may be padding (t+1 >= lengths[b]),
+    and then the sequence starts at t from h0; a step that resets started from zeros. Then rows is a copy of
+    y with those rows replaced, laid out like y (the same shape, strides and offsets, so the GEMM reading it
+    sees the same alignment: an all-false `resets` gives resets=None's bits, tests/test_resets.py). `first` is
+    always a fresh block for the same reason. Inactive steps have zero gradient, so what stands there does not
+    matter (it is finite: y is 0 there)."""
+    rows = y
+    if reverse and lengths is not None:  # rows[t] is read by step t-1, which starts from h0 where t is padding
+        padding = torch.arange(y.shape[0], device=y.device).unsqueeze(1) >= lengths.unsqueeze(0)
+        rows = torch.where(padding.unsqueeze(2), h0.unsqueeze(0), rows)
+    if resets is None:
+        return rows, h0.clone()
+    # rows[t] is read by step t+1 forward, t-1 reverse; the wrapped-around row is never read.
+    read_by_reset = torch.roll(resets, 1 if reverse else -1, 0)
+    first_resets = resets[-1] if reverse else resets[0]
+    return rows.masked_fill(read_by_reset.unsqueeze(2), 0), h0.masked_fill(first_resets.unsqueeze(1), 0)
+
+
+def previous_hidden(y, h0, lengths, resets, reverse):
+    """[T, B, Hout]: the state h_{t-1} each step t started from, as one tensor (shifted_hidden's rows shifted
+    by one step, `first` at the walk's first step)."""
+    rows, first = shifted_hidden(y, h0, lengths, resets, reverse)
+    if reverse:
+        return torch.cat([rows[1:], first.unsqueeze(0)])
+    return torch.cat([first.unsqueeze(0), rows[:-1]])
+
+
+def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
+    """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}, over all T*B rows at once (on the cpu backend
+    in fp32/fp16 through fastrnn_cpu::mm, like the input projection: native_gemm).
+
+    Two products: dGh over the (T-1)*B rows of every step but the walk's first against y shifted by one step
+    (a view, shifted_hidden), plus dGh_first^T h_first over B rows, summed in fp32 (fp64 in fp64). Building the
+    shifted [T, B, Hout] tensor instead (a 13 MB cat at T=100, B=64, H=512: 7-12 ms on the Xeon at load ~4,
+    docs/cpu.md) cost more than the 0.1 GFLOP B-row product. In bf16
+    one product over previous_hidden: the sum of two would round once more in bf16 than one product does."""
+    native = native_gemm(backend, dgh.dtype)
+    if y.shape[0] == 1 or not (native or dgh.dtype in (torch.float32, torch.float64)):
+        prev = previous_hidden(y, h0, lengths, resets, reverse).to(dgh.dtype)
+        return _product(dgh.flatten(0, 1).t(), prev.flatten(0, 1), native)
+    rows, first_h = shifted_hidden(y, h0, lengths, resets, reverse)
+    first, inner, outer = (-1, slice(None, -1), slice(1, None)) if reverse else (0, slice(1, None), slice(None, -1))
+    dw = _product(dgh[inner].flatten(0, 1).t(), rows[outer].flatten(0, 1).to(dgh.dtype), native, keep_fp32=True)
+    # Out of place: under vmap (the Functions' generated rule) one term may be batched and the other not.
+    dw = dw + _product(dgh[first].t(), first_h.to(dgh.dtype), native, keep_fp32=True)
+    return dw.to(dgh.dtype)
+
+
+def _product(a, b, native, keep_fp32=False):
+    """a @ b: through fastrnn_cpu::mm in fp32 where `native` (the result in a's dtype unless keep_fp32, for a
+    sum of products rounded once), else torch's matmul."""
+    if not native:
+        return a @ b
+    from .backends import native as native_ops
+
+    c = native_ops.mm(a.float(), b.float())
+    return c if keep_fp32 else c.to(a.dtype)
 
 
 def input_projection(x, w_ih, b_in, backend):
@@ -183,8 +214,9 @@ def without_autocast(backward):
 
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
-        device_type = next(g.device.type for g in grads if g is not None)
-        if not torch.is_autocast_enabled(device_type):
+        # All None when no output reaches the loss (materialize_grads is off: zeros_where_missing).
+        device_type = next((g.device.type for g in grads if g is not None), None)
+        if device_type is None or not torch.is_autocast_enabled(device_type):
             return backward(ctx, *grads)
         with torch.autocast(device_type, enabled=False):
             return backward(ctx, *grads)
@@ -257,6 +289,14 @@ def forward_tangents(recurrence, primals, tangents):
     return pullback_of_pullback(tangents)[0]
 
 
+def zeros_where_missing(grads, likes):
+    """The output gradients with zeros for the ones autograd left None. The Functions turn off
+    materialize_grads: autograd would otherwise fill a zero gradient for every output the loss does not use,
+    the saved non-differentiable ones included (GRU's [T, B, 4H], LSTM's gates and c_t: 13-65 MB of zeros
+    written every backward at T=100, B=64, H=512), and the ops read only dy, dh_n and dc_n."""
+    return tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grads, likes))
+
+
 class LSTMFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -270,6 +310,7 @@ class LSTMFunction(torch.autograd.Function):
         y, _, _, gates, cs = output
         ctx.mark_non_differentiable(gates, cs)
         ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in)
+        ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
@@ -277,6 +318,7 @@ class LSTMFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
         w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
+        dy, dh_n, dc_n = zeros_where_missing((dy, dh_n, dc_n), (y, h0, c0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(lstm_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
                                             (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
@@ -314,6 +356,7 @@ class GRUFunction(torch.autograd.Function):
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
         ctx.save_for_backward(w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in)
+        ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
@@ -321,6 +364,7 @@ class GRUFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, dy, dh_n, _dsaved):
         w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in = ctx.saved_tensors
+        dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(gru_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
                                             (w_hh, b_hh, h0), (dy, dh_n))
@@ -356,6 +400,7 @@ class RNNFunction(torch.autograd.Function):
         gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in = inputs
         y, _ = output
         ctx.save_for_backward(w_hh, h0, lengths, resets, y, x, w_ih, b_in)
+        ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, h0, lengths, resets)
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
 
@@ -363,6 +408,7 @@ class RNNFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, dy, dh_n):
         w_hh, h0, lengths, resets, y, x, w_ih, b_in = ctx.saved_tensors
+        dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu), (x, w_ih, b_in),
                                             (w_hh, h0), (dy, dh_n))
