@@ -121,7 +121,10 @@ class _RecurrentMixin(_FastRNNModule):
         On an Intel Xeon with AMX and avx512_fp16 (1 thread, load 3.5-5.7; docs/cpu.md, "bf16 and fp16"), where
         torch.nn's bf16 LSTM is oneDNN's on AMX and its fp16 loop runs each step's addmm on avx512_fp16:
         - bf16 inference at any batch (the CPU has AMX): forward 0.46-0.80 at B = 1-4, 0.17-0.62 at B >= 8
-          (fastrnn's steps on AMX too); bf16 training below batch 8 stays fastrnn's (0.87-1.21);
+          (fastrnn's steps on AMX too); bf16 training at any batch stays fastrnn's, which replaces the batch
+          rule above there: forward+backward, quiet machine (load 1.1-1.5), 5955ff5, 2 threads 1.23 / 1.36 /
+          2.23 / 1.82 at the four sizes of issue 11, 1 thread 1.18 / 1.02 / 1.36 / 0.95; 2 layers or
+          bidirectional 1.06-2.28 (2 threads, (100,32,256,256), (200,8,128,128), (50,1,64,128));
         - fp16 inference from batch 32 (the CPU has avx512_fp16): forward 0.88-0.90 at B = 32, 64; 1.06 at
           B = 16, 1.51 at B = 8; fp16 training stays fastrnn's (1.01-13).
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
@@ -147,8 +150,8 @@ class _RecurrentMixin(_FastRNNModule):
         batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
         if dtype == torch.float16:
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
-        if dtype == torch.bfloat16 and not grad and _cpu_has_amx():
-            return True
+        if dtype == torch.bfloat16 and _cpu_has_amx():
+            return not grad
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def _runs_torch_nn(self, input, resets):

@@ -341,12 +341,14 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
     oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle.load_state_dict(model.state_dict())
     big = torch.randn(3, fastrnn.modules.AUTO_TORCH_NN_MIN_BATCH, 4, dtype=dtype)
-    # bf16 inference on a CPU with AMX: torch.nn's at any batch (test_auto_rules_keyed_on_amx_and_avx512_fp16).
-    amx_inference = dtype == torch.bfloat16 and fastrnn.modules._cpu_has_amx()
-    for x in (big, big[:, 0]):  # batched, and unbatched ([T, I]: one sequence, batch 1; inference, see below)
-        with CountOps() as counter, torch.set_grad_enabled(x is big):
+    # bf16 on a CPU with AMX: torch.nn's in inference at any batch, fastrnn's in training
+    # (test_auto_rules_keyed_on_amx_and_avx512_fp16).
+    amx = dtype == torch.bfloat16 and fastrnn.modules._cpu_has_amx()
+    for x in (big, big[:, 0]):  # batched (training), and unbatched ([T, I]: one sequence, batch 1; inference)
+        training = x is big
+        with CountOps() as counter, torch.set_grad_enabled(training):
             got = model(x)
-        if x is big or amx_inference:
+        if (training and not amx) or (not training and amx):
             assert counter.calls == []
             expected = oracle(x)
             assert torch.equal(got[0], expected[0])
@@ -355,7 +357,7 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
             assert any("lstm_fwd" in c for c in counter.calls), counter.calls
     packed = pack_padded_sequence(big, torch.full((big.shape[1],), 3))
     half = fastrnn.LSTM(4, 5).half()
-    small_inference = [] if amx_inference else [lambda: torch.no_grad()(model)(big[:, :1])]
+    small_inference = [] if amx else [lambda: torch.no_grad()(model)(big[:, :1])]
     for runs_ours in (*small_inference, lambda: model(packed),
                       lambda: fastrnn.LSTM(4, 5, backend="cpu").to(dtype)(big),
                       lambda: half(big.half()),
@@ -369,14 +371,15 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
 def test_auto_rules_keyed_on_amx_and_avx512_fp16(cpu_has_it, monkeypatch):
     """On a CPU with AMX, bf16 LSTM inference runs torch.nn's forward (oneDNN's LSTM on AMX) at any batch, and on
     one with avx512_fp16 fp16 LSTM inference from batch 32 (AUTO_TORCH_NN_FP16_MIN_BATCH; torch.nn's loop on
-    avx512_fp16 measured faster there, docs/api.md); training in both stays fastrnn's below the fp32/bf16 rule.
-    Without those features (the Zen 5 rule) both run fastrnn's ops. The features are patched, so both sides
-    of the rule run on any CPU."""
+    avx512_fp16 measured faster there, docs/api.md); bf16 training with AMX stays fastrnn's at any batch, fp16
+    training everywhere. Without those features (the Zen 5 rule) bf16 from batch 8 runs torch.nn's forward, the
+    rest fastrnn's ops. The features are patched, so both sides of the rule run on any CPU."""
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: cpu_has_it)
     monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: cpu_has_it)
     B = fastrnn.modules.AUTO_TORCH_NN_FP16_MIN_BATCH
     cases = [  # dtype, batch, grad, runs torch.nn
         (torch.bfloat16, 1, False, cpu_has_it), (torch.bfloat16, 1, True, False),
+        (torch.bfloat16, 8, True, not cpu_has_it), (torch.bfloat16, 8, False, True),
         (torch.float16, B, False, cpu_has_it), (torch.float16, B // 2, False, False), (torch.float16, B, True, False),
     ]
     for dtype, batch, grad, runs_torch_nn in cases:
