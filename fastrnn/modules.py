@@ -23,8 +23,9 @@ from .functional import LayerWeights
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes, on padded input, to torch.nn's own
-# forward, and fp32 LSTMs when training at any batch (measured: _RecurrentMixin._torch_nn_is_faster).
+# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes (bf16 only where the CPU has
+# avx512_bf16), on padded input, to torch.nn's own forward, and fp32 LSTMs when training at any batch (measured:
+# _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
 AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 # On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
@@ -37,6 +38,14 @@ def _cpu_has_amx():
     """Whether torch runs bf16 on AMX here (its oneDNN LSTM then does; torch.cpu's own check, False where
     this torch has none)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
+@functools.cache
+def _cpu_has_avx512_bf16():
+    """Whether this CPU has avx512_bf16 (torch.cpu's own check, False where this torch has none): without it
+    oneDNN's bf16 LSTM, torch.nn's, emulates bf16 and loses to fastrnn's (_torch_nn_is_faster)."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check()) if check is not None else False
 
 
@@ -112,7 +121,11 @@ class _RecurrentMixin(_FastRNNModule):
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"), on the CPU, padded
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
-          bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16);
+          bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16). bf16 only
+          on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/
+          VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes
+          of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
+          2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
         - fp32 when a gradient will flow (training), at any batch: one layer forward+backward 0.78-0.90 at
           B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92 (2 threads,
           fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
@@ -150,8 +163,11 @@ class _RecurrentMixin(_FastRNNModule):
         batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
         if dtype == torch.float16:
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
-        if dtype == torch.bfloat16 and _cpu_has_amx():
-            return not grad
+        if dtype == torch.bfloat16:
+            if _cpu_has_amx():
+                return not grad
+            if not _cpu_has_avx512_bf16():
+                return False
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def _runs_torch_nn(self, input, resets):

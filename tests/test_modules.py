@@ -331,18 +331,21 @@ def test_autocast_runs_in_the_autocast_dtype(cell):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
+def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype, monkeypatch):
     """backend="auto" runs torch.nn's own LSTM where it measured faster (CPU, fp32 or bf16, B >= 8, padded
     input; docs/api.md): the result is torch.nn's to the bit and no fastrnn op runs. Below that batch (in
     inference: training an fp32 LSTM goes to torch.nn, the next test), for a
     PackedSequence (torch.nn's packed LSTM has no oneDNN path: slower than fastrnn's), in fp16, with an
     explicit backend and under a torch.func transform, fastrnn's ops run."""
+    # bf16 goes to torch.nn only where the CPU has avx512_bf16 (test_auto_rules_keyed_on_cpu_features): patched
+    # in, so the batch rule runs on any CPU.
+    monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: True)
     model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle.load_state_dict(model.state_dict())
     big = torch.randn(3, fastrnn.modules.AUTO_TORCH_NN_MIN_BATCH, 4, dtype=dtype)
     # bf16 on a CPU with AMX: torch.nn's in inference at any batch, fastrnn's in training
-    # (test_auto_rules_keyed_on_amx_and_avx512_fp16).
+    # (test_auto_rules_keyed_on_cpu_features).
     amx = dtype == torch.bfloat16 and fastrnn.modules._cpu_has_amx()
     for x in (big, big[:, 0]):  # batched (training), and unbatched ([T, I]: one sequence, batch 1; inference)
         training = x is big
@@ -367,20 +370,26 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype):
         assert any("lstm_fwd" in c for c in counter.calls), counter.calls
 
 
-@pytest.mark.parametrize("cpu_has_it", [True, False], ids=["with", "without"])
-def test_auto_rules_keyed_on_amx_and_avx512_fp16(cpu_has_it, monkeypatch):
-    """On a CPU with AMX, bf16 LSTM inference runs torch.nn's forward (oneDNN's LSTM on AMX) at any batch, and on
-    one with avx512_fp16 fp16 LSTM inference from batch 32 (AUTO_TORCH_NN_FP16_MIN_BATCH; torch.nn's loop on
-    avx512_fp16 measured faster there, docs/api.md); bf16 training with AMX stays fastrnn's at any batch, fp16
-    training everywhere. Without those features (the Zen 5 rule) bf16 from batch 8 runs torch.nn's forward, the
-    rest fastrnn's ops. The features are patched, so both sides of the rule run on any CPU."""
-    monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: cpu_has_it)
-    monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: cpu_has_it)
+@pytest.mark.parametrize("features", ["amx", "avx512_bf16", "neither"])
+def test_auto_rules_keyed_on_cpu_features(features, monkeypatch):
+    """On a CPU with AMX (and avx512_bf16, avx512_fp16: an Intel Xeon of Sapphire Rapids and later), bf16 LSTM
+    inference runs torch.nn's forward (oneDNN's LSTM on AMX) at any batch, and fp16 LSTM inference from batch
+    32 (AUTO_TORCH_NN_FP16_MIN_BATCH; torch.nn's loop on avx512_fp16 measured faster there, docs/api.md); bf16
+    training with AMX stays fastrnn's at any batch, fp16 training everywhere. With avx512_bf16 but no AMX (the
+    Zen 5 rule) bf16 from batch 8 runs torch.nn's forward; without avx512_bf16 (an Ice Lake Xeon, a Zen 3:
+    oneDNN emulates bf16 or torch.nn has no oneDNN bf16 path) bf16 stays fastrnn's at any batch. The features
+    are patched, so every side of the rule runs on any CPU."""
+    amx = features == "amx"
+    monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: features != "neither")
+    monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: amx)
     B = fastrnn.modules.AUTO_TORCH_NN_FP16_MIN_BATCH
+    bf16_batch_rule = features == "avx512_bf16"
     cases = [  # dtype, batch, grad, runs torch.nn
-        (torch.bfloat16, 1, False, cpu_has_it), (torch.bfloat16, 1, True, False),
-        (torch.bfloat16, 8, True, not cpu_has_it), (torch.bfloat16, 8, False, True),
-        (torch.float16, B, False, cpu_has_it), (torch.float16, B // 2, False, False), (torch.float16, B, True, False),
+        (torch.bfloat16, 1, False, amx), (torch.bfloat16, 1, True, False),
+        (torch.bfloat16, 8, True, bf16_batch_rule), (torch.bfloat16, 8, False, amx or bf16_batch_rule),
+        (torch.float16, B, False, amx), (torch.float16, B // 2, False, False), (torch.float16, B, True, False),
+        (torch.float32, 8, False, True), (torch.float32, 1, False, False),
     ]
     for dtype, batch, grad, runs_torch_nn in cases:
         model = fastrnn.LSTM(4, 5).to(dtype)
