@@ -77,13 +77,15 @@ def weight(rows, cols, dtype):
 
 
 def lengths_for(B, T, kind):
-    """None, or int64 [B] with values in [0, T]: one full-length row, the rest random (0 included)."""
+    """None, or int64 [B] with values in [0, T]: one full-length row, the rest random (0 included); "sorted":
+    in decreasing order, as the modules pass a PackedSequence's rows (the step product then skips the rows
+    past the last one still running: recurrence.h, active_rows)."""
     if kind is None:
         return None
     lengths = torch.randint(0, T + 1, (B,))
     if B:
         lengths[0] = T
-    return lengths
+    return lengths.sort(descending=True).values if kind == "sorted" else lengths
 
 
 def lstm_args(T, B, H, proj, dtype, lengths, reverse, resets=None):
@@ -206,7 +208,7 @@ KERNEL_CASES = [
                  id=f"{str(dtype)[6:]}-T{T}-B{B}-H{H}-{lengths or 'full'}-{'rev' if reverse else 'fwd'}")
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     for (T, B, H), lengths, reverse in itertools.product(
-        ((1, 1, 13), (9, 5, 70), (4, 0, 8), (6, 3, 8)), (None, "var"), (False, True)
+        ((1, 1, 13), (9, 5, 70), (4, 0, 8), (6, 3, 8)), (None, "var", "sorted"), (False, True)
     )
 ]
 
@@ -224,6 +226,11 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     # Past the packed product's 64-row chunk and 256-deep K slice (recurrence.h, by_blocks).
     pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
     pytest.param(torch.float64, 2, 65, 257, None, True, id="fp64-T2-B65-H257-full-rev"),
+    # Rows sorted by decreasing length: the product of a step skips the finished rows, here within a register
+    # tile, across the 64-row chunks, and in bf16 (AMX from 8 rows where the CPU has it).
+    pytest.param(torch.float32, 9, 70, 40, "sorted", False, id="fp32-T9-B70-H40-sorted-fwd"),
+    pytest.param(torch.float64, 8, 67, 33, "sorted", True, id="fp64-T8-B67-H33-sorted-rev"),
+    pytest.param(torch.bfloat16, 7, 20, 32, "sorted", False, id="bf16-T7-B20-H32-sorted-fwd"),
 ])
 def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
     """The step product forced through MKL (at::mm_out + a separate gate pass) and through the packed,
@@ -557,6 +564,9 @@ def capability(request):
     pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
     # bf16 at B >= 8: the step products on AMX where the CPU has it (a 64-row chunk and a 3-row one).
     pytest.param(torch.bfloat16, 3, 67, 260, "var", True, id="bf16-T3-B67-H260-var-rev"),
+    # Rows sorted by decreasing length: each step's product skips the finished rows (recurrence.h, active_rows).
+    pytest.param(torch.float32, 9, 70, 40, "sorted", True, id="fp32-T9-B70-H40-sorted-rev"),
+    pytest.param(torch.float64, 7, 13, 33, "sorted", False, id="fp64-T7-B13-H33-sorted-fwd"),
 ])
 def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, reverse, monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)

@@ -78,8 +78,8 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
     next_p = h_next.data_ptr<acc_t>();
   };
   auto enter = [&](int64_t t) { zero_reset_rows<acc_t>(rst, len, t, B, h); };  // a reset at t: h_{t-1} = 0
-  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, T, B, H, reverse, kGruUnitCost, enter, cell,
-                      after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/true, h, hid, len, T, B, H, reverse, kGruUnitCost, enter,
+                      cell, after);
   h_n = h.to(h0.scalar_type());
 }
 

@@ -111,8 +111,8 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   // A reset at t: h_{t-1} (the projected h with proj_size) and c_{t-1} of the row are 0.
   auto enter = [&](int64_t t) { zero_reset_rows<acc_t>(rst, len, t, B, h, c); };
   // The cell writes m_t / h_t to out_p, never to the state h the product reads: fusing is safe.
-  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/!proj, h, hid, T, B, H, reverse, kLstmUnitCost, enter, cell,
-                      after);
+  forward_loop<acc_t>(gemm, /*fuse=*/true, /*swap_only=*/!proj, h, hid, len, T, B, H, reverse, kLstmUnitCost, enter,
+                      cell, after);
   h_n = h.to(h0.scalar_type());
   c_n = c.to(c0.scalar_type());
 }

@@ -111,6 +111,17 @@ inline int64_t bwd_time(int64_t s, int64_t T, bool reverse) { return reverse ? s
 
 inline bool active(const int64_t* lengths, int64_t t, int64_t b) { return lengths == nullptr || t < lengths[b]; }
 
+// Rows [0, n) hold every row active at step t: 1 + the last active row (all B without lengths). The modules
+// pass a PackedSequence's rows sorted by decreasing length, so there n is exactly the rows still running and
+// the step product skips the finished ones (their cells carry the state and never read it).
+inline int64_t active_rows(const int64_t* lengths, int64_t t, int64_t B) {
+  int64_t n = B;
+  while (lengths != nullptr && n > 0 && lengths[n - 1] <= t) {
+    --n;
+  }
+  return n;
+}
+
 // Whether step t of sequence b starts from a zero state (resets[t, b], [T, B] row-major). Asked only at
 // active steps: an inactive step carries the state whatever the mask says.
 inline bool resets_at(const bool* resets, int64_t t, int64_t B, int64_t b) {
@@ -487,15 +498,17 @@ class HiddenGemm {
   static constexpr int64_t kChunkRows = 64;
   static constexpr int64_t kSliceK = 16 * 1024 / (P * static_cast<int64_t>(sizeof(acc_t)));
 
+  // product_rows: the product is needed for rows [0, product_rows) only (fn still sees every row).
   template <typename F>
-  void by_blocks(const acc_t* a, int64_t cost, const F& fn) const {
+  void by_blocks(const acc_t* a, int64_t cost, const F& fn, int64_t product_rows = INT64_MAX) const {
     at::parallel_for(0, panels_.blocks, grain(a != nullptr, cost),
-                     [&](int64_t begin, int64_t end) { blocks_range(a, begin, end, fn); });
+                     [&](int64_t begin, int64_t end) { blocks_range(a, product_rows, begin, end, fn); });
   }
 
-  // A whole recurrence: for s in [0, steps), by_blocks(a_of(s), cost, fn(s, ...)), then serial(s) on one
-  // thread once every thread is done with step s, before step s + 1 starts. a_of(s) == nullptr: no product
-  // at that step. A short step (under kMaxPersistentStepCycles) runs all steps in ONE parallel region, each
+  // A whole recurrence: for s in [0, steps), by_blocks(a_of(s), cost, fn(s, ...), rows_of(s)), then
+  // serial(s) on one thread once every thread is done with step s, before step s + 1 starts. a_of(s) ==
+  // nullptr: no product at that step.
+  // A short step (under kMaxPersistentStepCycles) runs all steps in ONE parallel region, each
   // thread keeping the same column blocks at every step (its panels stay in its own caches) and the threads
   // meeting at a spinning barrier once a step (~0.1 us with 2 threads; the last to arrive runs serial(s)
   // before it lets the others go, where there were two barriers around serial(s) on thread 0) instead of a
@@ -507,17 +520,20 @@ class HiddenGemm {
   static constexpr int64_t kMaxPersistentStepCycles = 256 * 1024;
 
   // one_region = false: a region a step whatever the step's length (serial is too heavy for one thread).
-  template <typename A, typename F, typename S>
-  void run_steps(int64_t steps, int64_t cost, bool one_region, const A& a_of, const F& fn, const S& serial) const {
+  template <typename A, typename R, typename F, typename S>
+  void run_steps(int64_t steps, int64_t cost, bool one_region, const A& a_of, const R& rows_of, const F& fn,
+                 const S& serial) const {
     const int64_t blocks = panels_.blocks, g = grain(true, cost);
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), (blocks + g - 1) / g);
     auto step = [&](int64_t s, int64_t begin, int64_t end) {
-      blocks_range(a_of(s), begin, end, [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles,
-                                            int64_t gstride) { fn(s, m0, mr, j0, j1, tiles, gstride); });
+      blocks_range(a_of(s), rows_of(s), begin, end,
+                   [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t gstride) {
+                     fn(s, m0, mr, j0, j1, tiles, gstride);
+                   });
     };
     if (!one_region || blocks * block_cycles(true, cost) > kMaxPersistentStepCycles) {
       for (int64_t s = 0; s < steps; ++s) {
-        by_blocks(a_of(s), cost, [&](auto... args) { fn(s, args...); });
+        by_blocks(a_of(s), cost, [&](auto... args) { fn(s, args...); }, rows_of(s));
         serial(s);
       }
       return;
@@ -586,7 +602,8 @@ class HiddenGemm {
   // pairs the avx512_bf16 tile, with a rounded to bf16 first (once per thread and step: B*K values, e.g.
   // 32K at B=64, K=512, where the whole bf16 step takes 640-800 us on one core: bench/cpu_bf16_steps.py).
   template <typename F>
-  void blocks_range(const acc_t* a, int64_t begin, int64_t end, const F& fn) const {
+  void blocks_range(const acc_t* a, int64_t product_rows, int64_t begin, int64_t end, const F& fn) const {
+    const int64_t rows = a == nullptr ? 0 : product_rows;  // rows with a product (tiles)
 #ifdef FASTRNN_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
       if (bf16_) {
@@ -595,7 +612,7 @@ class HiddenGemm {
         if (amx_) {
           // One kernel call a (chunk of rows, group, column block), over the whole K: AMX tiles 16 rows.
           tiles(
-              a2 != nullptr, begin, end, fn,
+              rows, begin, end, fn,
               [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr, float* out, bool accumulate) {
                 bf16_amx_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
               },
@@ -603,16 +620,16 @@ class HiddenGemm {
           bf16_amx_release();
           return;
         }
-        tiles(a2 != nullptr, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr,
-                                                 float* out, bool accumulate) {
+        tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr,
+                                        float* out, bool accumulate) {
           bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
         });
         return;
       }
     }
 #endif
-    tiles(a != nullptr, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t mr,
-                                            acc_t* out, bool accumulate) {
+    tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t mr,
+                                    acc_t* out, bool accumulate) {
       panel_rows(a + m * k_ + k0, k_, slice, kc, mr, out, accumulate);
     });
   }
@@ -633,12 +650,13 @@ class HiddenGemm {
     return buffer.data();
   }
 
-  // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16);
+  // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16), the
+  // product for rows [0, product_rows) only (0: no product), fn for every row;
   // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc),
   // mr <= height (by default the register tile's: 8 for fp32 in the AVX-512 copy, gemm.h panel_tile_zmm, else 4,
   // bf16 pairs too), kc <= slice_k.
   template <typename F, typename Tile>
-  void tiles(bool product, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
+  void tiles(int64_t product_rows, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
              int64_t slice_k = kSliceK) const {
     const int64_t K = panels_.K, width = panels_.width;
     const int64_t tile_height = height > 0 ? height : (bf16_ ? 4 : tile_rows<acc_t>());
@@ -648,8 +666,9 @@ class HiddenGemm {
       const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
       for (int64_t m0 = 0; m0 < rows_; m0 += kChunkRows) {
         const int64_t mr = std::min(kChunkRows, rows_ - m0);
-        for (int64_t r0 = 0; product && r0 < mr; r0 += sub_rows) {
-          const int64_t r1 = std::min(mr, r0 + sub_rows);
+        const int64_t mp = std::clamp<int64_t>(product_rows - m0, 0, mr);  // rows of this chunk with a product
+        for (int64_t r0 = 0; r0 < mp; r0 += sub_rows) {
+          const int64_t r1 = std::min(mp, r0 + sub_rows);
           for (int64_t k0 = 0; k0 < K; k0 += slice_k) {
             const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
@@ -695,8 +714,8 @@ class HiddenGemm {
 
 template <typename acc_t, typename Enter, typename Cell, typename After>
 void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, const at::Tensor& x, at::Tensor& hid,
-                  int64_t T, int64_t B, int64_t H, bool reverse, int64_t cost, const Enter& enter, const Cell& cell,
-                  const After& after) {
+                  const int64_t* len, int64_t T, int64_t B, int64_t H, bool reverse, int64_t cost, const Enter& enter,
+                  const Cell& cell, const After& after) {
   const int64_t GH = hid.size(1);
   if (fuse && gemm.packed()) {
     auto fused_cell = [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles,
@@ -708,7 +727,7 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, cons
     enter(fwd_time(0, T, reverse));
     gemm.run_steps(
         T, cost, /*one_region=*/swap_only, [&](int64_t) { return x.const_data_ptr<acc_t>(); },  // x: swapped by after
-        fused_cell, [&](int64_t s) {
+        [&](int64_t s) { return active_rows(len, fwd_time(s, T, reverse), B); }, fused_cell, [&](int64_t s) {
           after(fwd_time(s, T, reverse));
           if (s + 1 < T) {
             enter(fwd_time(s + 1, T, reverse));
@@ -768,6 +787,7 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
     acc_t* da_p = da.data_ptr<acc_t>();
     gemm.run_steps(
         T + 1, cost, /*one_region=*/true, [&](int64_t s) { return s > 0 ? da_prev.const_data_ptr<acc_t>() : nullptr; },
+        [&](int64_t s) { return s > 0 ? active_rows(len, bwd_time(s - 1, T, reverse), B) : 0; },
         [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t) {
           const int64_t t_done = s > 0 ? bwd_time(s - 1, T, reverse) : 0;  // the step whose product this is
           for (int64_t m = 0; m < mr; ++m) {
