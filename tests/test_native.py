@@ -849,6 +849,12 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
     assert_close("linear no bias", native.linear(x, w), torch.nn.functional.linear(x, w), tol)
     assert_close("mm", native.mm(x, w.t()), torch.mm(x, w.t()), tol)
     assert_close("mm transposed a", native.mm(x.t(), x), torch.mm(x.t(), x), tol)
+    # A weight gradient's dgx^T x (a transposed view as a, far larger than b): oneDNN runs it as (b^T a^T)^T.
+    g, y = torch.randn(67, 41, dtype=dtype), torch.randn(67, 5, dtype=dtype)
+    for b_operand in (y, y.t().contiguous().t()):
+        out = native.mm(g.t(), b_operand)
+        assert out.is_contiguous()
+        assert_close("mm large transposed a", out, torch.mm(g.t(), b_operand), tol)
     assert native.linear(x[:0], w, b).shape == (0, 29)
     with pytest.raises(RuntimeError, match=r"fastrnn_cpu::linear: input \[37, 67\] and weight \[29, 66\] do not match"):
         native.linear(x, w[:, 1:], b)

@@ -87,11 +87,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
-// a @ b, as torch.mm.
+// a @ b, as torch.mm (a contiguous result). torch's oneDNN linear copies its input to a contiguous one first (its
+// weight it reads through strides), and a transposing copy is slow: the weight gradients' dgx^T x, a =
+// dgx^T a [2048, 6400] view, spent 34 ms in that copy beside 38 ms in the product (Zen 5, 2 threads). So on
+// the oneDNN path, where a is such a view, the product runs as (b^T a^T)^T when that copies fewer elements
+// (b^T, if not contiguous, and the [M, N] result): 38 ms for that dW (docs/cpu.md, "The big GEMMs").
+// MKL takes either operand transposed without a copy.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "fastrnn_cpu::mm: shapes ", a.sizes(),
               " and ", b.sizes(), " cannot be multiplied");
-  return linear(a, b.t(), std::nullopt);
+  const at::Tensor bt = b.t();
+  if (use_onednn(a, bt, std::nullopt)) {
+    const int64_t copied = a.is_contiguous() ? 0 : a.numel();
+    const int64_t copied_swapped = (bt.is_contiguous() ? 0 : b.numel()) + a.size(0) * b.size(1);
+    if (copied_swapped < copied) {
+      return linear(bt, a, std::nullopt).t().contiguous();
+    }
+  }
+  return linear(a, bt, std::nullopt);
 }
 
 // "onednn" or "mkl": the path fp32 products take here.
