@@ -20,6 +20,7 @@ T: time steps  B: batch  H: hidden size  Hout: output size (proj_size or H)  G: 
 """
 
 import functools
+import os
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -36,7 +37,14 @@ def transformed():
     return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
-def native_gemm(backend, dtype):
+# fp32 products of fewer FLOPs than these (an input projection with no gradient to take; one whose backward
+# runs too, and dW_hh) take torch's own matmul even where fastrnn_cpu's oneDNN path is the faster one for large
+# products (native_gemm).
+NATIVE_GEMM_MIN_FLOPS = 10_000_000
+NATIVE_GEMM_MIN_FLOPS_TRAINING = 40_000_000
+
+
+def native_gemm(backend, dtype, flops, training):
     """Whether a big GEMM of `dtype` on `backend` goes through fastrnn_cpu::linear / mm (oneDNN's fp32 matmul)
     instead of torch's own: fp32 (MKL's sgemm runs its AVX2 code on AMD CPUs: 1.2-2.3x slower per product on
     the Zen 5, docs/cpu.md) and fp16 on a CPU without avx512_fp16, computed in fp32 (exact conversions; both
@@ -49,14 +57,26 @@ def native_gemm(backend, dtype):
     Not fp32 where those ops would take MKL anyway (Intel CPUs, csrc/cpu/linear.cpp; native.blas()): torch's
     own F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
     forward and ~30 us a forward+backward of a small layer's projection ([50,64]x[64,512], Intel Xeon AVX-512,
-    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh."""
+    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh. For the same
+    reason not fp32 products of fewer than `flops` NATIVE_GEMM_MIN_FLOPS (10 M; `training`: a product whose
+    backward runs too, 40 M): there oneDNN's per-call cost (~20 us against MKL's ~10 for [50,64]x[64,128])
+    and that layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2 threads, time on oneDNN / on MKL
+    (docs/cpu.md, "The big GEMMs"): forward 1.34 at a 0.8 MFLOP projection (RNN 50,1,64,128), 1.04 at 6.6 M,
+    0.98 at 13 M, 0.73-0.87 from 26 M; forward+backward 1.53 at 0.8 M, 1.04-1.22 at 6.6-26 M, 1.02 at 39 M,
+    0.82-1.0 from 52 M. FASTRNN_CPU_BLAS, set, forces its path at every size (tests, benchmarks)."""
     if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
         return False
     from .backends import native
 
     if dtype == torch.float16:
         return not native.TORCH_FP16_GEMM_IS_NATIVE
-    return native.blas() != "mkl"
+    if native.blas() == "mkl":
+        return False
+    # A graph compiled with a dynamic sequence length has no number here: it keeps the path of large products.
+    # FASTRNN_CPU_BLAS, set, forces its path at every size.
+    if torch.compiler.is_compiling() or os.environ.get("FASTRNN_CPU_BLAS"):
+        return True
+    return flops >= (NATIVE_GEMM_MIN_FLOPS_TRAINING if training else NATIVE_GEMM_MIN_FLOPS)
 
 
 def shifted_hidden(y, h0, lengths, resets, reverse):
@@ -99,7 +119,7 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     shifted [T, B, Hout] tensor instead (a 13 MB cat at T=100, B=64, H=512: 7-12 ms on the Xeon at load ~4,
     docs/cpu.md) cost more than the 0.1 GFLOP B-row product. In bf16
     one product over previous_hidden: the sum of two would round once more in bf16 than one product does."""
-    native = native_gemm(backend, dgh.dtype)
+    native = native_gemm(backend, dgh.dtype, 2 * dgh.numel() * y.shape[-1], training=True)
     if y.shape[0] == 1 or not (native or dgh.dtype in (torch.float32, torch.float64)):
         prev = previous_hidden(y, h0, lengths, resets, reverse).to(dgh.dtype)
         return _product(dgh.flatten(0, 1).t(), prev.flatten(0, 1), native)
@@ -127,7 +147,8 @@ def input_projection(x, w_ih, b_in, backend):
     (native_gemm) through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA),
     differentiable twice through its own autograd formula (so dx and dW_ih run there too); otherwise
     F.linear."""
-    if native_gemm(backend, x.dtype):
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
+    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training):
         from .backends import native
 
         T, B = x.shape[:2]

@@ -902,6 +902,42 @@ def test_linear_path_rule(monkeypatch):
     torch.library.opcheck(torch.ops.fastrnn_cpu.mm.default, (x, w.t()))
 
 
+def test_layer_gemm_size_rule(monkeypatch):
+    """autograd.native_gemm on the oneDNN path: fp32 products below NATIVE_GEMM_MIN_FLOPS (forward only) or
+    NATIVE_GEMM_MIN_FLOPS_TRAINING (a backward runs too) take torch's own matmul; FASTRNN_CPU_BLAS, set, forces
+    the ops at every size; where they would run MKL the layer code never calls them."""
+    from fastrnn import autograd
+
+    monkeypatch.delenv("FASTRNN_CPU_BLAS", raising=False)
+    monkeypatch.setattr(native, "blas", lambda: "onednn")
+    sizes = (autograd.NATIVE_GEMM_MIN_FLOPS - 1, autograd.NATIVE_GEMM_MIN_FLOPS,
+             autograd.NATIVE_GEMM_MIN_FLOPS_TRAINING - 1, autograd.NATIVE_GEMM_MIN_FLOPS_TRAINING)
+    assert [autograd.native_gemm("cpu", torch.float32, f, False) for f in sizes] == [False, True, True, True]
+    assert [autograd.native_gemm("cpu", torch.float32, f, True) for f in sizes] == [False, False, False, True]
+    assert not autograd.native_gemm("reference", torch.float32, sizes[-1], True)
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "onednn")
+    assert autograd.native_gemm("cpu", torch.float32, 1, True)
+    monkeypatch.setattr(native, "blas", lambda: "mkl")
+    assert not autograd.native_gemm("cpu", torch.float32, sizes[-1], False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_layers_through_the_gemm_ops(cell, monkeypatch):
+    """Layers whose big GEMMs run through fastrnn_cpu::linear / mm (forced: the tests' layers are below
+    native_gemm's size rule, and Intel CPUs take MKL) match torch.nn in fp64 within the fp32 tolerance: output,
+    state, and the gradients of the input, the initial state and every parameter; 2 layers, bidirectional,
+    packed (dW_hh's shifted rows), and a transposed dgx^T x large enough for mm's swapped form."""
+    from parity import FP32_TOL, Case, CountOps, assert_all_close, run_case
+
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "onednn")
+    case = Case(cell, T=9, B=4, I=3, H=5, layers=2, bidirectional=True, packed="unsorted")
+    with CountOps() as counter:
+        ref, out = run_case(case, "cpu", "cpu", torch.float32)
+    assert_all_close(ref, out, **FP32_TOL)
+    if torch.backends.mkldnn.is_available():
+        assert "fastrnn_cpu.linear.default" in counter.calls and "fastrnn_cpu.mm.default" in counter.calls
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 
