@@ -115,17 +115,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0)),
               "fastrnn_cpu::linear: bias must have shape [", w.size(0), "], got ", bias->sizes());
   if (use_onednn(x, w, bias)) {
-    return onednn_linear()->call(contiguous_rows(x), w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    return onednn_linear()->call(contiguous_rows(x), w, bias, "none", c10::List<std::optional<c10::Scalar>>(),
+                                 std::nullopt);
   }
   return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
-// a @ b, as torch.mm (a contiguous result). torch's oneDNN linear copies its input to a contiguous one first (its
-// weight it reads through strides), and a transposing copy is slow: the weight gradients' dgx^T x, a =
-// dgx^T a [2048, 6400] view, spent 34 ms in that copy beside 38 ms in the product (Zen 5, 2 threads). So on
-// the oneDNN path, where a is such a view, the product runs as (b^T a^T)^T when that copies fewer elements
-// (b^T, if not contiguous, and the [M, N] result): 38 ms for that dW (docs/cpu.md, "The big GEMMs").
-// MKL takes either operand transposed without a copy.
+// a @ b, as torch.mm (a contiguous result). oneDNN's linear takes its input contiguous (contiguous_rows), so
+// where a is a transposed view (the weight gradients' dgx^T x: a = dgx^T [2048, 6400], b = x [6400, 512])
+// the product runs as (b^T a^T)^T when that copies fewer elements (b^T, if not contiguous, and the [M, N]
+// result): 48 ms for that dW on the Zen 5 against 87 with torch's copy of dgx^T and 39 with no copy at all
+// (docs/cpu.md, "The big GEMMs"). MKL takes either operand transposed without a copy.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "fastrnn_cpu::mm: shapes ", a.sizes(),
               " and ", b.sizes(), " cannot be multiplied");
