@@ -938,6 +938,47 @@ def test_layers_through_the_gemm_ops(cell, monkeypatch):
         assert "fastrnn_cpu.linear.default" in counter.calls and "fastrnn_cpu.mm.default" in counter.calls
 
 
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+HUGE_PAGE_CHECK = """
+import sys, torch
+from fastrnn.backends import native
+sys.path.insert(0, {tests!r})
+from test_native import _vm_flags
+y, _ = torch.ops.fastrnn.rnn_fwd(torch.zeros(64, 64, 512), torch.zeros(512, 512), torch.zeros(64, 512), None, None,
+                                 False, False)
+start = (y.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)  # the first whole 2 MB page inside y (8 MB)
+print("hg" in _vm_flags(start))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="this kernel has no transparent huge pages")
+@pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
+def test_large_outputs_are_advised_onto_huge_pages(setting, advised):
+    """An op's large output (csrc/cpu/memory.h: an 8 MB y) carries the MADV_HUGEPAGE advice ("hg" in its
+    mapping's VmFlags); FASTRNN_HUGE_PAGES=0 leaves it off (read once per process, hence a child process)."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTRNN_HUGE_PAGES"}
+    if setting is not None:
+        env["FASTRNN_HUGE_PAGES"] = setting
+    code = HUGE_PAGE_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == str(advised)
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 

@@ -175,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor y = at::empty({T, B, H}, gx.options());
-  at::Tensor saved = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor y = empty_output({T, B, H}, gx.options());
+  at::Tensor saved = save ? empty_output({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::gru_fwd", [&] {
     gru_fwd_kernel<scalar_t>(gx, w_hh, b_hh, h0, len, rst, reverse, save, y, h_n, saved);
@@ -202,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor dgx = at::empty({T, B, 3 * H}, y.options());
-  at::Tensor dgh = at::empty({T, B, 3 * H}, y.options());
+  at::Tensor dgx = empty_output({T, B, 3 * H}, y.options());
+  at::Tensor dgh = empty_output({T, B, 3 * H}, y.options());
   at::Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::gru_bwd", [&] {
     gru_bwd_kernel<scalar_t>(dy, dh_n, w_hh, y, h0, saved, len, rst, reverse, dgx, dgh, dh0);

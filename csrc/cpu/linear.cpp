@@ -29,6 +29,8 @@
 #include <optional>
 #include <string>
 
+#include "memory.h"
+
 namespace fastrnn {
 namespace cpu {
 namespace {
@@ -89,7 +91,7 @@ at::Tensor contiguous_rows(const at::Tensor& x) {
   }
   constexpr int64_t kBlock = 16;
   const int64_t M = x.size(0), K = x.size(1), ld = x.stride(1);
-  at::Tensor out = at::empty({M, K}, x.options());
+  at::Tensor out = empty_output({M, K}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, (M + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {

@@ -138,8 +138,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
   at::Tensor dh_all, m_all, dht, dm;
   std::optional<HiddenGemm<acc_t>> proj_gemm;
   if (proj) {
-    dh_all = at::empty({T, B, Hout}, acc_options<acc_t>());
-    m_all = at::empty({T, B, H}, acc_options<acc_t>());
+    dh_all = empty_output({T, B, Hout}, acc_options<acc_t>());
+    m_all = empty_output({T, B, H}, acc_options<acc_t>());
     dht = at::empty({B, Hout}, acc_options<acc_t>());
     dm = at::empty({B, H}, acc_options<acc_t>());
     proj_gemm.emplace(to_acc<acc_t>(*w_hr), 1, B);
@@ -261,9 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor y = at::empty({T, B, Hout}, gx.options());
-  at::Tensor gates = save ? at::empty({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
-  at::Tensor cs = save ? at::empty({T, B, H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor y = empty_output({T, B, Hout}, gx.options());
+  at::Tensor gates = save ? empty_output({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
+  at::Tensor cs = save ? empty_output({T, B, H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n, c_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::lstm_fwd", [&] {
     lstm_fwd_kernel<scalar_t>(gx, w_hh, h0, c0, w_hr, len, rst, reverse, save, y, h_n, c_n, gates, cs);
@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor dgx = at::empty({T, B, 4 * H}, gates.options());
+  at::Tensor dgx = empty_output({T, B, 4 * H}, gates.options());
   at::Tensor dh0, dc0, dw_hr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "fastrnn::lstm_bwd", [&] {
     lstm_bwd_kernel<scalar_t>(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, len, rst, reverse, dgx, dh0, dc0, dw_hr);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "memory.h"
 #include "panel_cache.h"
 #include "vec_math.h"
 

@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor y = at::empty({T, B, H}, gx.options());
+  at::Tensor y = empty_output({T, B, H}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::rnn_fwd", [&] {
     if (relu) {
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
-  at::Tensor dgx = at::empty({T, B, H}, y.options());
+  at::Tensor dgx = empty_output({T, B, H}, y.options());
   at::Tensor dh0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastrnn::rnn_bwd", [&] {
     if (relu) {
