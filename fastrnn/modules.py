@@ -23,9 +23,9 @@ from .functional import LayerWeights
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes (bf16 only where the CPU has
-# avx512_bf16), on padded input, to torch.nn's own forward, and fp32 LSTMs when training at any batch (measured:
-# _RecurrentMixin._torch_nn_is_faster).
+# backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes (bf16 only in inference and
+# where the CPU has avx512_bf16), on padded input, to torch.nn's own forward, and fp32 LSTMs when training at
+# any batch (measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
 AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 # On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
@@ -121,7 +121,12 @@ class _RecurrentMixin(_FastRNNModule):
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"), on the CPU, padded
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
-          bf16 forward 0.45-0.68, forward+backward 0.87-1.11 (1 thread; fastrnn's bf16 on avx512_bf16). bf16 only
+          bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
+          (200,8,128,128) (2 threads, e4cc676). bf16 inference only: fastrnn's bf16 forward+backward (on
+          avx512_bf16, outputs on huge pages) measured 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
+          (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53), 2 layers 1.03-1.35, bidirectional
+          1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:58 UTC, e4cc676; 0.87-1.11
+          before the big-GEMM and memory changes of that session). bf16 only
           on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/
           VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes
           of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
@@ -134,8 +139,8 @@ class _RecurrentMixin(_FastRNNModule):
         On an Intel Xeon with AMX and avx512_fp16 (1 thread, load 3.5-5.7; docs/cpu.md, "bf16 and fp16"), where
         torch.nn's bf16 LSTM is oneDNN's on AMX and its fp16 loop runs each step's addmm on avx512_fp16:
         - bf16 inference at any batch (the CPU has AMX): forward 0.46-0.80 at B = 1-4, 0.17-0.62 at B >= 8
-          (fastrnn's steps on AMX too); bf16 training at any batch stays fastrnn's, which replaces the batch
-          rule above there: forward+backward, quiet machine (load 1.1-1.5), 5955ff5, 2 threads 1.23 / 1.36 /
+          (fastrnn's steps on AMX too); bf16 training at any batch stays fastrnn's, as everywhere:
+          forward+backward, quiet machine (load 1.1-1.5), 5955ff5, 2 threads 1.23 / 1.36 /
           2.23 / 1.82 at the four sizes of issue 11, 1 thread 1.18 / 1.02 / 1.36 / 0.95; 2 layers or
           bidirectional 1.06-2.28 (2 threads, (100,32,256,256), (200,8,128,128), (50,1,64,128));
         - fp16 inference from batch 32 (the CPU has avx512_fp16): forward 0.88-0.90 at B = 32, 64; 1.06 at
@@ -164,10 +169,7 @@ class _RecurrentMixin(_FastRNNModule):
         if dtype == torch.float16:
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
         if dtype == torch.bfloat16:
-            if _cpu_has_amx():
-                return not grad
-            if not _cpu_has_avx512_bf16():
-                return False
+            return not grad and (_cpu_has_amx() or (_cpu_has_avx512_bf16() and batch >= AUTO_TORCH_NN_MIN_BATCH))
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def _runs_torch_nn(self, input, resets):
