@@ -125,7 +125,7 @@ class _RecurrentMixin(_FastRNNModule):
           (200,8,128,128) (2 threads, e4cc676). bf16 inference only: fastrnn's bf16 forward+backward (on
           avx512_bf16, outputs on huge pages) measured 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
           (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53), 2 layers 1.03-1.35, bidirectional
-          1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:58 UTC, e4cc676; 0.87-1.11
+          1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11
           before the big-GEMM and memory changes of that session). bf16 only
           on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/
           VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes
