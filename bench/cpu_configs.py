@@ -6,7 +6,8 @@
 Configurations: base (one layer, fp32: the grid's own configuration), layers2 (num_layers=2), bidir
 (bidirectional=True), packed (a PackedSequence of B sequences
 with lengths spread evenly over [T/2, T], unsorted, enforce_sorted=False), bf16 (one layer, module and input
-in bfloat16), bf16-layers2 and bf16-bidir (the same with 2 layers or bidirectional), fp16 (one layer in float16). For each: forward under no_grad and forward+backward
+in bfloat16), bf16-layers2 and bf16-bidir (the same with 2 layers or bidirectional), fp16 (one layer in
+float16). For each: forward under no_grad and forward+backward
 (loss = output.sum(), x and every parameter requiring grad), torch.nn and fastrnn with the same state_dict,
 runs alternated, median of --repeats after 2 warm-ups. What backend="auto" uses to choose between them:
 fastrnn/modules.py, `_RecurrentMixin._torch_nn_is_faster`.

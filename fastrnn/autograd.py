@@ -58,9 +58,9 @@ def native_gemm(backend, dtype, flops, training):
     own F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
     forward and ~30 us a forward+backward of a small layer's projection ([50,64]x[64,512], Intel Xeon AVX-512,
     1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh. For the same
-    reason not fp32 products of fewer than `flops` NATIVE_GEMM_MIN_FLOPS (10 M; `training`: a product whose
-    backward runs too, 40 M): there oneDNN's per-call cost (~20 us against MKL's ~10 for [50,64]x[64,128])
-    and that layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2 threads, time on oneDNN / on MKL
+    reason not fp32 products of `flops` below NATIVE_GEMM_MIN_FLOPS (10 M; with `training`, a product whose
+    backward runs too, NATIVE_GEMM_MIN_FLOPS_TRAINING, 40 M): there oneDNN's per-call cost (~20 us against
+    MKL's ~10 for [50,64]x[64,128]) and that layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2 threads, time on oneDNN / on MKL
     (docs/cpu.md, "The big GEMMs"): forward 1.34 at a 0.8 MFLOP projection (RNN 50,1,64,128), 1.04 at 6.6 M,
     0.98 at 13 M, 0.73-0.87 from 26 M; forward+backward 1.53 at 0.8 M, 1.04-1.22 at 6.6-26 M, 1.02 at 39 M,
     0.82-1.0 from 52 M. FASTRNN_CPU_BLAS, set, forces its path at every size (tests, benchmarks)."""

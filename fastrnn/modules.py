@@ -122,8 +122,8 @@ class _RecurrentMixin(_FastRNNModule):
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
-          (200,8,128,128) (2 threads, e4cc676). bf16 inference only: fastrnn's bf16 forward+backward (on
-          avx512_bf16, outputs on huge pages) measured 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
+          (200,8,128,128) (2 threads, e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on
+          avx512_bf16, outputs on huge pages) measured faster, 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
           (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53), 2 layers 1.03-1.35, bidirectional
           1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11
           before the big-GEMM and memory changes of that session). bf16 only

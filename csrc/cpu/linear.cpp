@@ -16,7 +16,6 @@
 // depends on timing, so results are the same run to run. ISA-neutral source (oneDNN does its own dispatch): compiled into fastrnn._C.
 //
 // Legend: x [M, K], w [N, K], bias [N], a [M, K], b [K, N].
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
@@ -24,12 +23,9 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <string>
-
-#include "memory.h"
 
 namespace fastrnn {
 namespace cpu {
@@ -79,37 +75,6 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, const std::optional<at
          x.numel() > 0 && w.numel() > 0;
 }
 
-// x as a contiguous [M, K] tensor, for oneDNN's linear, which copies its input to a contiguous one first. For
-// a transposed view (x.t() of a contiguous [K, M]: the weight gradients' dgx^T x) torch's copy ran at 1.6
-// GB/s ([2048, 6400] fp32: 34 ms, Zen 5, 2 threads); this one moves 16 x 16 blocks on torch's threads (a
-// block's 16 source rows stay in L1 at any leading dimension: 64 rows 2 KB apart, ld = 512, fell into 2 of
-// L1's 64 sets).
-at::Tensor contiguous_rows(const at::Tensor& x) {
-  if (x.is_contiguous() || x.scalar_type() != at::kFloat || x.dim() != 2 || x.stride(0) != 1 ||
-      x.stride(1) < x.size(0)) {
-    return x.contiguous();
-  }
-  constexpr int64_t kBlock = 16;
-  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(1);
-  at::Tensor out = empty_output({M, K}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, (M + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i0 = begin * kBlock; i0 < std::min(M, end * kBlock); i0 += kBlock) {
-      const int64_t i1 = std::min(M, i0 + kBlock);
-      for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-        const int64_t k1 = std::min(K, k0 + kBlock);
-        for (int64_t k = k0; k < k1; ++k) {
-          for (int64_t i = i0; i < i1; ++i) {
-            dst[i * K + k] = src[k * ld + i];
-          }
-        }
-      }
-    }
-  });
-  return out;
-}
-
 // x @ w^T (+ bias), as torch.nn.functional.linear on 2-D input.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "fastrnn_cpu::linear: input ", x.sizes(),
@@ -117,17 +82,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0)),
               "fastrnn_cpu::linear: bias must have shape [", w.size(0), "], got ", bias->sizes());
   if (use_onednn(x, w, bias)) {
-    return onednn_linear()->call(contiguous_rows(x), w, bias, "none", c10::List<std::optional<c10::Scalar>>(),
-                                 std::nullopt);
+    return onednn_linear()->call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
   return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
-// a @ b, as torch.mm (a contiguous result). oneDNN's linear takes its input contiguous (contiguous_rows), so
-// where a is a transposed view (the weight gradients' dgx^T x: a = dgx^T [2048, 6400], b = x [6400, 512])
-// the product runs as (b^T a^T)^T when that copies fewer elements (b^T, if not contiguous, and the [M, N]
-// result): 48 ms for that dW on the Zen 5 against 87 with torch's copy of dgx^T and 39 with no copy at all
-// (docs/cpu.md, "The big GEMMs"). MKL takes either operand transposed without a copy.
+// a @ b, as torch.mm (a contiguous result). torch's oneDNN linear copies its input to a contiguous one first
+// (the weight it reads through its strides), and that copy of a transposed view is slow at large leading
+// dimensions: the weight gradients' dgx^T x, a = dgx^T [2048, 6400], spent 34 ms in it beside 38 in the
+// product (Zen 5, 2 threads). So on the oneDNN path, where a is such a view, the product runs as (b^T a^T)^T
+// when that copies fewer elements (b^T, if not contiguous, and the [M, N] result): 37.6-38.9 ms for that dW
+// against 65.6-69.8 (docs/cpu.md, "The big GEMMs"). MKL takes either operand transposed without a copy.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "fastrnn_cpu::mm: shapes ", a.sizes(),
               " and ", b.sizes(), " cannot be multiplied");

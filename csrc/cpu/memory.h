@@ -4,8 +4,8 @@
 // touch, which comes next, in the op's kernel. With the ops' own outputs advised, the cpu backend's forward+
 // backward at (100,64,512,512) went from 0.96 to 1.09 of torch.nn's speed for the LSTM (medians of 9
 // alternating processes each) and from 1.61 to 1.86-1.99 for the GRU (AMD EPYC Zen 5, 2 threads, 2026-12-02;
-// docs/cpu.md, "Memory"). torch's own switch for its allocations, THP_MEM_ALLOC_ENABLE=1, works only when set before torch
-// starts. FASTRNN_HUGE_PAGES=0 turns the advice off (read once).
+// docs/cpu.md, "Memory"). torch's own switch for its allocations, THP_MEM_ALLOC_ENABLE=1, works only when set
+// before torch starts. FASTRNN_HUGE_PAGES=0 turns the advice off (read once).
 #pragma once
 
 #include <ATen/core/Tensor.h>
