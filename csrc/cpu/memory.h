@@ -2,9 +2,9 @@
 //
 // A fresh allocation of tens of MB (glibc maps it anew at every call) faults in 4 KB at a time at its first
 // touch, which comes next, in the op's kernel. With the ops' own outputs advised, the cpu backend's forward+
-// backward at (100,64,512,512) went from 0.96 to 1.09 of torch.nn's speed for the LSTM (medians of 9
-// alternating processes each) and from 1.61 to 1.86-1.99 for the GRU (AMD EPYC Zen 5, 2 threads, 2026-12-02;
-// docs/cpu.md, "Memory"). torch's own switch for its allocations, THP_MEM_ALLOC_ENABLE=1, works only when set
+// backward at (100,64,512,512) went from 0.94 to 1.07 of torch.nn's speed for the LSTM (medians of 16
+// alternating processes each; faster in 15 of the 16 pairs) and from 1.61 to 1.86-1.99 for the GRU (AMD EPYC
+// Zen 5, 2 threads, 2026-12-02; docs/cpu.md, "Memory"). torch's own switch for its allocations, THP_MEM_ALLOC_ENABLE=1, works only when set
 // before torch starts. FASTRNN_HUGE_PAGES=0 turns the advice off (read once).
 #pragma once
 
