@@ -938,29 +938,23 @@ def test_layers_through_the_gemm_ops(cell, monkeypatch):
         assert "fastrnn_cpu.linear.default" in counter.calls and "fastrnn_cpu.mm.default" in counter.calls
 
 
-def _vm_flags(address):
-    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
+# A child process (FASTRNN_HUGE_PAGES is read once per process): an op's 8 MB output, and whether the mapping
+# holding its first whole 2 MB page carries the MADV_HUGEPAGE advice ("hg" in /proc/self/smaps' VmFlags).
 HUGE_PAGE_CHECK = """
-import sys, torch
+import torch
 from fastrnn.backends import native
-sys.path.insert(0, {tests!r})
-from test_native import _vm_flags
 y, _ = torch.ops.fastrnn.rnn_fwd(torch.zeros(64, 64, 512), torch.zeros(512, 512), torch.zeros(64, 512), None, None,
                                  False, False)
-start = (y.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)  # the first whole 2 MB page inside y (8 MB)
-print("hg" in _vm_flags(start))
+start = (y.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+inside, flags = False, None
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+        lo, hi = (int(v, 16) for v in head.split("-"))
+        inside = lo <= start < hi
+    elif inside and head == "VmFlags:":
+        flags = line.split()[1:]
+print("hg" in flags)
 """
 
 
@@ -981,8 +975,8 @@ def test_large_outputs_are_advised_onto_huge_pages(setting, advised):
     env = {k: v for k, v in os.environ.items() if k != "FASTRNN_HUGE_PAGES"}
     if setting is not None:
         env["FASTRNN_HUGE_PAGES"] = setting
-    code = HUGE_PAGE_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == str(advised)
 
