@@ -836,20 +836,26 @@ def test_no_wide_instruction_outside_its_capability():
 # ----- the big GEMMs (csrc/cpu/linear.cpp) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("blas", ["onednn", "mkl"])
+@pytest.mark.parametrize("blas", ["onednn", "onednn-linear-op", "mkl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
-    """fastrnn_cpu::linear / mm against torch.nn.functional.linear / torch.mm on odd, transposed and empty
-    operands, on either path (FASTRNN_CPU_BLAS). fp32 tolerance: a different summation order over K = 67;
-    bf16: both round the fp32 accumulator to bf16 (an ulp, 2^-8 relative)."""
-    monkeypatch.setenv("FASTRNN_CPU_BLAS", blas)
+    """fastrnn_cpu::linear / mm against torch.nn.functional.linear / torch.mm on odd, transposed, strided and
+    empty operands, on every path (FASTRNN_CPU_BLAS; on oneDNN, its matmul into our output or its linear op).
+    fp32 tolerance: a different summation order over K = 67; bf16: both round the fp32 accumulator to bf16 (an
+    ulp, 2^-8 relative)."""
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", blas.split("-")[0])
+    if blas == "onednn-linear-op":  # where torch's mkldnn_matmul is not used (linear.cpp, onednn_matmul)
+        monkeypatch.setenv("FASTRNN_CPU_ONEDNN_MATMUL", "0")
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 8e-3}[dtype]
     x, w, b = torch.randn(37, 67, dtype=dtype), torch.randn(29, 67, dtype=dtype), torch.randn(29, dtype=dtype)
     assert_close("linear", native.linear(x, w, b), torch.nn.functional.linear(x, w, b), tol)
     assert_close("linear no bias", native.linear(x, w), torch.nn.functional.linear(x, w), tol)
     assert_close("mm", native.mm(x, w.t()), torch.mm(x, w.t()), tol)
     assert_close("mm transposed a", native.mm(x.t(), x), torch.mm(x.t(), x), tol)
-    # A weight gradient's dgx^T x (a transposed view as a, far larger than b): oneDNN runs it as (b^T a^T)^T.
+    assert_close("linear strided x", native.linear(x[:, :60], w[:, :60], b), torch.nn.functional.linear(
+        x[:, :60], w[:, :60], b), tol)
+    # A weight gradient's dgx^T x (a transposed view as a, far larger than b): oneDNN's linear op runs it as
+    # (b^T a^T)^T, its matmul takes the view as it is.
     g, y = torch.randn(67, 41, dtype=dtype), torch.randn(67, 5, dtype=dtype)
     for b_operand in (y, y.t().contiguous().t()):
         out = native.mm(g.t(), b_operand)
@@ -887,6 +893,10 @@ def test_linear_path_rule(monkeypatch):
         intel = "GenuineIntel" in f.read()
     onednn = torch.backends.mkldnn.is_available()
     assert torch.ops.fastrnn_cpu.blas() == ("onednn" if onednn and not intel else "mkl")
+    # torch's mkldnn_matmul is found and takes fp32 (torch 2.13 does on x86 CPUs with AVX-512 BW/VL/DQ).
+    torch_version = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    if onednn and torch_version >= (2, 13) and {"avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags()):
+        assert torch.ops.fastrnn_cpu.onednn_matmul()
     monkeypatch.setenv("FASTRNN_CPU_BLAS", "mkl")
     assert torch.ops.fastrnn_cpu.blas() == "mkl"
     monkeypatch.setenv("FASTRNN_CPU_BLAS", "onednn")
@@ -938,23 +948,31 @@ def test_layers_through_the_gemm_ops(cell, monkeypatch):
         assert "fastrnn_cpu.linear.default" in counter.calls and "fastrnn_cpu.mm.default" in counter.calls
 
 
-# A child process (FASTRNN_HUGE_PAGES is read once per process): an op's 8 MB output, and whether the mapping
+# A child process (FASTRNN_HUGE_PAGES is read once per process): for an op's 8 MB output, and for a projection's
+# 8 MB output where the oneDNN path writes into its own (csrc/cpu/linear.cpp, onednn_matmul), whether the mapping
 # holding its first whole 2 MB page carries the MADV_HUGEPAGE advice ("hg" in /proc/self/smaps' VmFlags).
 HUGE_PAGE_CHECK = """
 import torch
 from fastrnn.backends import native
+
+
+def advised(t):
+    start = (t.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+    inside, flags = False, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= start < hi
+        elif inside and head == "VmFlags:":
+            flags = line.split()[1:]
+    return "hg" in flags
+
+
 y, _ = torch.ops.fastrnn.rnn_fwd(torch.zeros(64, 64, 512), torch.zeros(512, 512), torch.zeros(64, 512), None, None,
                                  False, False)
-start = (y.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
-inside, flags = False, None
-for line in open("/proc/self/smaps"):
-    head = line.split()[0]
-    if "-" in head and not head.endswith(":"):
-        lo, hi = (int(v, 16) for v in head.split("-"))
-        inside = lo <= start < hi
-    elif inside and head == "VmFlags:":
-        flags = line.split()[1:]
-print("hg" in flags)
+gx = native.linear(torch.zeros(4096, 64), torch.zeros(512, 64), torch.zeros(512))
+print(advised(y), advised(gx) if torch.ops.fastrnn_cpu.onednn_matmul() else "n/a")
 """
 
 
@@ -971,14 +989,18 @@ def _thp_mode():
 @pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
 def test_large_outputs_are_advised_onto_huge_pages(setting, advised):
     """An op's large output (csrc/cpu/memory.h: an 8 MB y) carries the MADV_HUGEPAGE advice ("hg" in its
-    mapping's VmFlags); FASTRNN_HUGE_PAGES=0 leaves it off (read once per process, hence a child process)."""
+    mapping's VmFlags), and so does the input projection's where the oneDNN path writes into its own output;
+    FASTRNN_HUGE_PAGES=0 leaves both off (read once per process, hence a child process)."""
     env = {k: v for k, v in os.environ.items() if k != "FASTRNN_HUGE_PAGES"}
     if setting is not None:
         env["FASTRNN_HUGE_PAGES"] = setting
     out = subprocess.run([sys.executable, "-c", HUGE_PAGE_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == str(advised)
+    op_output, projection = out.stdout.split()[-2:]
+    assert op_output == str(advised)
+    if torch.ops.fastrnn_cpu.onednn_matmul() and torch.ops.fastrnn_cpu.blas() == "onednn":
+        assert projection == str(advised)
 
 
 # ----- bad input --------------------------------------------------------------------------------------

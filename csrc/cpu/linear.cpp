@@ -20,9 +20,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "memory.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -52,6 +58,45 @@ std::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear() {
   return handle;
 }
 
+// torch's oneDNN matmul into a result the caller allocates: at::native::mkldnn_matmul(a, b, result, beta, alpha),
+// result = beta result + alpha a @ b, which libtorch_cpu exports (its header, ATen/native/mkldnn/Matmul.h, is not
+// installed). Unlike the linear op it takes a transposed operand without a copy and writes into our tensor, so the
+// output can be advised onto huge pages before its first touch (memory.h): at the LSTM's input projection
+// [6400,512]x[512,2048] (52 MB out, mapped anew each call) the linear op took 46-52 ms, this 40 with the bias and
+// 36 without (Zen 5, 2 threads; docs/cpu.md, "Memory"). Looked up by name at run time, so a torch without it or
+// with another signature still loads (and takes the linear op); used only if a 2 x 2 fp32 product through it
+// comes out right, since it refuses fp32 on some torch versions and, on x86, on CPUs without AVX-512 BW/VL/DQ
+// or AVX-NE-CONVERT. FASTRNN_CPU_ONEDNN_MATMUL=0 (read at each call, as FASTRNN_CPU_BLAS) takes the linear op
+// instead: the path of the CPUs and torch versions without it, kept testable everywhere.
+using Matmul = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+Matmul* onednn_matmul() {
+  static Matmul* const matmul = []() -> Matmul* {
+    constexpr const char* kSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
+    void* symbol = dlsym(RTLD_DEFAULT, kSymbol);
+    if (symbol == nullptr) {
+      if (void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+        symbol = dlsym(torch_cpu, kSymbol);
+        dlclose(torch_cpu);
+      }
+    }
+    auto* fn = reinterpret_cast<Matmul*>(symbol);
+    if (fn == nullptr) {
+      return nullptr;
+    }
+    try {
+      const at::Tensor a = at::full({2, 2}, 1.5f), out = at::full({2, 2}, 1.0f);
+      fn(a, a.t(), out, 1.0f, 1.0f);
+      const float* c = out.const_data_ptr<float>();
+      return std::all_of(c, c + 4, [](float v) { return v == 5.5f; }) ? fn : nullptr;  // 1 + 2 * 1.5 * 1.5
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+  }();
+  const char* env = std::getenv("FASTRNN_CPU_ONEDNN_MATMUL");
+  return env != nullptr && std::string(env) == "0" ? nullptr : matmul;
+}
+
 // Whether MKL runs its widest code on this CPU: it checks the vendor, and on other vendors' CPUs takes its
 // AVX2 path whatever they support.
 bool mkl_at_full_width() {
@@ -75,6 +120,18 @@ bool use_onednn(const at::Tensor& x, const at::Tensor& w, const std::optional<at
          x.numel() > 0 && w.numel() > 0;
 }
 
+// a @ b (+ bias) through oneDNN's matmul into a fresh output on huge pages. The bias is written into the output
+// first and added by the matmul (beta = 1): mkldnn_matmul takes no bias of its own.
+at::Tensor onednn_product(Matmul* matmul, const at::Tensor& a, const at::Tensor& b,
+                          const std::optional<at::Tensor>& bias) {
+  at::Tensor out = empty_output({a.size(0), b.size(1)}, a.options());
+  if (bias.has_value()) {
+    out.copy_(bias->expand_as(out));
+  }
+  matmul(a, b, out, bias.has_value() ? 1.0f : 0.0f, 1.0f);
+  return out;
+}
+
 // x @ w^T (+ bias), as torch.nn.functional.linear on 2-D input.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "fastrnn_cpu::linear: input ", x.sizes(),
@@ -82,6 +139,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0)),
               "fastrnn_cpu::linear: bias must have shape [", w.size(0), "], got ", bias->sizes());
   if (use_onednn(x, w, bias)) {
+    if (Matmul* matmul = onednn_matmul()) {
+      return onednn_product(matmul, x, w.t(), bias);
+    }
     return onednn_linear()->call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
   return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
@@ -98,6 +158,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
               " and ", b.sizes(), " cannot be multiplied");
   const at::Tensor bt = b.t();
   if (use_onednn(a, bt, std::nullopt)) {
+    if (Matmul* matmul = onednn_matmul()) {
+      return onednn_product(matmul, a, b, std::nullopt);
+    }
     const int64_t copied = a.is_contiguous() ? 0 : a.numel();
     const int64_t copied_swapped = (bt.is_contiguous() ? 0 : b.numel()) + a.size(0) * b.size(1);
     if (copied_swapped < copied) {
@@ -113,12 +176,16 @@ std::string blas() {
   return use_onednn(x, x, std::nullopt) ? "onednn" : "mkl";
 }
 
+// Whether the oneDNN path runs mkldnn_matmul into our own output (else torch's linear op).
+bool onednn_matmul_used() { return onednn_matmul() != nullptr; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("blas() -> str", &blas);
+  m.def("onednn_matmul() -> bool", &onednn_matmul_used);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
