@@ -31,6 +31,9 @@ AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 # On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
 # from this batch (_torch_nn_is_faster).
 AUTO_TORCH_NN_FP16_MIN_BATCH = 32
+# Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
+# where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
+AUTO_FP32_TRAINING_MIN_GATES = 2**21
 
 
 @functools.cache
@@ -57,6 +60,54 @@ def _torch_fp16_gemm_is_native():
     except ImportError:
         return False
     return native.TORCH_FP16_GEMM_IS_NATIVE
+
+
+@functools.cache
+def _torch_large_allocations_fault():
+    """Whether torch's CPU allocator hands a large tensor (48 MB) out on fresh 4 KB pages at every allocation,
+    as it does with glibc's malloc (which maps each one anew), so that its first touch faults every page in:
+    an allocation after a touched and freed one of the same size is not resident (mincore), and torch's own
+    huge pages are off (torch's THP_MEM_ALLOC_ENABLE=1, read at its start-up, and the kernel's THP mode
+    "always" both fault a large tensor in 2 MB at a time). False where this cannot be read (not Linux), and where
+    the memory is reused (jemalloc, tcmalloc)."""
+    import ctypes
+    import os
+
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[always]" in f.read():
+                return False
+    except OSError:
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        numel = (48 << 20) // 4  # past glibc's largest mmap threshold (32 MB): mapped anew by default
+        torch.empty(numel).fill_(0)  # touched, then freed
+        fresh = torch.empty(numel)
+        pages = fresh.numel() * 4 // page - 1
+        start = (fresh.data_ptr() + page - 1) // page * page
+        resident = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), resident) != 0:
+            return False
+    except (AttributeError, OSError, ValueError):
+        return False
+    return sum(v & 1 for v in resident) < pages // 2
+
+
+def _fastrnn_trains_large_lstms_faster():
+    """Whether fp32 LSTM training of AUTO_FP32_TRAINING_MIN_GATES gate values or more a layer stays fastrnn's
+    (_torch_nn_is_faster): where fastrnn runs its AVX-512 kernels with the big GEMMs on oneDNN's matmul into its
+    own outputs on huge pages (csrc/cpu/linear.cpp: non-Intel CPUs, here the Zen 5 where this was measured) and
+    torch's own large allocations fault their pages in at every call (_torch_large_allocations_fault)."""
+    try:
+        from .backends import native
+    except ImportError:
+        return False
+    return (native.cpu_capability() == "avx512" and native.blas() == "onednn" and native.onednn_matmul()
+            and _torch_large_allocations_fault())
 
 
 def _check_backend(backend):
@@ -135,7 +186,13 @@ class _RecurrentMixin(_FastRNNModule):
           B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92 (2 threads,
           fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
           0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
-          0.84-1.19).
+          0.84-1.19). Except from AUTO_FP32_TRAINING_MIN_GATES gate values a layer (T * B * 4H) where
+          _fastrnn_trains_large_lstms_faster(): there fastrnn's forward+backward measured 1.05-1.28 at
+          2.5-13 M gate values (one layer, (25,64,512,512), (75,32,256,256), (100,32,256,256),
+          (100,64,512,512), (100,64,128,128), (100,256,128,128)), 2 layers and bidirectional 1.17-1.25
+          (2 threads; 1 thread 1.07-1.37), against 0.78-0.98 at 1.6 M and below ((50,32,256,256),
+          (100,16,256,256), (100,32,128,128), (10,64,512,512); Zen 5, 2026-12-02, b2536f9); with torch's
+          own allocations on huge pages (THP_MEM_ALLOC_ENABLE=1) torch.nn led at (100,64,512,512), 0.92-0.94.
         On an Intel Xeon with AMX and avx512_fp16 (1 thread, load 3.5-5.7; docs/cpu.md, "bf16 and fp16"), where
         torch.nn's bf16 LSTM is oneDNN's on AMX and its fp16 loop runs each step's addmm on avx512_fp16:
         - bf16 inference at any batch (the CPU has AMX): forward 0.46-0.80 at B = 1-4, 0.17-0.62 at B >= 8
@@ -170,6 +227,9 @@ class _RecurrentMixin(_FastRNNModule):
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
         if dtype == torch.bfloat16:
             return not grad and (_cpu_has_amx() or (_cpu_has_avx512_bf16() and batch >= AUTO_TORCH_NN_MIN_BATCH))
+        gates = data.shape[:2].numel() * 4 * self.hidden_size if data.dim() == 3 else 0
+        if training and gates >= AUTO_FP32_TRAINING_MIN_GATES and _fastrnn_trains_large_lstms_faster():
+            return False
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
 
     def _runs_torch_nn(self, input, resets):

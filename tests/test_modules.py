@@ -2,7 +2,11 @@
 
 import copy
 import io
+import os
 import pickle
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from conftest import backend_params
 from parity import (
-    FASTRNN_CLASSES, FP64_TOL, TORCH_CLASSES, Case, CountOps, assert_all_close, make_inputs, make_pair, run_case,
+    FASTRNN_CLASSES, FP32_TOL, FP64_TOL, TORCH_CLASSES, Case, CountOps, assert_all_close, assert_close, make_inputs,
+    make_pair, run_case,
 )
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -402,6 +407,45 @@ def test_auto_rules_keyed_on_cpu_features(features, monkeypatch):
             assert (counter.calls == []) == runs_torch_nn, (dtype, batch, grad, counter.calls)
             if runs_torch_nn:
                 assert torch.equal(got[0], oracle(x)[0])
+
+
+@pytest.mark.parametrize("fastrnn_faster", [True, False])
+def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faster, monkeypatch):
+    """fp32 LSTM training from AUTO_FP32_TRAINING_MIN_GATES gate values a layer (T * B * 4H) stays fastrnn's
+    where _fastrnn_trains_large_lstms_faster() (patched: both sides run on any CPU), torch.nn's below it and
+    elsewhere; inference from batch 8 stays torch.nn's at any size."""
+    monkeypatch.setattr(fastrnn.modules, "_fastrnn_trains_large_lstms_faster", lambda: fastrnn_faster)
+    H = 16
+    T, B = 64, fastrnn.modules.AUTO_FP32_TRAINING_MIN_GATES // (64 * 4 * H)
+    model = fastrnn.LSTM(3, H, num_layers=2, bidirectional=True)
+    oracle = nn.LSTM(3, H, num_layers=2, bidirectional=True).double()
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(T, B, 3)
+    for steps, grad, runs_ours in ((T, True, fastrnn_faster), (T - 1, True, False), (T, False, False)):
+        with torch.set_grad_enabled(grad), CountOps() as counter:
+            got = model(x[:steps])
+        assert (counter.calls != []) == runs_ours, (steps, grad, counter.calls)
+        assert_close("y", oracle(x[:steps].double())[0].detach(), got[0].detach().double(), **FP32_TOL)
+
+
+ALLOCATION_PROBE = "import fastrnn.modules as m; print(m._torch_large_allocations_fault())"
+
+
+def test_large_allocation_probe():
+    """_torch_large_allocations_fault in fresh processes: True with glibc's malloc on Linux unless the kernel
+    backs every large mapping with huge pages (THP "always"), False with torch's own huge pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp_always = "[always]" in f.read()
+    except OSError:
+        thp_always = False
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    for extra, expected in (({}, glibc and not thp_always), ({"THP_MEM_ALLOC_ENABLE": "1"}, False)):
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == str(expected), (extra, out.stdout)
 
 
 def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():

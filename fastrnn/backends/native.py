@@ -140,6 +140,19 @@ def blas():
     return path
 
 
+_onednn_matmul_of_setting = {}
+
+
+def onednn_matmul():
+    """Whether fp32 products on the oneDNN path run torch's mkldnn_matmul into fastrnn's own output (csrc/cpu/
+    linear.cpp) under the current FASTRNN_CPU_ONEDNN_MATMUL (remembered per value, as blas())."""
+    setting = os.environ.get("FASTRNN_CPU_ONEDNN_MATMUL")
+    used = _onednn_matmul_of_setting.get(setting)
+    if used is None:
+        used = _onednn_matmul_of_setting[setting] = bool(torch.ops.fastrnn_cpu.onednn_matmul())
+    return used
+
+
 def built_cpu_capabilities():
     """The capabilities this CPU can run and fastrnn._C can load, lowest first (switches to each and back)."""
     current, found = cpu_capability(), []
