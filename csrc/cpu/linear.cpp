@@ -63,7 +63,7 @@ std::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear() {
 // installed). Unlike the linear op it takes a transposed operand without a copy and writes into our tensor, so the
 // output can be advised onto huge pages before its first touch (memory.h): at the LSTM's input projection
 // [6400,512]x[512,2048] (52 MB out, mapped anew each call) the linear op took 46-52 ms, this 40 with the bias and
-// 36 without (Zen 5, 2 threads; docs/cpu.md, "Memory"). Looked up by name at run time, so a torch without it or
+// 36 without (Zen 5, 2 threads; docs/cpu.md, "The big GEMMs"). Looked up by name at run time, so a torch without it or
 // with another signature still loads (and takes the linear op); used only if a 2 x 2 fp32 product through it
 // comes out right, since it refuses fp32 on some torch versions and, on x86, on CPUs without AVX-512 BW/VL/DQ
 // or AVX-NE-CONVERT. FASTRNN_CPU_ONEDNN_MATMUL=0 (read at each call, as FASTRNN_CPU_BLAS) takes the linear op
