@@ -142,12 +142,41 @@ def _product(a, b, native, keep_fp32=False):
     return c if keep_fp32 else c.to(a.dtype)
 
 
+# The largest W_ih whose inference projection runs on the packed panels (packed_projection): what the panel
+# cache keeps (csrc/cpu/panel_cache.h, kMaxBytes); a larger one would be packed again at every call.
+PACKED_PROJECTION_MAX_WEIGHT_BYTES = 1 << 20
+
+
+def packed_projection(backend, x, w_ih, training):
+    """Whether an input projection runs on fastrnn's packed panels (fastrnn_cpu::small_linear, the step
+    products' kernel with W_ih packed once and kept) instead of torch's or oneDNN's GEMM: fp32 inference on the
+    cpu backend's AVX-512 copy, on CPUs where fp32 products take oneDNN (not Intel's: MKL runs AVX-512 there
+    and was not measured against it), for W_ih up to PACKED_PROJECTION_MAX_WEIGHT_BYTES and at least 2 rows
+    (T*B). Measured (Zen 5, 2 threads, fastest of 200-400 interleaved calls, us, F.linear / oneDNN's linear /
+    packed): [50,64]x[64,512] 23 / - / 14; [100,128]x[128,512] 74 / 58 / 39; [1600,128]x[128,512] 1024 / 534 /
+    495; [3200,256]x[256,1024] 8871 / 5168 / 4359; [800,512]x[512,2048] (4 MB, repacked each call) - / 4169 /
+    4523; one row (a GEMV) [1,64]x[64,512] 4.1 / - / 4.7, two rows 6.6 / - / 4.9 (docs/cpu.md, "Small layers").
+    No autograd formula: training keeps the differentiable paths."""
+    if (backend != "cpu" or training or x.dtype != torch.float32 or w_ih.dtype != torch.float32
+            or x.shape[0] * x.shape[1] < 2 or w_ih.numel() * 4 > PACKED_PROJECTION_MAX_WEIGHT_BYTES
+            or torch.compiler.is_compiling() or transformed()):
+        return False
+    from .backends import native
+
+    return native.cpu_capability() == "avx512" and native.blas() == "onednn"
+
+
 def input_projection(x, w_ih, b_in, backend):
-    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 and fp16
-    (native_gemm) through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA),
-    differentiable twice through its own autograd formula (so dx and dW_ih run there too); otherwise
-    F.linear."""
+    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. Small fp32 inference projections on the cpu
+    backend on fastrnn's packed panels (packed_projection); on the cpu backend in fp32 and fp16 (native_gemm)
+    through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA), differentiable
+    twice through its own autograd formula (so dx and dW_ih run there too); otherwise F.linear."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
+    if packed_projection(backend, x, w_ih, training):
+        from .backends import native
+
+        T, B = x.shape[:2]
+        return native.small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in).view(T, B, w_ih.shape[0])
     if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training):
         from .backends import native
 

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+import fastrnn
 from fastrnn.backends import native, ops, schemas
 from parity import reset_mask
 
@@ -440,8 +441,13 @@ def cache_hits():
 def test_panel_cache_is_used_and_follows_every_kind_of_weight_change(cell, monkeypatch):
     """Repeated inference reuses W_hh's packed panels (the hit counter grows), and every way of changing the
     weights between calls is seen: an in-place optimizer step (bumps the version counter), a write through
-    `.data` (keeps it: the RL soft target update), load_state_dict, and a tensor at a new address."""
+    `.data` (keeps it: the RL soft target update), load_state_dict, and a tensor at a new address. The input
+    projection stays off the packed panels here (packed_projection), so the counter counts W_hh's alone
+    (test_packed_projection_rule changes W_ih)."""
+    from fastrnn import autograd
+
     monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE", raising=False)
+    monkeypatch.setattr(autograd, "packed_projection", lambda *args: False)
     ref, fast = cache_twins(cell)
     x = torch.randn(5, 3, 6)
     before = cache_hits()
@@ -864,6 +870,78 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
     assert native.linear(x[:0], w, b).shape == (0, 29)
     with pytest.raises(RuntimeError, match=r"fastrnn_cpu::linear: input \[37, 67\] and weight \[29, 66\] do not match"):
         native.linear(x, w[:, 1:], b)
+
+
+@pytest.mark.parametrize("path", ["auto", "aten", "packed"])
+def test_small_linear_matches_torch(capability, path, monkeypatch):
+    """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against
+    F.linear in fp64 in every capability and both product paths (FASTRNN_CPU_GEMM: the AVX2 / default copies
+    take the library GEMM for large A): odd K and N against the vector and panel widths, rows past the
+    64-row chunk, one row, no bias, strided operands, a second call from the panel cache, empty operands.
+    fp32 tolerance: summation order over K = 67 (as test_linear_and_mm_match_torch)."""
+    monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
+    for M, K, N in ((1, 67, 29), (37, 67, 29), (130, 67, 100), (5, 3, 1)):
+        x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()  # fp64, rounded once
+        for call in range(2):
+            assert_close(f"small_linear {M}x{K}x{N} call {call}", torch.ops.fastrnn_cpu.small_linear(x, w, b), ref, 1e-5)
+        assert_close("no bias", native.small_linear(x, w), ref - b, 1e-5)
+        assert_close("strided", native.small_linear(x.t().contiguous().t(), w.t().contiguous().t(), b), ref, 1e-5)
+    w = torch.randn(29, 67)
+    assert native.small_linear(torch.randn(0, 67), w).shape == (0, 29)
+    assert native.small_linear(torch.randn(4, 67), w[:0]).shape == (4, 0)
+    with pytest.raises(RuntimeError, match=r"small_linear: x \[M, K\] and w \[N, K\] expected"):
+        native.small_linear(torch.randn(4, 66), w)
+    with pytest.raises(RuntimeError, match="small_linear: fp32 CPU tensors expected"):
+        native.small_linear(torch.randn(4, 67, dtype=torch.float64), w.double())
+    with pytest.raises(RuntimeError, match=r"small_linear: bias \[N\] fp32 expected"):
+        native.small_linear(torch.randn(4, 67), w, torch.randn(28))
+
+
+def test_packed_projection_rule(monkeypatch):
+    """Which input projections run on small_linear (autograd.packed_projection): fp32 inference on the cpu
+    backend's AVX-512 copy where fp32 products take oneDNN, W_ih up to the panel cache's 1 MB, 2+ rows; the
+    module's output is the same either way. Both sides of each condition, so a broken rule fails here."""
+    from fastrnn import autograd
+
+    calls = []
+    real = native.small_linear
+    monkeypatch.setattr(native, "small_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(native, "cpu_capability", lambda: "avx512")
+    monkeypatch.setattr(native, "blas", lambda: "onednn")
+    x, w = torch.randn(3, 2, 8), torch.randn(32, 8)
+    rule = autograd.packed_projection
+    assert rule("cpu", x, w, training=False)
+    assert not rule("cpu", x, w, training=True)
+    assert not rule("triton", x, w, training=False)
+    assert not rule("cpu", x.double(), w.double(), training=False)
+    assert not rule("cpu", x[:1, :1], w, training=False)  # one row: a GEMV, faster in torch
+    assert rule("cpu", x, torch.randn(1 << 18, 1), training=False)  # exactly 1 MB
+    assert not rule("cpu", x, torch.randn((1 << 18) + 1, 1), training=False)
+    monkeypatch.setattr(native, "blas", lambda: "mkl")
+    assert not rule("cpu", x, w, training=False)
+    monkeypatch.setattr(native, "blas", lambda: "onednn")
+    monkeypatch.setattr(native, "cpu_capability", lambda: "avx2")
+    assert not rule("cpu", x, w, training=False)
+    monkeypatch.setattr(native, "cpu_capability", lambda: "avx512")
+
+    ref = torch.nn.LSTM(8, 8)
+    model = fastrnn.LSTM(8, 8, backend="cpu")
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        y, _ = model(x)
+    assert calls == [(6, 8)]
+    assert_close("module on small_linear", y, ref(x)[0], 1e-5)
+    model(x)[0].sum().backward()  # training: the differentiable path
+    assert calls == [(6, 8)]
+    # W_ih's panels come from the panel cache from the third call; a `.data` write (version unchanged) is seen.
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        new = torch.randn_like(ref.weight_ih_l0)
+        ref.weight_ih_l0.data.copy_(new)
+        model.weight_ih_l0.data.copy_(new)
+        assert_close("after a .data write to W_ih", model(x)[0], ref(x)[0], 1e-5)
 
 
 def test_linear_and_mm_gradients():

@@ -6,8 +6,8 @@
 //   avx2     AVX2 + FMA + F16C; at::vec on 256-bit registers (8 floats)
 //   avx512   AVX-512 F/BW/VL/DQ on top of avx2; at::vec on 512-bit registers (16 floats)
 //
-// One source, several copies: lstm.cpp, gru.cpp and rnn.cpp (with recurrence.h, gemm.h, vec_math.h) are
-// compiled once per capability by kernels_<capability>.cpp, with that capability's compiler flags and
+// One source, several copies: lstm.cpp, gru.cpp, rnn.cpp and small_linear.cpp (with recurrence.h, gemm.h,
+// vec_math.h) are compiled once per capability by kernels_<capability>.cpp, with that capability's compiler flags and
 // -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> (plus CPU_CAPABILITY_AVX2/AVX512, which select at::vec's
 // implementation, as in ATen's own build). Everything those files define sits in
 // `namespace fastrnn::cpu::CPU_CAPABILITY` (and at::vec in `at::vec::CPU_CAPABILITY`), so no two copies
@@ -54,11 +54,12 @@ using RnnFwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const a
 using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const at::Tensor&, const std::optional<at::Tensor>&,
                                                       const std::optional<at::Tensor>&, bool, bool);
+using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 6;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
-                                    // 5: fma_loop; 6: panel cache hits
+constexpr int64_t kKernelsAbi = 7;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+                                    // 5: fma_loop; 6: panel cache hits; 7: small_linear
 
 struct Kernels {
   int64_t abi;
@@ -79,8 +80,11 @@ struct Kernels {
   // The fp32 FMA loop of this copy's vectors on each of torch's threads (fma_peak.cpp): returns their summed
   // FLOP/s and the shortest thread's seconds; dispatch.cpp's fma_peak repeats it for the benchmark.
   double (*fma_loop)(int64_t iterations, double* shortest_seconds);
-  // How many HiddenGemm constructions of this copy took W_hh's packed panels from its cache (panel_cache.h).
+  // How many HiddenGemm constructions of this copy took their packed panels (W_hh; W_ih in small_linear) from its
+  // cache (panel_cache.h).
   int64_t (*panel_cache_hits)();
+  // fastrnn_cpu::small_linear (small_linear.cpp): a small input projection on the packed panels.
+  SmallLinear small_linear;
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
@@ -112,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu);
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 }  // namespace CPU_CAPABILITY
 #endif
 
@@ -137,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
                                              &k::bf16_dot_products,                                            \
                                              &k::bf16_amx_products,                                            \
                                              &k::fma_loop,                                                     \
-                                             &k::panel_cache_hits};                                            \
+                                             &k::panel_cache_hits,                                             \
+                                             &k::small_linear};                                                \
     return &table;                                                                                             \
   }

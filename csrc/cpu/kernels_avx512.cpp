@@ -1,4 +1,4 @@
-// The CPU kernels (lstm.cpp, gru.cpp, rnn.cpp) compiled for the avx512 capability: one translation unit, built
+// The CPU kernels (lstm.cpp, gru.cpp, rnn.cpp, small_linear.cpp) compiled for the avx512 capability: one translation unit, built
 // with -DCPU_CAPABILITY=AVX512 and the flags -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq (fastrnn/_build_cpu.py,
 // CMakeLists.txt). kernels.h explains the scheme; dispatch.cpp chooses a copy at run time.
 #if !defined(CPU_CAPABILITY_AVX512) || !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
@@ -12,6 +12,7 @@
 #include "gru.cpp"
 #include "lstm.cpp"
 #include "rnn.cpp"
+#include "small_linear.cpp"
 #include "fma_peak.cpp"  // the FMA-peak loop of this capability (the benchmark's measured FMA peak)
 
 FASTRNN_DEFINE_CPU_KERNELS(avx512)

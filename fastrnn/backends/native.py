@@ -38,6 +38,11 @@ def _linear_fake(x, w, bias):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+@torch.library.register_fake("fastrnn_cpu::small_linear")
+def _small_linear_fake(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 # Their gradients are products of the same kind, on the same path: linear's dx = dy w and dw = dy^T x (the
 # input projection's backward GEMMs), db = the column sums; mm's da = dc b^T and db = a^T dc.
 def _linear_setup(ctx, inputs, output):
@@ -112,6 +117,12 @@ def linear(x, w, bias=None):
     csrc/cpu/linear.cpp), else torch.addmm.
     Differentiable (its backward runs the same path: dx = dy w, dw = dy^T x)."""
     return torch.ops.fastrnn_cpu.linear(x, w, bias)
+
+
+def small_linear(x, w, bias=None):
+    """x [M, K] @ w [N, K]^T (+ bias [N]) in fp32 on the running CPU copy's packed panels, w's kept across calls
+    (csrc/cpu/small_linear.cpp): the inference input projections of autograd.packed_projection. No autograd."""
+    return torch.ops.fastrnn_cpu.small_linear(x, w, bias)
 
 
 def mm(a, b):
