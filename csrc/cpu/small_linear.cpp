@@ -23,7 +23,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
               "fastrnn_cpu::small_linear: bias [N] fp32 expected");
   const int64_t M = x.size(0), N = w.size(0);
   const at::Tensor a = x.contiguous(), weight = w.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = empty_output({M, N}, x.options());
   if (M == 0 || N == 0) {
     return y;
   }
