@@ -35,6 +35,16 @@ def test_percentile_matches_numpy():
         assert timing.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
+def test_interleaved_rounds_rotate_which_call_comes_first():
+    """measure_interleaved: every fn once a round, and each round starts one fn later, so no fn always follows
+    the same other one (a call right after torch.nn's large frees can be slow on some VMs: timing.py)."""
+    order = []
+    calls = {name: (lambda name=name: order.append(name), None) for name in "abc"}
+    times = timing.measure_interleaved(calls, "cpu", timing.Repeats(warmup=0, min_reps=3, max_reps=3, budget_s=0))
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert "".join(order) == "abcbcacab"
+
+
 def test_cpu_case_set_is_the_twelve_targets_on_two_threads():
     cpu = cases.case_set("cpu", "cpu")
     assert cpu.threads == 2

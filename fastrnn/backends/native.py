@@ -137,31 +137,30 @@ def mm(a, b):
 TORCH_FP16_GEMM_IS_NATIVE = bool(torch.ops.fastrnn_cpu.has_avx512_fp16()) and torch.backends.mkldnn.is_available()
 
 
-_blas_of_setting = {}
+_answers_of_setting = {}
+
+
+def _per_setting(variable, query):
+    """query()'s answer under the current value of the environment variable that decides it (read by the op
+    at each call), remembered per value: the op call costs ~3 us, a visible share of a small layer."""
+    key = (variable, os.environ.get(variable))
+    answer = _answers_of_setting.get(key)
+    if answer is None:
+        answer = _answers_of_setting[key] = query()
+    return answer
 
 
 @torch.compiler.assume_constant_result  # a compiled graph takes the path of its tracing
 def blas():
     """"onednn" or "mkl": the path fp32 products of linear() and mm() take (csrc/cpu/linear.cpp) under the
-    current FASTRNN_CPU_BLAS (remembered per value: the op call costs ~3 us, a visible share of a small layer)."""
-    setting = os.environ.get("FASTRNN_CPU_BLAS")
-    path = _blas_of_setting.get(setting)
-    if path is None:
-        path = _blas_of_setting[setting] = torch.ops.fastrnn_cpu.blas()
-    return path
-
-
-_onednn_matmul_of_setting = {}
+    current FASTRNN_CPU_BLAS."""
+    return _per_setting("FASTRNN_CPU_BLAS", torch.ops.fastrnn_cpu.blas)
 
 
 def onednn_matmul():
     """Whether fp32 products on the oneDNN path run torch's mkldnn_matmul into fastrnn's own output (csrc/cpu/
-    linear.cpp) under the current FASTRNN_CPU_ONEDNN_MATMUL (remembered per value, as blas())."""
-    setting = os.environ.get("FASTRNN_CPU_ONEDNN_MATMUL")
-    used = _onednn_matmul_of_setting.get(setting)
-    if used is None:
-        used = _onednn_matmul_of_setting[setting] = bool(torch.ops.fastrnn_cpu.onednn_matmul())
-    return used
+    linear.cpp) under the current FASTRNN_CPU_ONEDNN_MATMUL."""
+    return _per_setting("FASTRNN_CPU_ONEDNN_MATMUL", lambda: bool(torch.ops.fastrnn_cpu.onednn_matmul()))
 
 
 def built_cpu_capabilities():

@@ -66,9 +66,12 @@ def measure_interleaved(calls, device, repeats):
     """{name: seconds of each timed call} for several {name: (fn, reset)}, timed round-robin: each round
     calls every fn once, so a change in machine speed during the measurement (on a shared 2-core VM two
     back-to-back runs differed by up to 1.8x in p50 when each module was timed in a block of its own)
-    slows all of them alike and their ratios, the speedups, stay fair. `reset()` runs before each call,
-    untimed (e.g. dropping .grad so that backward does not time an accumulation). Rounds go on until
-    there are min_reps, then until max_reps or budget_s per fn of timed calls in all."""
+    slows all of them alike and their ratios, the speedups, stay fair. Each round starts one fn later than
+    the one before, so no fn always runs right after the same other one (on a VM that hands freed memory
+    back to its host, the call right after torch.nn's large frees took 2-4x: docs/cpu.md, "Memory").
+    `reset()` runs before each call, untimed (e.g. dropping .grad so that backward does not time an
+    accumulation). Rounds go on until there are min_reps, then until max_reps or budget_s per fn of timed
+    calls in all."""
     device = torch.device(device)
     for fn, reset in calls.values():
         for _ in range(repeats.warmup):
@@ -77,8 +80,11 @@ def measure_interleaved(calls, device, repeats):
     times = {name: [] for name in calls}
     budget = repeats.budget_s * len(calls)
     rounds, spent = 0, 0.0
+    names = list(calls)
     while rounds < repeats.min_reps or (rounds < repeats.max_reps and spent < budget):
-        for name, (fn, reset) in calls.items():
+        first = rounds % len(names)
+        for name in names[first:] + names[:first]:
+            fn, reset = calls[name]
             seconds = _timed_call(fn, reset, device)
             times[name].append(seconds)
             spent += seconds
