@@ -142,24 +142,30 @@ def _product(a, b, native, keep_fp32=False):
     return c if keep_fp32 else c.to(a.dtype)
 
 
-# The largest W_ih whose inference projection runs on the packed panels (packed_projection): what the panel
-# cache keeps (csrc/cpu/panel_cache.h, kMaxBytes); a larger one would be packed again at every call.
+# The largest W_ih whose projection runs on the packed panels (packed_projection): what the panel cache keeps
+# (csrc/cpu/panel_cache.h, kMaxBytes); in inference a larger one would be packed again at every call, which lost
+# to oneDNN at 4 MB. In training every W_ih is packed again (the optimizer's step changes it) and still won up
+# to 1 MB: [3200,256]x[256,1024] 4.91 ms against oneDNN's 5.84, [6400,512]x[512,512] 8.60 against 9.38 (Zen 5).
 PACKED_PROJECTION_MAX_WEIGHT_BYTES = 1 << 20
 
 
 def packed_projection(backend, x, w_ih, training):
     """Whether an input projection runs on fastrnn's packed panels (fastrnn_cpu::small_linear, the step
-    products' kernel with W_ih packed once and kept) instead of torch's or oneDNN's GEMM: fp32 inference on the
-    cpu backend's AVX-512 copy, on CPUs where fp32 products take oneDNN (not Intel's: MKL runs AVX-512 there
-    and was not measured against it), for W_ih up to PACKED_PROJECTION_MAX_WEIGHT_BYTES and at least 2 rows
-    (T*B). Measured (Zen 5, 2 threads, fastest of 200-400 interleaved calls, us, F.linear / oneDNN's linear /
-    packed): [50,64]x[64,512] 23 / - / 14; [100,128]x[128,512] 74 / 58 / 39; [1600,128]x[128,512] 1024 / 534 /
-    495; [3200,256]x[256,1024] 8871 / 5168 / 4359; [800,512]x[512,2048] (4 MB, repacked each call) - / 4169 /
-    4523; one row (a GEMV) [1,64]x[64,512] 4.1 / - / 4.7, two rows 6.6 / - / 4.9 (docs/cpu.md, "Small layers").
-    No autograd formula: training keeps the differentiable paths."""
-    if (backend != "cpu" or training or x.dtype != torch.float32 or w_ih.dtype != torch.float32
+    products' kernel with W_ih packed once and kept) instead of torch's or oneDNN's GEMM: fp32 on the cpu
+    backend's AVX-512 copy, on CPUs where fp32 products take oneDNN (not Intel's: MKL runs AVX-512 there and
+    was not measured against it), for W_ih up to PACKED_PROJECTION_MAX_WEIGHT_BYTES and at least 2 rows (T*B);
+    in training only where the product would take fastrnn_cpu::linear anyway (native_gemm: from
+    NATIVE_GEMM_MIN_FLOPS_TRAINING), whose autograd formula it shares, so that the custom op's Python autograd
+    layer (~20 us a call) stays off small layers. Measured (Zen 5, 2 threads, fastest of 200-400 interleaved
+    calls, us, F.linear / oneDNN's linear / packed): [50,64]x[64,512] 23 / - / 14; [100,128]x[128,512] 74 / 58
+    / 39; [1600,128]x[128,512] 1024 / 534 / 495; [3200,256]x[256,1024] 8871 / 5168 / 4359; [800,512]x[512,2048]
+    (4 MB, repacked each call) - / 4169 / 4523; one row (a GEMV) [1,64]x[64,512] 4.1 / - / 4.7, two rows 6.6 / -
+    / 4.9 (docs/cpu.md, "The input projection on the packed panels")."""
+    if (backend != "cpu" or x.dtype != torch.float32 or w_ih.dtype != torch.float32
             or x.shape[0] * x.shape[1] < 2 or w_ih.numel() * 4 > PACKED_PROJECTION_MAX_WEIGHT_BYTES
             or torch.compiler.is_compiling() or transformed()):
+        return False
+    if training and 2 * x.numel() * w_ih.shape[0] < NATIVE_GEMM_MIN_FLOPS_TRAINING:
         return False
     from .backends import native
 
@@ -167,10 +173,10 @@ def packed_projection(backend, x, w_ih, training):
 
 
 def input_projection(x, w_ih, b_in, backend):
-    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. Small fp32 inference projections on the cpu
-    backend on fastrnn's packed panels (packed_projection); on the cpu backend in fp32 and fp16 (native_gemm)
-    through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA), differentiable
-    twice through its own autograd formula (so dx and dW_ih run there too); otherwise F.linear."""
+    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 with a W_ih of up
+    to 1 MB on fastrnn's packed panels (packed_projection), in fp32 and fp16 otherwise (native_gemm) through
+    fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA); both differentiable twice
+    through linear's autograd formula (so dx and dW_ih run on fastrnn_cpu::mm); otherwise F.linear."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
     if packed_projection(backend, x, w_ih, training):
         from .backends import native

@@ -912,7 +912,11 @@ def test_packed_projection_rule(monkeypatch):
     x, w = torch.randn(3, 2, 8), torch.randn(32, 8)
     rule = autograd.packed_projection
     assert rule("cpu", x, w, training=False)
-    assert not rule("cpu", x, w, training=True)
+    assert not rule("cpu", x, w, training=True)  # a small product in training: F.linear, no custom op
+    # Training from fastrnn_cpu::linear's threshold (2 * T*B * I * G*H FLOPs), where that op would run.
+    rows = autograd.NATIVE_GEMM_MIN_FLOPS_TRAINING // (2 * 8 * 32)
+    assert rule("cpu", torch.randn(rows, 1, 8), w, training=True)
+    assert not rule("cpu", torch.randn(rows - 1, 1, 8), w, training=True)
     assert not rule("triton", x, w, training=False)
     assert not rule("cpu", x.double(), w.double(), training=False)
     assert not rule("cpu", x[:1, :1], w, training=False)  # one row: a GEMV, faster in torch
@@ -932,8 +936,18 @@ def test_packed_projection_rule(monkeypatch):
         y, _ = model(x)
     assert calls == [(6, 8)]
     assert_close("module on small_linear", y, ref(x)[0], 1e-5)
-    model(x)[0].sum().backward()  # training: the differentiable path
+    model(x)[0].sum().backward()  # training of a small layer: F.linear
     assert calls == [(6, 8)]
+    # Training on it (the threshold lowered for this small layer): gradients to x and every parameter.
+    monkeypatch.setattr(autograd, "NATIVE_GEMM_MIN_FLOPS_TRAINING", 0)
+    model.zero_grad()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xr)[0].square().sum().backward()
+    model(xf)[0].square().sum().backward()
+    assert calls == [(6, 8), (6, 8)]
+    assert_close("dx", xf.grad, xr.grad, 1e-5)
+    for name, p in model.named_parameters():
+        assert_close(f"d{name}", p.grad, ref.get_parameter(name).grad, 1e-5)
     # W_ih's panels come from the panel cache from the third call; a `.data` write (version unchanged) is seen.
     with torch.no_grad():
         for _ in range(3):
@@ -942,6 +956,26 @@ def test_packed_projection_rule(monkeypatch):
         ref.weight_ih_l0.data.copy_(new)
         model.weight_ih_l0.data.copy_(new)
         assert_close("after a .data write to W_ih", model(x)[0], ref(x)[0], 1e-5)
+
+
+def test_small_linear_gradients():
+    """small_linear's gradients (linear's formula, native.py) against F.linear's, fp32 (the op is fp32 only),
+    with and without bias; and a second derivative through them."""
+    x = torch.randn(37, 67, requires_grad=True)
+    w = torch.randn(29, 67, requires_grad=True)
+    b = torch.randn(29, requires_grad=True)
+    grad = torch.randn(37, 29)
+    for bias in (b, None):
+        ours = torch.autograd.grad(native.small_linear(x, w, bias), [x, w] + ([bias] if bias is not None else []), grad)
+        theirs = torch.autograd.grad(torch.nn.functional.linear(x, w, bias),
+                                     [x, w] + ([bias] if bias is not None else []), grad)
+        for name, o, t in zip(("dx", "dw", "db"), ours, theirs):
+            assert_close(name, o, t, 1e-5)
+    (dx,) = torch.autograd.grad(native.small_linear(x, w, b).square().sum(), [x], create_graph=True)
+    (ours,) = torch.autograd.grad(dx.sum(), [w])
+    (dx,) = torch.autograd.grad(torch.nn.functional.linear(x, w, b).square().sum(), [x], create_graph=True)
+    (theirs,) = torch.autograd.grad(dx.sum(), [w])
+    assert_close("second derivative", ours, theirs, 1e-5)
 
 
 def test_linear_and_mm_gradients():

@@ -44,7 +44,8 @@ def _small_linear_fake(x, w, bias):
 
 
 # Their gradients are products of the same kind, on the same path: linear's dx = dy w and dw = dy^T x (the
-# input projection's backward GEMMs), db = the column sums; mm's da = dc b^T and db = a^T dc.
+# input projection's backward GEMMs), db = the column sums; mm's da = dc b^T and db = a^T dc. small_linear
+# (the packed panels, in fp32) has linear's formula: its products run on linear's path.
 def _linear_setup(ctx, inputs, output):
     x, w, bias = inputs
     ctx.save_for_backward(x, w)
@@ -71,6 +72,7 @@ def _mm_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastrnn_cpu::linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("fastrnn_cpu::small_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("fastrnn_cpu::mm", _mm_backward, setup_context=_mm_setup)
 
 OPS = {name: getattr(torch.ops.fastrnn, name) for name in FAKES}
@@ -121,7 +123,8 @@ def linear(x, w, bias=None):
 
 def small_linear(x, w, bias=None):
     """x [M, K] @ w [N, K]^T (+ bias [N]) in fp32 on the running CPU copy's packed panels, w's kept across calls
-    (csrc/cpu/small_linear.cpp): the inference input projections of autograd.packed_projection. No autograd."""
+    (csrc/cpu/small_linear.cpp): the input projections of autograd.packed_projection. Differentiable (linear's
+    formula: dx = dy w and dw = dy^T x through mm())."""
     return torch.ops.fastrnn_cpu.small_linear(x, w, bias)
 
 
