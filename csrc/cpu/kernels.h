@@ -87,7 +87,8 @@ struct Kernels {
   SmallLinear small_linear;
 };
 
-// The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp), in the namespace of the capability being compiled.
+// The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
+// the capability being compiled.
 #ifdef CPU_CAPABILITY
 inline namespace CPU_CAPABILITY {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(

@@ -1,6 +1,7 @@
 // Packed W_hh panels kept across calls (HiddenGemm, recurrence.h): a small layer called again and again with
 // the same weights (inference, RL rollouts of T = 1 step, the forward of an evaluation loop) repacks nothing.
-// The same for W_ih where the inference projection runs on the panels (small_linear.cpp).
+// The same for W_ih where the input projection runs on the panels (small_linear.cpp; in inference: a weight
+// changed between calls is packed again, as W_hh in training).
 //
 // Why: packing W_hh into panels costs about as much as several steps of a small layer (Intel Xeon AVX-512,
 // 1 thread: ~15 us of the ~23 us a call of the LSTM forward op at B=1, H=128 has before its first step,
