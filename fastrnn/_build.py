@@ -51,6 +51,7 @@ LINK_FLAGS = ["-fopenmp"]
 OP_LIBRARY_SOURCES = [
     "csrc/ops.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/linear.cpp",  # fastrnn_cpu::linear / mm through oneDNN's matmul (ISA-neutral: oneDNN JITs)
+    "csrc/cpu/output_cache.cpp",  # the blocks the CPU ops' large outputs are made in, one cache per process
 ]
 OP_LIBRARY_CXX_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
 

@@ -1115,6 +1115,72 @@ def test_large_outputs_are_advised_onto_huge_pages(setting, advised):
         assert projection == str(advised)
 
 
+# ----- the output cache (csrc/cpu/output_cache.cpp) ----------------------------------------------------
+
+
+def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
+    """An op's output of 2 MB or more is made in a block a dead output left (the hit counter grows, no block is
+    made), never in a live tensor's, and is right there; the capability's copy (small_linear) and the op
+    library (linear, where it runs oneDNN into its own output) share one cache; fastrnn.empty_cache() frees
+    the kept blocks."""
+    x, w = torch.randn(2048, 256, dtype=torch.float64), torch.randn(1024, 256, dtype=torch.float64)
+    ref = x @ w.t()
+    x, w = x.float(), w.float()  # 8 MB outputs
+    fastrnn.empty_cache()
+    assert native.output_cache_stats()["free_bytes"] == 0
+    a, b = native.small_linear(x, w), native.small_linear(x, w)
+    assert a.data_ptr() != b.data_ptr()
+    before, freed = native.output_cache_stats(), a.data_ptr()
+    del a
+    assert native.output_cache_stats()["free_bytes"] == before["free_bytes"] + (8 << 20)
+    c = native.small_linear(x, w)  # (where a copy's small_linear runs linear into a temporary, that takes a block too)
+    after = native.output_cache_stats()
+    assert c.data_ptr() == freed and c.data_ptr() != b.data_ptr()
+    assert after["hits"] >= before["hits"] + 1 and after["made"] == before["made"]
+    assert_close("small_linear in a kept block", c, ref.float(), 1e-5)
+    if native.blas() == "onednn" and native.onednn_matmul():
+        freed = c.data_ptr()
+        del c
+        d = native.linear(x, w)
+        assert d.data_ptr() == freed
+        assert_close("linear in a kept block", d, ref.float(), 1e-5)
+        del d
+    del b
+    assert fastrnn.empty_cache() >= 8 << 20
+    assert native.output_cache_stats()["free_bytes"] == 0
+
+
+# A child process (FASTRNN_OUTPUT_CACHE_MB is read once per process, at the first large output): three 4 MB
+# outputs die; what the cache keeps then, what empty_output_cache frees, and what is left.
+OUTPUT_CACHE_CHECK = """
+import torch
+from fastrnn.backends import native
+
+x, w = torch.randn(1024, 256), torch.randn(1024, 256)
+outputs = [native.small_linear(x, w) for _ in range(3)]
+del outputs
+kept = native.output_cache_stats()["free_bytes"]
+print(kept, native.empty_output_cache(), native.output_cache_stats()["free_bytes"])
+"""
+
+
+@pytest.mark.parametrize("setting, kept", [(None, 3 * 4 << 20), ("6", 4 << 20), ("0", 0), ("many", None)])
+def test_output_cache_keeps_at_most_its_capacity(setting, kept):
+    """The default keeps all three dead outputs, FASTRNN_OUTPUT_CACHE_MB=6 one (the longest-unused go back to
+    the system), 0 none; a value that is not a whole number of MB is an error at the first large output."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTRNN_OUTPUT_CACHE_MB"}
+    if setting is not None:
+        env["FASTRNN_OUTPUT_CACHE_MB"] = setting
+    out = subprocess.run([sys.executable, "-c", OUTPUT_CACHE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if kept is None:
+        assert out.returncode != 0
+        assert "FASTRNN_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got 'many'" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-3:] == [str(kept), str(kept), "0"]
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 

@@ -133,6 +133,7 @@ const Kernels* load(int i) {
     TORCH_WARN("fastrnn: ", path, " is from another build (rebuild the extension); using a lower capability");
     return nullptr;  // the handle stays open: harmless, and a table from it may never be used
   }
+  k->set_output_allocator(output_allocator());  // this library's output cache (output_cache.cpp)
   return k;
 }
 

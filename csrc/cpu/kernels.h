@@ -24,10 +24,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
+
+#include "memory.h"
 
 namespace fastrnn {
 namespace cpu {
@@ -58,8 +61,8 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 7;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
-                                    // 5: fma_loop; 6: panel cache hits; 7: small_linear
+constexpr int64_t kKernelsAbi = 8;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+                                    // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator
 
 struct Kernels {
   int64_t abi;
@@ -85,6 +88,9 @@ struct Kernels {
   int64_t (*panel_cache_hits)();
   // fastrnn_cpu::small_linear (small_linear.cpp): a small input projection on the packed panels.
   SmallLinear small_linear;
+  // Makes this copy's large outputs come from `allocator` (memory.h, output_allocator): the op library hands
+  // every copy it loads its one output cache (output_cache.cpp).
+  void (*set_output_allocator)(c10::Allocator* allocator);
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -118,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tenso
     const std::optional<at::Tensor>& resets,
                                            bool reverse, bool relu);
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+inline void set_output_allocator(c10::Allocator* allocator) { output_allocator() = allocator; }
 }  // namespace CPU_CAPABILITY
 #endif
 
@@ -144,6 +151,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
                                              &k::bf16_amx_products,                                            \
                                              &k::fma_loop,                                                     \
                                              &k::panel_cache_hits,                                             \
-                                             &k::small_linear};                                                \
+                                             &k::small_linear,                                                 \
+                                             &k::set_output_allocator};                                        \
     return &table;                                                                                             \
   }

@@ -133,6 +133,19 @@ def mm(a, b):
     return torch.ops.fastrnn_cpu.mm(a, b)
 
 
+def output_cache_stats():
+    """The output cache's counters (csrc/cpu/output_cache.cpp): the CPU ops' outputs of 2 MB and more made in a
+    kept block ("hits") or a new one ("made"), the bytes of free blocks kept, and the most it keeps
+    (FASTRNN_OUTPUT_CACHE_MB)."""
+    hits, made, free_bytes, capacity = torch.ops.fastrnn_cpu.output_cache_stats()
+    return {"hits": hits, "made": made, "free_bytes": free_bytes, "capacity_bytes": capacity}
+
+
+def empty_output_cache():
+    """Frees the output cache's free blocks; returns their bytes."""
+    return torch.ops.fastrnn_cpu.empty_output_cache()
+
+
 # Whether the big fp16 GEMMs of the layer code stay on torch's own fp16 matmul (autograd.native_gemm): on a
 # CPU with avx512_fp16 that is oneDNN's brgemm on it, summing in fp32 (its error against fp64 equals the fp32
 # product's rounded to fp16, K up to 20000) and faster than the fp32 route (docs/cpu.md, "bf16 and fp16").
