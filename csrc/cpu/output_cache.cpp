@@ -5,9 +5,9 @@
 // A block is a multiple of 2 MB, aligned to 2 MB and advised onto huge pages once, when it is made. An output
 // takes the smallest free block that holds it and is less than twice its size (the sizes of a training loop
 // repeat exactly; a varying sequence length still finds a block; of equal ones the most recently freed), else a
-// new one. A freed block joins the
-// free list; while the free blocks exceed the capacity, the longest-unused ones go back to the system. Blocks
-// in use are not counted: the cache never holds more than the capacity beyond what live tensors use.
+// new one. A freed block joins the free list; while the free blocks exceed the capacity, the longest-unused ones
+// go back to the system. Blocks in use are not counted: the cache never holds more than the capacity beyond what
+// live tensors use.
 //
 // Capacity: FASTRNN_OUTPUT_CACHE_MB (read at the first large output), default the smaller of 1 GB and an
 // eighth of physical memory; 0 keeps nothing (each output is then made and freed as before the cache).
