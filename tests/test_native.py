@@ -1181,6 +1181,35 @@ def test_output_cache_keeps_at_most_its_capacity(setting, kept):
     assert out.stdout.split()[-3:] == [str(kept), str(kept), "0"]
 
 
+# A child process that forks (the cache's mutex is held across fork() by pthread_atfork handlers and released on
+# both sides): after the fork the parent and the child each make an output in the block freed before it.
+OUTPUT_CACHE_FORK_CHECK = """
+import os
+import torch
+from fastrnn.backends import native
+
+torch.set_num_threads(1)  # the child of a fork runs no OpenMP threads (as DataLoader workers do)
+x, w = torch.randn(1024, 256), torch.randn(1024, 256)
+ref = x.double() @ w.double().t()
+freed = native.small_linear(x, w).data_ptr()
+pid = os.fork()
+y = native.small_linear(x, w)
+ok = y.data_ptr() == freed and (y.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+if pid == 0:
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(ok, os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_output_cache_works_on_both_sides_of_a_fork():
+    out = subprocess.run([sys.executable, "-c", OUTPUT_CACHE_FORK_CHECK], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["True", "0"]
+
+
 # ----- bad input --------------------------------------------------------------------------------------
 
 

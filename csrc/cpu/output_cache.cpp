@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -81,6 +82,11 @@ class OutputCache final : public c10::Allocator {
     std::lock_guard<std::mutex> guard(mutex_);
     return {hits_, made_, int64_t(free_bytes_), int64_t(capacity())};
   }
+
+  // fork() while another thread holds the mutex (a tensor dying on it) would leave the child's copy locked for
+  // good: the forking thread holds it across the fork instead (pthread_atfork), and both sides release it.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
 
   // Frees every free block; returns their bytes.
   int64_t empty() {
@@ -154,7 +160,12 @@ class OutputCache final : public c10::Allocator {
 
 // Never destroyed: a tensor may die during static destruction, after this library's statics are gone.
 OutputCache& the_output_cache() {
-  static OutputCache* cache = new OutputCache();
+  static OutputCache* cache = [] {
+    auto* made = new OutputCache();
+    pthread_atfork([] { the_output_cache().lock_for_fork(); }, [] { the_output_cache().unlock_after_fork(); },
+                   [] { the_output_cache().unlock_after_fork(); });
+    return made;
+  }();
   return *cache;
 }
 
