@@ -1150,7 +1150,7 @@ def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
     assert native.output_cache_stats()["free_bytes"] == 0
 
 
-# A child process (FASTRNN_OUTPUT_CACHE_MB is read once per process, at the first large output): three 4 MB
+# A child process (FASTRNN_CPU_OUTPUT_CACHE_MB is read once per process, at the first large output): three 4 MB
 # outputs die; what the cache keeps then, what empty_output_cache frees, and what is left.
 OUTPUT_CACHE_CHECK = """
 import torch
@@ -1166,16 +1166,16 @@ print(kept, native.empty_output_cache(), native.output_cache_stats()["free_bytes
 
 @pytest.mark.parametrize("setting, kept", [(None, 3 * 4 << 20), ("6", 4 << 20), ("0", 0), ("many", None)])
 def test_output_cache_keeps_at_most_its_capacity(setting, kept):
-    """The default keeps all three dead outputs, FASTRNN_OUTPUT_CACHE_MB=6 one (the longest-unused go back to
+    """The default keeps all three dead outputs, FASTRNN_CPU_OUTPUT_CACHE_MB=6 one (the longest-unused go back to
     the system), 0 none; a value that is not a whole number of MB is an error at the first large output."""
-    env = {k: v for k, v in os.environ.items() if k != "FASTRNN_OUTPUT_CACHE_MB"}
+    env = {k: v for k, v in os.environ.items() if k != "FASTRNN_CPU_OUTPUT_CACHE_MB"}
     if setting is not None:
-        env["FASTRNN_OUTPUT_CACHE_MB"] = setting
+        env["FASTRNN_CPU_OUTPUT_CACHE_MB"] = setting
     out = subprocess.run([sys.executable, "-c", OUTPUT_CACHE_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
     if kept is None:
         assert out.returncode != 0
-        assert "FASTRNN_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got 'many'" in out.stderr
+        assert "FASTRNN_CPU_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got 'many'" in out.stderr
         return
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-3:] == [str(kept), str(kept), "0"]

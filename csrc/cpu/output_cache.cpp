@@ -9,7 +9,7 @@
 // go back to the system. Blocks in use are not counted: the cache never holds more than the capacity beyond what
 // live tensors use.
 //
-// Capacity: FASTRNN_OUTPUT_CACHE_MB (read at the first large output), default the smaller of 1 GB and an
+// Capacity: FASTRNN_CPU_OUTPUT_CACHE_MB (read at the first large output), default the smaller of 1 GB and an
 // eighth of physical memory; 0 keeps nothing (each output is then made and freed as before the cache).
 // fastrnn_cpu::empty_output_cache frees the free blocks (fastrnn.empty_cache()).
 #include <c10/core/Allocator.h>
@@ -44,7 +44,7 @@ class OutputCache;
 OutputCache& the_output_cache();
 
 size_t capacity_from_environment() {
-  const char* env = std::getenv("FASTRNN_OUTPUT_CACHE_MB");
+  const char* env = std::getenv("FASTRNN_CPU_OUTPUT_CACHE_MB");
   if (env == nullptr || *env == '\0') {
     const long pages = sysconf(_SC_PHYS_PAGES), page_bytes = sysconf(_SC_PAGESIZE);
     const size_t physical = pages > 0 && page_bytes > 0 ? size_t(pages) * size_t(page_bytes) : 0;
@@ -53,7 +53,7 @@ size_t capacity_from_environment() {
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
-              "FASTRNN_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got '", env, "'");
+              "FASTRNN_CPU_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got '", env, "'");
   return size_t(mb) << 20;
 }
 
@@ -116,7 +116,7 @@ class OutputCache final : public c10::Allocator {
   // still in the caches), taken off the free list; nullptr if none.
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> guard(mutex_);
-    capacity();  // a bad FASTRNN_OUTPUT_CACHE_MB is reported at the first large output
+    capacity();  // a bad FASTRNN_CPU_OUTPUT_CACHE_MB is reported at the first large output
     auto best = free_.rend();
     for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
       if (it->bytes >= bytes && it->bytes < 2 * bytes && (best == free_.rend() || it->bytes < best->bytes)) {

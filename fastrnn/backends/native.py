@@ -136,7 +136,7 @@ def mm(a, b):
 def output_cache_stats():
     """The output cache's counters (csrc/cpu/output_cache.cpp): the CPU ops' outputs of 2 MB and more made in a
     kept block ("hits") or a new one ("made"), the bytes of free blocks kept, and the most it keeps
-    (FASTRNN_OUTPUT_CACHE_MB)."""
+    (FASTRNN_CPU_OUTPUT_CACHE_MB)."""
     hits, made, free_bytes, capacity = torch.ops.fastrnn_cpu.output_cache_stats()
     return {"hits": hits, "made": made, "free_bytes": free_bytes, "capacity_bytes": capacity}
 
