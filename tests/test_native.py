@@ -1133,7 +1133,7 @@ def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
     before, freed = native.output_cache_stats(), a.data_ptr()
     del a
     assert native.output_cache_stats()["free_bytes"] == before["free_bytes"] + (8 << 20)
-    c = native.small_linear(x, w)  # (where a copy's small_linear runs linear into a temporary, that takes a block too)
+    c = native.small_linear(x, w)  # (a copy that runs linear into a temporary here takes a block for it too)
     after = native.output_cache_stats()
     assert c.data_ptr() == freed and c.data_ptr() != b.data_ptr()
     assert after["hits"] >= before["hits"] + 1 and after["made"] == before["made"]
@@ -1151,7 +1151,9 @@ def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
 
 
 # A child process (FASTRNN_CPU_OUTPUT_CACHE_MB is read once per process, at the first large output): three 4 MB
-# outputs die; what the cache keeps then, what empty_output_cache frees, and what is left.
+# outputs die; what the cache keeps then, what empty_output_cache frees, and what is left. (Where the running
+# copy computes small_linear through linear into a temporary, the AVX2 and default copies at these sizes, the
+# temporaries' blocks are kept too.)
 OUTPUT_CACHE_CHECK = """
 import torch
 from fastrnn.backends import native
@@ -1164,10 +1166,11 @@ print(kept, native.empty_output_cache(), native.output_cache_stats()["free_bytes
 """
 
 
-@pytest.mark.parametrize("setting, kept", [(None, 3 * 4 << 20), ("6", 4 << 20), ("0", 0), ("many", None)])
+@pytest.mark.parametrize("setting, kept", [(None, "all"), ("6", 4 << 20), ("0", 0), ("many", None)])
 def test_output_cache_keeps_at_most_its_capacity(setting, kept):
-    """The default keeps all three dead outputs, FASTRNN_CPU_OUTPUT_CACHE_MB=6 one (the longest-unused go back to
-    the system), 0 none; a value that is not a whole number of MB is an error at the first large output."""
+    """The default keeps all three dead outputs (and any temporary's block), FASTRNN_CPU_OUTPUT_CACHE_MB=6 one
+    (the longest-unused go back to the system), 0 none; a value that is not a whole number of MB is an error at
+    the first large output."""
     env = {k: v for k, v in os.environ.items() if k != "FASTRNN_CPU_OUTPUT_CACHE_MB"}
     if setting is not None:
         env["FASTRNN_CPU_OUTPUT_CACHE_MB"] = setting
@@ -1175,10 +1178,13 @@ def test_output_cache_keeps_at_most_its_capacity(setting, kept):
                          timeout=300)
     if kept is None:
         assert out.returncode != 0
-        assert "FASTRNN_CPU_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got 'many'" in out.stderr
+        assert ("FASTRNN_CPU_OUTPUT_CACHE_MB must be a whole number of MB (0: no output cache), got 'many'"
+                in out.stderr)
         return
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-3:] == [str(kept), str(kept), "0"]
+    free_bytes, freed, left = (int(v) for v in out.stdout.split()[-3:])
+    assert (free_bytes >= 3 * 4 << 20 if kept == "all" else free_bytes == kept), free_bytes
+    assert (freed, left) == (free_bytes, 0)
 
 
 # A child process that forks (the cache's mutex is held across fork() by pthread_atfork handlers and released on
@@ -1194,7 +1200,7 @@ ref = x.double() @ w.double().t()
 freed = native.small_linear(x, w).data_ptr()
 pid = os.fork()
 y = native.small_linear(x, w)
-ok = y.data_ptr() == freed and (y.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+ok = y.data_ptr() == freed and (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 if pid == 0:
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)

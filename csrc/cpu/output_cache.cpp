@@ -21,8 +21,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <iterator>
 #include <cstdlib>
+#include <iterator>
 #include <list>
 #include <mutex>
 #include <new>
