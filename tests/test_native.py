@@ -1150,6 +1150,22 @@ def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
     assert native.output_cache_stats()["free_bytes"] == 0
 
 
+def test_output_cache_releases_the_blocks_an_output_outgrows(capability):
+    """An output larger than every free block of its size class (a sequence that grew) is made after those
+    blocks went back to the system: the free 4 MB block of a dead output is gone once a 6 MB output is made
+    (what stays free is whole 6 MB blocks, a temporary's where the copy runs linear into one)."""
+    w = torch.randn(1024, 256)
+    fastrnn.empty_cache()
+    native.small_linear(torch.randn(1024, 256), w)  # a 4 MB output, dead at once
+    kept = native.output_cache_stats()["free_bytes"]
+    assert kept > 0 and kept % (4 << 20) == 0
+    grown = native.small_linear(torch.randn(1536, 256), w)  # 6 MB
+    assert native.output_cache_stats()["free_bytes"] % (6 << 20) == 0
+    del grown
+    assert native.output_cache_stats()["free_bytes"] in (6 << 20, 12 << 20)
+    fastrnn.empty_cache()
+
+
 # A child process (FASTRNN_CPU_OUTPUT_CACHE_MB is read once per process, at the first large output): three 4 MB
 # outputs die; what the cache keeps then, what empty_output_cache frees, and what is left. (Where the running
 # copy computes small_linear through linear into a temporary, the AVX2 and default copies at these sizes, the
