@@ -10,7 +10,8 @@
 //     freed outputs, so the next call of the same layer writes into memory that is already mapped, and a
 //     block is advised once, when it is made. On a VM whose balloon hands freed memory to its host, the
 //     mean forward+backward at (100,64,512,512) went from 305-328 to 232-280 ms (LSTM), 247-315 to 185-199
-//     (GRU), 90-93 to 60-75 (RNN) (2026-12-03). FASTRNN_CPU_OUTPUT_CACHE_MB bounds what it keeps (0: nothing).
+//     (GRU), 90-93 to 60-75 (RNN) (2026-12-03, bfa4c05). FASTRNN_CPU_OUTPUT_CACHE_MB bounds what it keeps (0:
+//     nothing).
 // torch's own switch for its allocations, THP_MEM_ALLOC_ENABLE=1, works only when set before torch starts.
 #pragma once
 
