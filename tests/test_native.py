@@ -514,6 +514,40 @@ def test_panel_cache_is_not_shared_between_modules(monkeypatch):
         assert_same_layer(ref_b, fast_b, x)
 
 
+# The hidden size of a W_hh just over the panel cache's 1 MB (csrc/cpu/panel_cache.h, kMaxBytes) per cell.
+UNCACHED_H = {"lstm": 260, "gru": 300, "rnn": 520}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_short_calls_multiply_an_uncached_weight_where_it_lies(capability, cell, monkeypatch):
+    """A forward of fewer than 8 steps whose W_hh the panel cache does not keep (over 1 MB, or the cache off)
+    multiplies it through the library GEMM as it lies instead of packing it (recurrence.h, kMinStepsToPack);
+    8 steps, a kept weight and the backward (whose library path would copy W_hh transposed) pack it. The
+    counter of library products tells the paths apart; every result against the reference ops."""
+    monkeypatch.delenv("FASTRNN_CPU_GEMM", raising=False)
+    count = torch.ops.fastrnn_cpu.library_products
+    make = {"lstm": lstm_args, "gru": gru_args, "rnn": rnn_args}[cell]
+    option = {"lstm": 0, "gru": True, "rnn": False}[cell]  # no projection, b_hh, tanh
+    names = {"lstm": (("y", "h_n", "c_n", "gates", "cs"), ("dgx", "dh0", "dc0", "dw_hr")),
+             "gru": (("y", "h_n", "saved"), ("dgx", "dh0", "dw_hh", "db_hh")),
+             "rnn": (("y", "h_n"), ("dgx", "dh0"))}[cell]
+    tol = TOL[torch.float32]
+    # (FASTRNN_CPU_WEIGHT_CACHE, T, H, whether the forward takes the library); B=3 rows keep A in L1, where
+    # every capability packs on its own (recurrence.h, packed_wins).
+    cases = [("0", 7, 20, True), ("0", 1, 20, True), ("0", 8, 20, False), ("1", 1, 20, False),
+             ("1", 1, UNCACHED_H[cell], True), ("1", 8, UNCACHED_H[cell], False)]
+    for cache, T, H, library in cases:
+        monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", cache)
+        fwd, bwd = make(T, 3, H, option, torch.float32, None, False)
+        for _ in range(3):  # a kept weight is reused from its third call: the rule holds on every call
+            before = count()
+            compare(f"{cell}_fwd", fwd if cell == "rnn" else fwd + (True,), names[0], tol)
+            assert count() - before == int(library), (cache, T, H)
+        before = count()
+        compare(f"{cell}_bwd", bwd, names[1], tol)
+        assert count() == before, f"the backward took the library path ({cache}, {T}, {H})"
+
+
 def test_panel_cache_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", "0")
     ref, fast = cache_twins("gru")

@@ -26,7 +26,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   at::Tensor h = acc_copy<acc_t>(h0);                             // [B, H] h_{t-1}: what the product reads
   at::Tensor h_next = at::empty({B, H}, acc_options<acc_t>());    // [B, H] h_t
   at::Tensor hid = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] h_{t-1} W_hh^T when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 3, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 3, B, w_hh, T);
   const at::Tensor bias = b_hh.has_value() ? to_acc<acc_t>(*b_hh) : at::Tensor();
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
@@ -95,7 +95,7 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   at::Tensor da = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] dgh_t in the math type
   at::Tensor da_prev = at::empty({B, G}, acc_options<acc_t>());  // the other buffer when fused
   at::Tensor prod = at::empty({B, H}, acc_options<acc_t>());     // [B, H] dgh_t W_hh when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh, T);
 
   // h_{t-1} of a step that starts from zero (resets): a zero row, read in place of y / h0.
   const at::Tensor zeros = rst != nullptr ? at::zeros({H}, y.options()) : at::Tensor();

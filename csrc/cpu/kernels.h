@@ -61,8 +61,9 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 8;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
-                                    // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator
+constexpr int64_t kKernelsAbi = 9;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+                                    // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
+                                    // 9: library_products
 
 struct Kernels {
   int64_t abi;
@@ -91,6 +92,9 @@ struct Kernels {
   // Makes this copy's large outputs come from `allocator` (memory.h, output_allocator): the op library hands
   // every copy it loads its one output cache (output_cache.cpp).
   void (*set_output_allocator)(c10::Allocator* allocator);
+  // How many step products (HiddenGemm constructions) of this copy went through the library GEMM instead of the
+  // packed panels (recurrence.h, library_products).
+  int64_t (*library_products)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -152,6 +156,7 @@ inline void set_output_allocator(c10::Allocator* allocator) { output_allocator()
                                              &k::fma_loop,                                                     \
                                              &k::panel_cache_hits,                                             \
                                              &k::small_linear,                                                 \
-                                             &k::set_output_allocator};                                        \
+                                             &k::set_output_allocator,                                         \
+                                             &k::library_products};                                            \
     return &table;                                                                                             \
   }

@@ -30,7 +30,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   at::Tensor h_next = at::empty({B, Hout}, acc_options<acc_t>());  // [B, Hout] h_t (projection: m W_hr^T)
   at::Tensor c = acc_copy<acc_t>(c0);                         // [B, H], updated in place (unit-local)
   at::Tensor hid = at::empty({B, G}, acc_options<acc_t>());   // [B, 4H] h_{t-1} W_hh^T when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 4, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 4, B, w_hh, T);
   // With a projection the cell writes m_t to `m` (zeroed: rows of inactive sequences go through the
   // projection unused and must not hold garbage NaNs/denormals), then h_t = m_t W_hr^T.
   at::Tensor m = proj ? at::zeros({B, H}, acc_options<acc_t>()) : at::Tensor();
@@ -132,7 +132,7 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
   at::Tensor da = at::empty({B, G}, acc_options<acc_t>());        // [B, 4H] dgx_t in the math type
   at::Tensor da_prev = at::empty({B, G}, acc_options<acc_t>());   // the other buffer when fused
   at::Tensor prod = at::empty({B, Hout}, acc_options<acc_t>());   // [B, Hout] da W_hh when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh, T);
   // Projection: dh_t (= dh + dy_t) is kept for every step in dh_all, dm = dh_t W_hr per step, and
   // dW_hr = sum_t dh_t^T m_t is one GEMM at the end with m_t = o tanh(c_t) gathered in m_all.
   at::Tensor dh_all, m_all, dht, dm;

@@ -58,12 +58,17 @@ class PanelCache {
   static constexpr int64_t kMaxBytes = 1 << 20;
   static constexpr size_t kMaxEntries = 8;
 
+  // Whether the panels of `weight` can be kept across calls (else get() packs at every call).
+  static bool keeps(const at::Tensor& weight) {
+    return weight.defined() && weight.is_contiguous() && weight.nbytes() <= static_cast<size_t>(kMaxBytes) &&
+           weight.nbytes() > 0 && panel_cache_enabled();
+  }
+
   // The panels of `weight` (the op's w_hh argument, contiguous, in its storage dtype) packed by pack();
   // layout: what distinguishes two packings of the same weight (groups, forward/backward, bf16 pairs).
   template <typename Pack>
   static Panels<acc_t> get(const at::Tensor& weight, int64_t layout, const Pack& pack) {
-    if (!weight.defined() || !weight.is_contiguous() || weight.nbytes() > static_cast<size_t>(kMaxBytes) ||
-        weight.nbytes() == 0 || !panel_cache_enabled()) {
+    if (!keeps(weight)) {
       return pack();
     }
     static PanelCache cache;

@@ -429,15 +429,35 @@ inline int64_t bf16_amx_products() {
   return -1;
 }
 
+// How many HiddenGemm constructions of this copy took the library path (fastrnn_cpu::linear) rather than the
+// packed panels: the tests' proof of which path a call takes (torch.ops.fastrnn_cpu.library_products()).
+inline std::atomic<int64_t>& library_product_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+inline int64_t library_products() { return library_product_count().load(); }
+
 template <typename acc_t>
 class HiddenGemm {
  public:
   static constexpr int64_t P = panel_width<acc_t>();
 
+  // A call that makes fewer products than this with a weight the panel cache does not keep (over 1 MB) and
+  // that the library GEMM takes where it lies (the forward's W_hh^T) runs the library path: packing is a
+  // transpose of the whole weight at every call, and a short call does not earn it back. Measured (Zen 5,
+  // ops alone, FASTRNN_CPU_GEMM=packed / aten alternating, medians, 2 threads, us), forward at T = 1 / 4 / 8
+  // / 16: GRU H=512 (W_hh 3 MB) B=1 210/57, 265/194, 320/373, 455/746; B=64 467/362, 1298/1396,
+  // 2855/3176, 6089/7205; LSTM H=512 B=8 668/227, 894/755, 1462/1687, 1774/3012; H=1024 (16 MB) B=8
+  // 4265/950, 4390/2535, 5795/5576, 7312/11148; every T <= 4 of 12 (cell, H, B) rows 0.13-0.93x the
+  // time with the library, T = 8 0.46-1.27x (1 thread: the same picture, docs/cpu.md "Short calls").
+  static constexpr int64_t kMinStepsToPack = 8;
+
   // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
   // argument r was made from, in the dtype it came in (bf16: the packed path may run on bf16 pairs, see
-  // bf16_dot_allowed), whose packed panels are kept across calls (panel_cache.h); undefined: fp32, no cache.
-  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, const at::Tensor& weight = at::Tensor())
+  // bf16_dot_allowed), whose packed panels are kept across calls (panel_cache.h); undefined: fp32, no cache;
+  // steps: how many products this call makes with r (a recurrence's T; small_linear and W_hr: not given).
+  HiddenGemm(const at::Tensor& r, int64_t groups, int64_t rows, const at::Tensor& weight = at::Tensor(),
+             int64_t steps = INT64_MAX)
       : rows_(rows), groups_(groups), n_(r.size(1)), k_(r.size(0)) {
     const at::ScalarType storage = weight.defined() ? weight.scalar_type() : at::kFloat;
     const GemmPath path = gemm_path_override();
@@ -448,7 +468,8 @@ class HiddenGemm {
     // forward B=32, H=256 15 vs 33, B=128, H=256 54 vs 74. The AVX2 copy on the same CPU still loses at
     // B=64, H=512 (LSTM backward 2124 vs 1113, RNN forward 217 vs 174), hence the rule below for it.
     const bool wide = at::vec::Vectorized<acc_t>::size() * bytes == 64;
-    const bool packed_wins = wide || groups > 1 || rows * K * bytes < kL1Bytes;
+    const bool short_call = steps < kMinStepsToPack && r.t().is_contiguous() && !PanelCache<acc_t>::keeps(weight);
+    const bool packed_wins = !short_call && (wide || groups > 1 || rows * K * bytes < kL1Bytes);
     packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && packed_wins);
 #ifdef FASTRNN_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -467,6 +488,7 @@ class HiddenGemm {
                                        [&] { return Panels<acc_t>(r, groups); });
     } else {
       w_nk_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
+      library_product_count().fetch_add(1, std::memory_order_relaxed);
     }
   }
 

@@ -25,7 +25,7 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
   at::Tensor h = acc_copy<acc_t>(h0);                           // [B, H] h_{t-1}: what the product reads
   at::Tensor h_next = at::empty({B, H}, acc_options<acc_t>());  // [B, H] h_t
   at::Tensor hid = at::empty({B, H}, acc_options<acc_t>());     // [B, H] h_{t-1} W_hh^T when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 1, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 1, B, w_hh, T);
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
@@ -70,7 +70,7 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   at::Tensor da = at::empty({B, H}, acc_options<acc_t>());      // [B, H] dgx_t in the math type
   at::Tensor da_prev = at::empty({B, H}, acc_options<acc_t>());  // the other buffer when fused
   at::Tensor prod = at::empty({B, H}, acc_options<acc_t>());    // [B, H] da W_hh when not fused
-  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh);
+  const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh), 1, B, w_hh, T);
 
   const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
   const scalar_t* y_p = y.const_data_ptr<scalar_t>();

@@ -1,0 +1,132 @@
+"""Short calls on the CPU (a few steps a call: step-by-step decoding, RL acting, streaming), in one process.
+
+    python bench/cpu_short_calls.py [--cells gru,lstm,rnn] [--steps 1,2,4,8,16] [--batches 1,8,64]
+                                    [--hidden 512,1024] [--backend auto] [--threads 2] [--ops]
+
+Default: fastrnn (--backend) against torch.nn with the same state_dict, I = H, one layer, fp32, forward under
+no_grad and forward+backward (loss = y.sum(), x requiring grad), the two alternated call by call (which one
+goes first alternates too), medians over ~0.4 s each. Ratio torch.nn / fastrnn: above 1, fastrnn is faster.
+
+--ops: the forward and backward recurrence ops alone (gx given), W_hh's product on the packed panels against
+the library GEMM (FASTRNN_CPU_GEMM=packed / aten, alternated), the measurement behind the short-call rule of
+csrc/cpu/recurrence.h (HiddenGemm::kMinStepsToPack). Ratio library / packed: above 1, packing is faster.
+
+T: steps  B: batch  I: input size  H: hidden size
+"""
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+
+import torch
+
+import fastrnn
+from fastrnn.backends import native
+from fastrnn.bench.machine import cpu_name
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def alternate(a, b, budget=0.4):
+    """Medians (us) of a() and b() called in turn, the first of each pair alternating."""
+    a(), b()
+    start = time.perf_counter()
+    a(), b()
+    rounds = max(7, min(400, int(budget / max(time.perf_counter() - start, 1e-6))))
+    times = ([], [])
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            fn = (a, b)[i]
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
+
+
+def modules(cell, T, B, H, backend):
+    ref = getattr(torch.nn, cell.upper())(H, H)
+    fast = getattr(fastrnn, cell.upper())(H, H, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, H)
+    xg = x.clone().requires_grad_()
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                m(x)
+        return run
+
+    def train(m):
+        def run():
+            m(xg)[0].sum().backward()
+        return run
+
+    return alternate(forward(ref), forward(fast)), alternate(train(ref), train(fast))
+
+
+def op_calls(cell, T, B, H):
+    """(forward, backward) calls of the recurrence ops, the forward saving what the backward reads."""
+    ops, G = torch.ops.fastrnn, GATES[cell] * H
+    gx, w_hh, h0 = torch.randn(T, B, G), torch.randn(G, H) / H**0.5, torch.randn(B, H)
+    dy, dh = torch.randn(T, B, H), torch.randn(B, H)
+    if cell == "lstm":
+        c0 = torch.randn(B, H)
+        out = ops.lstm_fwd(gx, w_hh, h0, c0, None, None, None, False, True)
+        return (lambda: ops.lstm_fwd(gx, w_hh, h0, c0, None, None, None, False, True),
+                lambda: ops.lstm_bwd(dy, dh, torch.zeros(B, H), w_hh, c0, None, out[3], out[4], None, None, False))
+    if cell == "gru":
+        b_hh = torch.randn(G)
+        out = ops.gru_fwd(gx, w_hh, b_hh, h0, None, None, False, True)
+        return (lambda: ops.gru_fwd(gx, w_hh, b_hh, h0, None, None, False, True),
+                lambda: ops.gru_bwd(dy, dh, w_hh, out[0], h0, out[2], None, None, False))
+    out = ops.rnn_fwd(gx, w_hh, h0, None, None, False, False)
+    return (lambda: ops.rnn_fwd(gx, w_hh, h0, None, None, False, False),
+            lambda: ops.rnn_bwd(dy, dh, w_hh, out[0], None, None, False, False))
+
+
+def with_path(path, fn):
+    def run():
+        os.environ["FASTRNN_CPU_GEMM"] = path  # read at each call (recurrence.h, gemm_path_override)
+        fn()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", default="gru,lstm,rnn")
+    parser.add_argument("--steps", default="1,2,4,8,16")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--hidden", default="512,1024")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ops", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, fastrnn ISA {native.cpu_capability()}, torch "
+          f"{torch.__version__}, {args.threads} threads, load average {open('/proc/loadavg').read().split()[0]}")
+    if args.ops:
+        print("| cell | H | W_hh MB | B | T | forward packed / library us (library / packed) | backward |")
+    else:
+        print(f"| cell | H | B | T | forward torch.nn / {args.backend} us (ratio) | forward+backward |")
+    print("|---|---|---|---|---|---|" + ("---|" if args.ops else ""))
+    for cell, H, B, T in itertools.product(args.cells.split(","), ints(args.hidden), ints(args.batches),
+                                           ints(args.steps)):
+        if args.ops:
+            cells = []
+            for fn in op_calls(cell, T, B, H):
+                packed, library = alternate(with_path("packed", fn), with_path("aten", fn))
+                cells.append(f"{packed:.0f} / {library:.0f} ({library / packed:.2f})")
+            os.environ.pop("FASTRNN_CPU_GEMM")
+            mb = GATES[cell] * H * H * 4 / 2**20
+            print(f"| {cell} | {H} | {mb:.1f} | {B} | {T} | {cells[0]} | {cells[1]} |", flush=True)
+            continue
+        (nn_f, fr_f), (nn_t, fr_t) = modules(cell, T, B, H, args.backend)
+        print(f"| {cell} | {H} | {B} | {T} | {nn_f:.0f} / {fr_f:.0f} ({nn_f / fr_f:.2f}) | "
+              f"{nn_t:.0f} / {fr_t:.0f} ({nn_t / fr_t:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
