@@ -24,6 +24,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "memory.h"
+
 namespace fastrnn {
 namespace cpu {
 inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
@@ -48,7 +50,9 @@ struct Panels {
   // r: [K, groups * width] in acc_t, any strides (a transposed view of W_hh is fine).
   Panels(const at::Tensor& r, int64_t groups_) : K(r.size(0)), groups(groups_), width(r.size(1) / groups_) {
     blocks = (width + P - 1) / P;
-    data = at::empty({groups * blocks * K * P}, r.options());
+    // From the output cache at 2 MB and more (memory.h): a W_hh the panel cache does not keep (over 1 MB) is
+    // packed at every call, into pages that would otherwise fault in again at every call.
+    data = empty_output({groups * blocks * K * P}, r.options());
     const acc_t* src = r.const_data_ptr<acc_t>();
     const int64_t s0 = r.stride(0), s1 = r.stride(1);
     acc_t* dst = data.data_ptr<acc_t>();
