@@ -34,6 +34,12 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
 # where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
 AUTO_FP32_TRAINING_MIN_GATES = 2**21
+# GRU and RNN (one layer, one direction, fp32, padded) called for a single step (T = 1: step-by-step decoding,
+# an RL agent acting) below this many gate values (B * G * H; G = 3 for the GRU, 1 for the RNN) run torch.nn's
+# own forward: there fastrnn's fixed cost of a call (its Python layers, the projection and the op around one
+# step) outweighs its kernels (_RecurrentMixin._torch_nn_is_faster).
+AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES = 4096
+AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING = 65536
 
 
 @functools.cache
@@ -168,9 +174,10 @@ class _RecurrentMixin(_FastRNNModule):
         return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
 
     def _torch_nn_is_faster(self, input):
-        """backend="auto" runs torch.nn's own LSTM forward where it measured faster than fastrnn's kernels (AVX-512
-        Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"), on the CPU, padded
-        input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
+        """backend="auto" runs torch.nn's own forward where it measured faster than fastrnn's kernels (AVX-512
+        Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): GRU and RNN single
+        steps (_single_step_is_faster_in_torch_nn), and LSTMs on the CPU, padded input, where torch.nn runs oneDNN's
+        fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
           (200,8,128,128) (2 threads, e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on
@@ -208,7 +215,7 @@ class _RecurrentMixin(_FastRNNModule):
         without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
         export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
         batching rule): there the custom ops serve every shape."""
-        if self.backend != "auto" or self._cell != "lstm":
+        if self.backend != "auto":
             return False
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
@@ -219,6 +226,8 @@ class _RecurrentMixin(_FastRNNModule):
             return False
         grad = torch.is_grad_enabled() and (
             data.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
+        if self._cell != "lstm":
+            return not packed and self._single_step_is_faster_in_torch_nn(data, grad)
         training = dtype == torch.float32 and grad
         if packed:
             return training and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
@@ -231,6 +240,25 @@ class _RecurrentMixin(_FastRNNModule):
         if training and gates >= AUTO_FP32_TRAINING_MIN_GATES and _fastrnn_trains_large_lstms_faster():
             return False
         return batch >= AUTO_TORCH_NN_MIN_BATCH or training
+
+    def _single_step_is_faster_in_torch_nn(self, data, grad):
+        """The GRU/RNN part of _torch_nn_is_faster (padded input on the CPU, no compile, transform or autocast):
+        one step (T = 1) of an fp32 layer, one layer and one direction, of fewer than
+        AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values (B * G * H; _TRAINING when a gradient will flow), where
+        fastrnn's fixed cost of a call outweighs its kernels. Measured (Zen 5, AVX-512, T = 1, I = H, ratio
+        torch.nn / fastrnn backend="cpu", 2 threads / 1 thread, `bench/cpu_short_calls.py --steps 1`, 2026-12-03):
+        - forward: GRU 0.78-0.94 below 4096 gate values (H = 64-512, B = 1-16) but for H = 256, B = 4 (3072:
+          1.05-1.12), 0.97-1.84 from 6144; RNN 0.64-0.86 below 4096 but for H = 512, B = 4 (2048: 0.99-1.09), at
+          4096 0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above;
+        - forward+backward: GRU 0.52-0.98 below 65536 (B = 64, H = 256: 0.93-0.98), 1.22-1.38 at B = 64, H = 512
+          (98304); RNN 0.62-0.90 at every size up to B = 64, H = 512 (32768), 1.12 at B = 64, H = 1024.
+        From two steps on fastrnn's kernels run (at T = 2 and 4 they measured 0.75-1.46, mixed: not ruled)."""
+        if (data.dtype != torch.float32 or self.num_layers != 1 or self.bidirectional
+                or data.shape[0 if data.dim() == 2 or not self.batch_first else 1] != 1):
+            return False
+        batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+        gates = batch * (3 if self._cell == "gru" else 1) * self.hidden_size
+        return gates < (AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING if grad else AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES)
 
     def _runs_torch_nn(self, input, resets):
         # torch.nn has no resets: a call with them always runs fastrnn's kernels.

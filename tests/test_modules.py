@@ -428,6 +428,58 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
         assert_close("y", oracle(x[:steps].double())[0].detach(), got[0].detach().double(), **FP32_TOL)
 
 
+@pytest.mark.parametrize("cell", ["GRU", "RNN"])
+def test_auto_hands_small_single_steps_of_gru_and_rnn_to_torch_nn(cell):
+    """backend="auto" runs torch.nn's own GRU/RNN forward for one step (T = 1) of an fp32 layer (one layer, one
+    direction, padded) below AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values (B * G * H), _TRAINING when a
+    gradient flows: the result is torch.nn's to the bit and no fastrnn op runs. At the thresholds, from two
+    steps, with 2 layers, both directions, a PackedSequence, fp64, resets and backend="cpu", fastrnn's ops run."""
+    modules = fastrnn.modules
+    gates = 3 if cell == "GRU" else 1
+    H = 8
+    limit = {False: modules.AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES,
+             True: modules.AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING}
+    model = getattr(fastrnn, cell)(4, H)
+    oracle = getattr(nn, cell)(4, H)
+    oracle.load_state_dict(model.state_dict())
+
+    def last_batch_below(grad):  # the largest batch of fewer gate values than the limit
+        return (limit[grad] - 1) // (gates * H)
+
+    def runs_torch_nn(module, x, grad, **kwargs):
+        with torch.set_grad_enabled(grad), CountOps() as counter:
+            got = module(x, **kwargs)
+        return counter.calls == [], got
+
+    for grad in (False, True):
+        below = last_batch_below(grad)
+        for x in (torch.randn(1, below, 4), torch.randn(1, 4)):  # batched, and unbatched ([T, I]: batch 1)
+            torch_nn, got = runs_torch_nn(model, x, grad)
+            assert torch_nn, (grad, x.shape)
+            expected = oracle(x)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        batch_first = getattr(fastrnn, cell)(4, H, batch_first=True)
+        assert runs_torch_nn(batch_first, torch.randn(below, 1, 4), grad)[0]
+        assert not runs_torch_nn(batch_first, torch.randn(below, 2, 4), grad)[0]
+        not_ours = [  # each runs fastrnn's ops
+            (model, torch.randn(1, below + 1, 4), {}),  # at the limit
+            (model, torch.randn(2, 1, 4), {}),  # two steps
+            (model, torch.randn(1, 1, 4), {"resets": torch.zeros(1, 1, dtype=torch.bool)}),
+            (getattr(fastrnn, cell)(4, H, num_layers=2), torch.randn(1, 1, 4), {}),
+            (getattr(fastrnn, cell)(4, H, bidirectional=True), torch.randn(1, 1, 4), {}),
+            (getattr(fastrnn, cell)(4, H, backend="cpu"), torch.randn(1, 1, 4), {}),
+            (copy.deepcopy(model).double(), torch.randn(1, 1, 4, dtype=torch.float64), {}),
+            (model, pack_padded_sequence(torch.randn(1, 2, 4), torch.tensor([1, 1])), {}),
+        ]
+        for module, x, kwargs in not_ours:
+            torch_nn, _ = runs_torch_nn(module, x, grad, **kwargs)
+            assert not torch_nn, (grad, module, kwargs)
+    # Between the two limits the rule follows the grad mode.
+    x = torch.randn(1, last_batch_below(False) + 1, 4)
+    assert not runs_torch_nn(model, x, False)[0]
+    assert runs_torch_nn(model, x, True)[0]
+
+
 ALLOCATION_PROBE = "import fastrnn.modules as m; print(m._torch_large_allocations_fault())"
 
 
