@@ -252,7 +252,8 @@ class _RecurrentMixin(_FastRNNModule):
           4096 0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above;
         - forward+backward: GRU 0.52-0.98 below 65536 (B = 64, H = 256: 0.93-0.98), 1.22-1.38 at B = 64, H = 512
           (98304); RNN 0.62-0.90 at every size up to B = 64, H = 512 (32768), 1.12 at B = 64, H = 1024.
-        From two steps on fastrnn's kernels run (at T = 2 and 4 they measured 0.75-1.46, mixed: not ruled)."""
+        From two steps on fastrnn's kernels run (at T = 2 they measured 0.68-1.65, below 1 mostly for the RNN:
+        its per-call Python, not ruled)."""
         if (data.dtype != torch.float32 or self.num_layers != 1 or self.bidirectional
                 or data.shape[0 if data.dim() == 2 or not self.batch_first else 1] != 1):
             return False
