@@ -34,8 +34,8 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
 # where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
 AUTO_FP32_TRAINING_MIN_GATES = 2**21
-# GRU and RNN (one layer, one direction, fp32, padded) called for a single step (T = 1: step-by-step decoding,
-# an RL agent acting) below this many gate values (B * G * H; G = 3 for the GRU, 1 for the RNN) run torch.nn's
+# GRU and RNN (fp32, padded, any layers and directions) called for a single step (T = 1: step-by-step decoding,
+# an RL agent acting) below this many gate values a layer (B * G * H; G = 3 for the GRU, 1 for the RNN) run torch.nn's
 # own forward: there fastrnn's fixed cost of a call (its Python layers, the projection and the op around one
 # step) outweighs its kernels (_RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES = 4096
@@ -243,19 +243,20 @@ class _RecurrentMixin(_FastRNNModule):
 
     def _single_step_is_faster_in_torch_nn(self, data, grad):
         """The GRU/RNN part of _torch_nn_is_faster (padded input on the CPU, no compile, transform or autocast):
-        one step (T = 1) of an fp32 layer, one layer and one direction, of fewer than
-        AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values (B * G * H; _TRAINING when a gradient will flow), where
-        fastrnn's fixed cost of a call outweighs its kernels. Measured (Zen 5, AVX-512, T = 1, I = H, ratio
+        one step (T = 1) of an fp32 layer of fewer than AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values a layer
+        (B * G * H; _TRAINING when a gradient will flow), where fastrnn's fixed cost of a call outweighs its
+        kernels. Measured (Zen 5, AVX-512, T = 1, I = H, one layer, ratio
         torch.nn / fastrnn backend="cpu", 2 threads / 1 thread, `bench/cpu_short_calls.py --steps 1`, 2026-12-03):
         - forward: GRU 0.78-0.94 below 4096 gate values (H = 64-512, B = 1-16) but for H = 256, B = 4 (3072:
           1.05-1.12), 0.97-1.84 from 6144; RNN 0.64-0.86 below 4096 but for H = 512, B = 4 (2048: 0.99-1.09), at
           4096 0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above;
         - forward+backward: GRU 0.52-0.98 below 65536 (B = 64, H = 256: 0.93-0.98), 1.22-1.38 at B = 64, H = 512
           (98304); RNN 0.62-0.90 at every size up to B = 64, H = 512 (32768), 1.12 at B = 64, H = 1024.
+        2 layers or bidirectional (2 threads, H = 64-512, B = 1-16): forward GRU 0.88-1.01 but for H = 256, B = 4
+        (1.14-1.18), RNN 0.66-0.79; forward+backward GRU 0.54-0.92, RNN 0.54-0.66.
         From two steps on fastrnn's kernels run (at T = 2 they measured 0.68-1.65, below 1 mostly for the RNN:
         its per-call Python, not ruled)."""
-        if (data.dtype != torch.float32 or self.num_layers != 1 or self.bidirectional
-                or data.shape[0 if data.dim() == 2 or not self.batch_first else 1] != 1):
+        if data.dtype != torch.float32 or data.shape[0 if data.dim() == 2 or not self.batch_first else 1] != 1:
             return False
         batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
         gates = batch * (3 if self._cell == "gru" else 1) * self.hidden_size

@@ -430,10 +430,10 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
 
 @pytest.mark.parametrize("cell", ["GRU", "RNN"])
 def test_auto_hands_small_single_steps_of_gru_and_rnn_to_torch_nn(cell):
-    """backend="auto" runs torch.nn's own GRU/RNN forward for one step (T = 1) of an fp32 layer (one layer, one
-    direction, padded) below AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values (B * G * H), _TRAINING when a
-    gradient flows: the result is torch.nn's to the bit and no fastrnn op runs. At the thresholds, from two
-    steps, with 2 layers, both directions, a PackedSequence, fp64, resets and backend="cpu", fastrnn's ops run."""
+    """backend="auto" runs torch.nn's own GRU/RNN forward for one step (T = 1) of fp32 padded input below
+    AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values a layer (B * G * H), _TRAINING when a gradient flows, with
+    any layers and directions: the result is torch.nn's to the bit and no fastrnn op runs. At the thresholds,
+    from two steps, for a PackedSequence, fp64, resets and backend="cpu", fastrnn's ops run."""
     modules = fastrnn.modules
     gates = 3 if cell == "GRU" else 1
     H = 8
@@ -461,12 +461,18 @@ def test_auto_hands_small_single_steps_of_gru_and_rnn_to_torch_nn(cell):
         batch_first = getattr(fastrnn, cell)(4, H, batch_first=True)
         assert runs_torch_nn(batch_first, torch.randn(below, 1, 4), grad)[0]
         assert not runs_torch_nn(batch_first, torch.randn(below, 2, 4), grad)[0]
+        for kwargs in ({"num_layers": 2}, {"bidirectional": True}):  # the gate values of one layer decide
+            stacked = getattr(fastrnn, cell)(4, H, **kwargs)
+            stacked_oracle = getattr(nn, cell)(4, H, **kwargs)
+            stacked_oracle.load_state_dict(stacked.state_dict())
+            x = torch.randn(1, below, 4)
+            torch_nn, got = runs_torch_nn(stacked, x, grad)
+            assert torch_nn and torch.equal(got[0], stacked_oracle(x)[0]), (grad, kwargs)
+            assert not runs_torch_nn(stacked, torch.randn(1, below + 1, 4), grad)[0], (grad, kwargs)
         not_ours = [  # each runs fastrnn's ops
             (model, torch.randn(1, below + 1, 4), {}),  # at the limit
             (model, torch.randn(2, 1, 4), {}),  # two steps
             (model, torch.randn(1, 1, 4), {"resets": torch.zeros(1, 1, dtype=torch.bool)}),
-            (getattr(fastrnn, cell)(4, H, num_layers=2), torch.randn(1, 1, 4), {}),
-            (getattr(fastrnn, cell)(4, H, bidirectional=True), torch.randn(1, 1, 4), {}),
             (getattr(fastrnn, cell)(4, H, backend="cpu"), torch.randn(1, 1, 4), {}),
             (copy.deepcopy(model).double(), torch.randn(1, 1, 4, dtype=torch.float64), {}),
             (model, pack_padded_sequence(torch.randn(1, 2, 4), torch.tensor([1, 1])), {}),
