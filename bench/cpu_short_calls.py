@@ -23,10 +23,9 @@ import time
 import torch
 
 import fastrnn
+from cpu_isa import GATES, op_args  # bench/ is on the path when this file runs
 from fastrnn.backends import native
 from fastrnn.bench.machine import cpu_name
-
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def alternate(a, b, budget=0.4):
@@ -67,23 +66,11 @@ def modules(cell, T, B, H, backend):
 
 
 def op_calls(cell, T, B, H):
-    """(forward, backward) calls of the recurrence ops, the forward saving what the backward reads."""
-    ops, G = torch.ops.fastrnn, GATES[cell] * H
-    gx, w_hh, h0 = torch.randn(T, B, G), torch.randn(G, H) / H**0.5, torch.randn(B, H)
-    dy, dh = torch.randn(T, B, H), torch.randn(B, H)
-    if cell == "lstm":
-        c0 = torch.randn(B, H)
-        out = ops.lstm_fwd(gx, w_hh, h0, c0, None, None, None, False, True)
-        return (lambda: ops.lstm_fwd(gx, w_hh, h0, c0, None, None, None, False, True),
-                lambda: ops.lstm_bwd(dy, dh, torch.zeros(B, H), w_hh, c0, None, out[3], out[4], None, None, False))
-    if cell == "gru":
-        b_hh = torch.randn(G)
-        out = ops.gru_fwd(gx, w_hh, b_hh, h0, None, None, False, True)
-        return (lambda: ops.gru_fwd(gx, w_hh, b_hh, h0, None, None, False, True),
-                lambda: ops.gru_bwd(dy, dh, w_hh, out[0], h0, out[2], None, None, False))
-    out = ops.rnn_fwd(gx, w_hh, h0, None, None, False, False)
-    return (lambda: ops.rnn_fwd(gx, w_hh, h0, None, None, False, False),
-            lambda: ops.rnn_bwd(dy, dh, w_hh, out[0], None, None, False, False))
+    """(forward, backward) calls of the recurrence ops (bench/cpu_isa.py's arguments), the forward saving what
+    the backward reads."""
+    fwd_op, fwd_args, bwd_op, bwd_args = op_args(cell, T, B, H)
+    saved = bwd_args(fwd_op(*fwd_args))
+    return lambda: fwd_op(*fwd_args), lambda: bwd_op(*saved)
 
 
 def with_path(path, fn):

@@ -245,8 +245,9 @@ class _RecurrentMixin(_FastRNNModule):
         """The GRU/RNN part of _torch_nn_is_faster (padded input on the CPU, no compile, transform or autocast):
         one step (T = 1) of an fp32 layer of fewer than AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values a layer
         (B * G * H; _TRAINING when a gradient will flow), where fastrnn's fixed cost of a call outweighs its
-        kernels. Measured (Zen 5, AVX-512, T = 1, I = H, one layer, ratio
-        torch.nn / fastrnn backend="cpu", 2 threads / 1 thread, `bench/cpu_short_calls.py --steps 1`, 2026-12-03):
+        kernels. Measured (Zen 5, AVX-512 copy, bb4a69b; 2 layers / bidirectional at f3ba6b2; T = 1, I = H, one
+        layer, ratio torch.nn / fastrnn backend="cpu", 2 threads / 1 thread, `bench/cpu_short_calls.py --steps 1`,
+        2026-12-03):
         - forward: GRU 0.78-0.94 below 4096 gate values (H = 64-512, B = 1-16) but for H = 256, B = 4 (3072:
           1.05-1.12), 0.97-1.84 from 6144; RNN 0.64-0.86 below 4096 but for H = 512, B = 4 (2048: 0.99-1.09), at
           4096 0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above;

@@ -445,12 +445,12 @@ class HiddenGemm {
   // A call that makes fewer products than this with a weight the panel cache does not keep (over 1 MB) and
   // that the library GEMM takes where it lies (the forward's W_hh^T) runs the library path: packing is a
   // transpose of the whole weight at every call, and a short call does not earn it back. Measured (Zen 5,
-  // ops alone, FASTRNN_CPU_GEMM=packed / aten alternating, medians, 2 threads, us), forward at T = 1 / 4 / 8
-  // / 16: GRU H=512 (W_hh 3 MB) B=1 210/57, 265/194, 320/373, 455/746; B=64 467/362, 1298/1396,
-  // 2855/3176, 6089/7205; LSTM H=512 B=8 668/227, 894/755, 1462/1687, 1774/3012; H=1024 (16 MB) B=8
-  // 4265/950, 4390/2535, 5795/5576, 7312/11148; over 12 (cell, H, B) rows the library took 0.13-0.93x the
-  // packed time at T <= 2, 0.33-1.08x at T = 4, 0.46-1.27x at T = 8 (1 thread: the same picture; docs/cpu.md,
-  // "Short calls").
+  // AVX-512 copy, ad328ef's kernels, ops alone, FASTRNN_CPU_GEMM=packed / aten alternating, medians, 2
+  // threads, us), forward at T = 1 / 4 / 8 / 16: GRU H=512 (W_hh 3 MB) B=1 210/57, 265/194, 320/373,
+  // 455/746; B=64 467/362, 1298/1396, 2855/3176, 6089/7205; LSTM H=512 B=8 668/227, 894/755, 1462/1687,
+  // 1774/3012; H=1024 (16 MB) B=8 4265/950, 4390/2535, 5795/5576, 7312/11148; over 12 (cell, H, B) rows the
+  // library took 0.13-0.93x the packed time at T <= 2, 0.33-1.08x at T = 4, 0.46-1.27x at T = 8 (1 thread:
+  // the same picture; docs/cpu.md, "Short calls").
   static constexpr int64_t kMinStepsToPack = 8;
 
   // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
