@@ -34,12 +34,17 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
 # where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
 AUTO_FP32_TRAINING_MIN_GATES = 2**21
-# GRU and RNN (fp32, padded, any layers and directions) called for a single step (T = 1: step-by-step decoding,
-# an RL agent acting) below this many gate values a layer (B * G * H; G = 3 for the GRU, 1 for the RNN) run torch.nn's
-# own forward: there fastrnn's fixed cost of a call (its Python layers, the projection and the op around one
-# step) outweighs its kernels (_RecurrentMixin._torch_nn_is_faster).
-AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES = 4096
-AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING = 65536
+# GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
+# acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
+# AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer in the call (T * B * G * H; G = 3 for the GRU, 1 for the
+# RNN; _TRAINING when a gradient will flow) run torch.nn's own forward: there fastrnn's fixed cost of a call (its
+# Python layers, the projection and the op around a few steps) outweighs its kernels
+# (_RecurrentMixin._short_call_is_faster_in_torch_nn).
+AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS = {"gru": 1, "rnn": 3}
+AUTO_TORCH_NN_SHORT_CALL_MAX_GATES = 4096
+AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING = 65536
+# The dtypes any of the rules above can hand to torch.nn.
+_AUTO_CANDIDATE_DTYPES = (*AUTO_TORCH_NN_DTYPES, torch.float16)
 
 
 @functools.cache
@@ -176,7 +181,7 @@ class _RecurrentMixin(_FastRNNModule):
     def _torch_nn_is_faster(self, input):
         """backend="auto" runs torch.nn's own forward where it measured faster than fastrnn's kernels (AVX-512
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): GRU and RNN single
-        steps (_single_step_is_faster_in_torch_nn), and LSTMs on the CPU, padded input, where torch.nn runs oneDNN's
+        steps (_short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded input, where torch.nn runs oneDNN's
         fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
@@ -220,48 +225,63 @@ class _RecurrentMixin(_FastRNNModule):
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         dtype = data.dtype
-        if data.device.type != "cpu" or dtype not in (*AUTO_TORCH_NN_DTYPES, torch.float16) or data.dim() not in (2, 3):
+        # is_cpu and a fixed tuple: this check runs on every call of an auto module (device.type alone ~0.3 us).
+        if not data.is_cpu or dtype not in _AUTO_CANDIDATE_DTYPES or data.dim() not in (2, 3):
             return False
         if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cpu"):
             return False
         grad = torch.is_grad_enabled() and (
             data.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
         if self._cell != "lstm":
-            return not packed and self._single_step_is_faster_in_torch_nn(data, grad)
-        training = dtype == torch.float32 and grad
+            return not packed and self._short_call_is_faster_in_torch_nn(data, grad)
+        fp32 = dtype == torch.float32
         if packed:
-            return training and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
-        batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
+            return fp32 and grad and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
+        shape = data.shape
+        batch = shape[0 if self.batch_first else 1] if len(shape) == 3 else 1
+        if fp32:  # first: the common case, and this runs before every call
+            if not grad:
+                return batch >= AUTO_TORCH_NN_MIN_BATCH
+            gates = shape[0] * shape[1] * 4 * self.hidden_size if len(shape) == 3 else 0
+            return gates < AUTO_FP32_TRAINING_MIN_GATES or not _fastrnn_trains_large_lstms_faster()
         if dtype == torch.float16:
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
-        if dtype == torch.bfloat16:
-            return not grad and (_cpu_has_amx() or (_cpu_has_avx512_bf16() and batch >= AUTO_TORCH_NN_MIN_BATCH))
-        gates = data.shape[:2].numel() * 4 * self.hidden_size if data.dim() == 3 else 0
-        if training and gates >= AUTO_FP32_TRAINING_MIN_GATES and _fastrnn_trains_large_lstms_faster():
-            return False
-        return batch >= AUTO_TORCH_NN_MIN_BATCH or training
+        return not grad and (_cpu_has_amx() or (_cpu_has_avx512_bf16() and batch >= AUTO_TORCH_NN_MIN_BATCH))
 
-    def _single_step_is_faster_in_torch_nn(self, data, grad):
+    def _short_call_is_faster_in_torch_nn(self, data, grad):
         """The GRU/RNN part of _torch_nn_is_faster (padded input on the CPU, no compile, transform or autocast):
-        one step (T = 1) of an fp32 layer of fewer than AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values a layer
-        (B * G * H; _TRAINING when a gradient will flow), where fastrnn's fixed cost of a call outweighs its
-        kernels. Measured (Zen 5, AVX-512 copy, bb4a69b; 2 layers / bidirectional at f3ba6b2; T = 1, I = H, one
-        layer, ratio torch.nn / fastrnn backend="cpu", 2 threads / 1 thread, `bench/cpu_short_calls.py --steps 1`,
-        2026-12-03):
-        - forward: GRU 0.78-0.94 below 4096 gate values (H = 64-512, B = 1-16) but for H = 256, B = 4 (3072:
-          1.05-1.12), 0.97-1.84 from 6144; RNN 0.64-0.86 below 4096 but for H = 512, B = 4 (2048: 0.99-1.09), at
-          4096 0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above;
-        - forward+backward: GRU 0.52-0.98 below 65536 (B = 64, H = 256: 0.93-0.98), 1.22-1.38 at B = 64, H = 512
-          (98304); RNN 0.62-0.90 at every size up to B = 64, H = 512 (32768), 1.12 at B = 64, H = 1024.
-        2 layers or bidirectional (2 threads, H = 64-512, B = 1-16): forward GRU 0.88-1.01 but for H = 256, B = 4
-        (1.14-1.18), RNN 0.66-0.79; forward+backward GRU 0.54-0.92, RNN 0.54-0.66.
-        From two steps on fastrnn's kernels run (at T = 2 they measured 0.68-1.65, below 1 mostly for the RNN:
-        its per-call Python, not ruled)."""
-        if data.dtype != torch.float32 or data.shape[0 if data.dim() == 2 or not self.batch_first else 1] != 1:
+        a call of an fp32 layer for at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (GRU 1, RNN 3) of fewer than
+        AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer (T * B * G * H; _TRAINING when a gradient will
+        flow), where fastrnn's fixed cost of a call outweighs its kernels. Measured (Zen 5, AVX-512 copy; I = H,
+        ratio torch.nn / fastrnn backend="cpu", `bench/cpu_short_calls.py --backend cpu`, 2026-12-03):
+        - one step (bb4a69b; 2 layers / bidirectional at f3ba6b2; one layer, 2 threads / 1 thread): forward GRU
+          0.78-0.94 below 4096 gate values (H = 64-512, B = 1-16) but for H = 256, B = 4 (3072: 1.05-1.12),
+          0.97-1.84 from 6144; RNN 0.64-0.86 below 4096 but for H = 512, B = 4 (2048: 0.99-1.09), at 4096
+          0.88-0.93 (H = 64, B = 64) and 1.01-1.11 (H = 256, B = 16), 1.07-1.90 above; forward+backward: GRU
+          0.52-0.98 below 65536 (B = 64, H = 256: 0.93-0.98), 1.22-1.38 at B = 64, H = 512 (98304); RNN
+          0.62-0.90 at every size up to B = 64, H = 512 (32768), 1.12 at B = 64, H = 1024. 2 layers or
+          bidirectional (2 threads, H = 64-512, B = 1-16): forward GRU 0.88-1.01 but for H = 256, B = 4
+          (1.14-1.18), RNN 0.66-0.79; forward+backward GRU 0.54-0.92, RNN 0.54-0.66;
+        - the RNN at two and three steps (1c4fbfc, H = 64-512, B = 1-64, 2 threads and 1 thread): forward below 4096
+          gate values 0.65-1.02 but for T = 3, H = 256, B = 4 (3072: 1.04-1.20) and T = 3, H = 128, B = 8 (3072:
+          0.98-1.09), 0.97-1.85 from 4096; forward+backward below 65536 0.63-1.05 (above 1.01 only at T = 3: B = 8,
+          H = 256-512, 0.88-1.05, and B = 64, H = 256, 1.04), 1.05-1.52 from 65536. 2 layers or bidirectional
+          (2 threads, H = 64-512, B = 1-16): forward 0.65-0.97 below 4096 but for B = 4, H = 256 (1.01-1.26),
+          bidirectional T = 3, B = 4, H = 64-128 (1.08-1.13) and 2 layers T = 3, B = 16, H = 64 (1.05);
+          forward+backward 0.67-1.05 at every size measured (up to T = 3, B = 16, H = 512: 24576).
+        At four steps the RNN's kernels win from B * H = 512-1024 (forward+backward 1.03-1.18, 2 threads). The
+        GRU's win from two steps at most sizes (T = 2 forward 0.82-1.76, forward+backward 0.81-1.70), but lose at
+        T = 2 for H = 256, B = 1 (0.82-0.92, both thread counts) and H = 512 (W_hh 3 MB), B = 1-8 (forward
+        0.82-0.96 at 1 thread, forward+backward 0.81-0.95 at both): not ruled, a limit in gate values that took
+        them would take rows the kernels win by 7-20% (T = 2, B = 4-8, H = 64-128)."""
+        if data.dtype != torch.float32:
             return False
-        batch = data.shape[0 if self.batch_first else 1] if data.dim() == 3 else 1
-        gates = batch * (3 if self._cell == "gru" else 1) * self.hidden_size
-        return gates < (AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING if grad else AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES)
+        shape = data.shape  # [T, B, I], [B, T, I] with batch_first, or unbatched [T, I]
+        steps, batch = (shape[0], 1) if len(shape) == 2 else (shape[1], shape[0]) if self.batch_first else shape[:2]
+        if steps > AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[self._cell or "rnn"]:
+            return False
+        gates = steps * batch * (3 if self._cell == "gru" else 1) * self.hidden_size
+        return gates < (AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING if grad else AUTO_TORCH_NN_SHORT_CALL_MAX_GATES)
 
     def _runs_torch_nn(self, input, resets):
         # torch.nn has no resets: a call with them always runs fastrnn's kernels.

@@ -429,22 +429,25 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
 
 
 @pytest.mark.parametrize("cell", ["GRU", "RNN"])
-def test_auto_hands_small_single_steps_of_gru_and_rnn_to_torch_nn(cell):
-    """backend="auto" runs torch.nn's own GRU/RNN forward for one step (T = 1) of fp32 padded input below
-    AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES gate values a layer (B * G * H), _TRAINING when a gradient flows, with
-    any layers and directions: the result is torch.nn's to the bit and no fastrnn op runs. At the thresholds,
-    from two steps, for a PackedSequence, fp64, resets and backend="cpu", fastrnn's ops run."""
+def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
+    """backend="auto" runs torch.nn's own GRU/RNN forward for calls of at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS
+    steps (GRU 1, RNN 3) of fp32 padded input below AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer
+    (T * B * G * H), _TRAINING when a gradient flows, with any layers and directions: the result is torch.nn's to
+    the bit and no fastrnn op runs. At the thresholds, one step more, for a PackedSequence, fp64, resets and
+    backend="cpu", fastrnn's ops run."""
     modules = fastrnn.modules
     gates = 3 if cell == "GRU" else 1
     H = 8
-    limit = {False: modules.AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES,
-             True: modules.AUTO_TORCH_NN_SINGLE_STEP_MAX_GATES_TRAINING}
+    max_steps = modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[cell.lower()]
+    assert max_steps == (1 if cell == "GRU" else 3)
+    limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES,
+             True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING}
     model = getattr(fastrnn, cell)(4, H)
     oracle = getattr(nn, cell)(4, H)
     oracle.load_state_dict(model.state_dict())
 
-    def last_batch_below(grad):  # the largest batch of fewer gate values than the limit
-        return (limit[grad] - 1) // (gates * H)
+    def last_batch_below(grad, steps=1):  # the largest batch of fewer gate values than the limit
+        return (limit[grad] - 1) // (steps * gates * H)
 
     def runs_torch_nn(module, x, grad, **kwargs):
         with torch.set_grad_enabled(grad), CountOps() as counter:
@@ -452,26 +455,28 @@ def test_auto_hands_small_single_steps_of_gru_and_rnn_to_torch_nn(cell):
         return counter.calls == [], got
 
     for grad in (False, True):
+        for steps in range(1, max_steps + 1):
+            below = last_batch_below(grad, steps)
+            for x in (torch.randn(steps, below, 4), torch.randn(steps, 4)):  # batched, and unbatched (batch 1)
+                torch_nn, got = runs_torch_nn(model, x, grad)
+                assert torch_nn, (grad, x.shape)
+                expected = oracle(x)
+                assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            assert not runs_torch_nn(model, torch.randn(steps, below + 1, 4), grad)[0], (grad, steps)  # the limit
         below = last_batch_below(grad)
-        for x in (torch.randn(1, below, 4), torch.randn(1, 4)):  # batched, and unbatched ([T, I]: batch 1)
-            torch_nn, got = runs_torch_nn(model, x, grad)
-            assert torch_nn, (grad, x.shape)
-            expected = oracle(x)
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
         batch_first = getattr(fastrnn, cell)(4, H, batch_first=True)
         assert runs_torch_nn(batch_first, torch.randn(below, 1, 4), grad)[0]
-        assert not runs_torch_nn(batch_first, torch.randn(below, 2, 4), grad)[0]
+        assert not runs_torch_nn(batch_first, torch.randn(below, max_steps + 1, 4), grad)[0]
         for kwargs in ({"num_layers": 2}, {"bidirectional": True}):  # the gate values of one layer decide
             stacked = getattr(fastrnn, cell)(4, H, **kwargs)
             stacked_oracle = getattr(nn, cell)(4, H, **kwargs)
             stacked_oracle.load_state_dict(stacked.state_dict())
-            x = torch.randn(1, below, 4)
+            x = torch.randn(max_steps, last_batch_below(grad, max_steps), 4)
             torch_nn, got = runs_torch_nn(stacked, x, grad)
             assert torch_nn and torch.equal(got[0], stacked_oracle(x)[0]), (grad, kwargs)
             assert not runs_torch_nn(stacked, torch.randn(1, below + 1, 4), grad)[0], (grad, kwargs)
         not_ours = [  # each runs fastrnn's ops
-            (model, torch.randn(1, below + 1, 4), {}),  # at the limit
-            (model, torch.randn(2, 1, 4), {}),  # two steps
+            (model, torch.randn(max_steps + 1, 1, 4), {}),  # one step more
             (model, torch.randn(1, 1, 4), {"resets": torch.zeros(1, 1, dtype=torch.bool)}),
             (getattr(fastrnn, cell)(4, H, backend="cpu"), torch.randn(1, 1, 4), {}),
             (copy.deepcopy(model).double(), torch.randn(1, 1, 4, dtype=torch.float64), {}),
