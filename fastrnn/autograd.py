@@ -182,7 +182,9 @@ def input_projection(x, w_ih, b_in, backend):
         from .backends import native
 
         T, B = x.shape[:2]
-        return native.small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in).view(T, B, w_ih.shape[0])
+        # Not training: nothing requires grad, and packed_projection rules out compile and transforms.
+        gx = native.small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
+        return gx.view(T, B, w_ih.shape[0])
     if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training):
         from .backends import native
 

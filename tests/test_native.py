@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrnn
 from fastrnn.backends import native, ops, schemas
@@ -906,6 +907,18 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
         native.linear(x, w[:, 1:], b)
 
 
+class SeenOps(TorchDispatchMode):
+    """The ops that reach the Python dispatch key, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("path", ["auto", "aten", "packed"])
 def test_small_linear_matches_torch(capability, path, monkeypatch):
     """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against
@@ -920,6 +933,11 @@ def test_small_linear_matches_torch(capability, path, monkeypatch):
         for call in range(2):
             assert_close(f"small_linear {M}x{K}x{N} call {call}", torch.ops.fastrnn_cpu.small_linear(x, w, b), ref, 1e-5)
         assert_close("no bias", native.small_linear(x, w), ref - b, 1e-5)
+        # Past the op's autograd layer (grad=False): the same kernel, the same bits; a dispatch mode still sees it.
+        with SeenOps() as seen:
+            below = native.small_linear(x, w, b, grad=False)
+        assert torch.equal(below, torch.ops.fastrnn_cpu.small_linear(x, w, b))
+        assert seen.names == ["fastrnn_cpu.small_linear.default"], seen.names
         assert_close("strided", native.small_linear(x.t().contiguous().t(), w.t().contiguous().t(), b), ref, 1e-5)
     w = torch.randn(29, 67)
     assert native.small_linear(torch.randn(0, 67), w).shape == (0, 29)
@@ -940,7 +958,8 @@ def test_packed_projection_rule(monkeypatch):
 
     calls = []
     real = native.small_linear
-    monkeypatch.setattr(native, "small_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    # Each call's rows and whether it went through the op's autograd layer (grad=False: nothing requires grad).
+    monkeypatch.setattr(native, "small_linear", lambda *a, **k: calls.append((a[0].shape, k["grad"])) or real(*a, **k))
     monkeypatch.setattr(native, "cpu_capability", lambda: "avx512")
     monkeypatch.setattr(native, "blas", lambda: "onednn")
     x, w = torch.randn(3, 2, 8), torch.randn(32, 8)
@@ -968,17 +987,17 @@ def test_packed_projection_rule(monkeypatch):
     model.load_state_dict(ref.state_dict())
     with torch.no_grad():
         y, _ = model(x)
-    assert calls == [(6, 8)]
+    assert calls == [((6, 8), False)]
     assert_close("module on small_linear", y, ref(x)[0], 1e-5)
     model(x)[0].sum().backward()  # training of a small layer: F.linear
-    assert calls == [(6, 8)]
+    assert calls == [((6, 8), False)]
     # Training on it (the threshold lowered for this small layer): gradients to x and every parameter.
     monkeypatch.setattr(autograd, "NATIVE_GEMM_MIN_FLOPS_TRAINING", 0)
     model.zero_grad()
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref(xr)[0].square().sum().backward()
     model(xf)[0].square().sum().backward()
-    assert calls == [(6, 8), (6, 8)]
+    assert calls == [((6, 8), False), ((6, 8), True)]
     assert_close("dx", xf.grad, xr.grad, 1e-5)
     for name, p in model.named_parameters():
         assert_close(f"d{name}", p.grad, ref.get_parameter(name).grad, 1e-5)
