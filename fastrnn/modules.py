@@ -180,9 +180,9 @@ class _RecurrentMixin(_FastRNNModule):
 
     def _torch_nn_is_faster(self, input):
         """backend="auto" runs torch.nn's own forward where it measured faster than fastrnn's kernels (AVX-512
-        Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): GRU and RNN single
-        steps (_short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded input, where torch.nn runs oneDNN's
-        fused LSTM (aten::mkldnn_rnn_layer):
+        Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): short calls of a
+        small GRU (one step) or RNN (up to three; _short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded
+        input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
         - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
           bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
           (200,8,128,128) (2 threads, e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on
@@ -265,7 +265,7 @@ class _RecurrentMixin(_FastRNNModule):
         - the RNN at two and three steps (1c4fbfc, H = 64-512, B = 1-64, 2 threads and 1 thread): forward below 4096
           gate values 0.65-1.02 but for T = 3, H = 256, B = 4 (3072: 1.04-1.20) and T = 3, H = 128, B = 8 (3072:
           0.98-1.09), 0.97-1.85 from 4096; forward+backward below 65536 0.63-1.05 (above 1.01 only at T = 3: B = 8,
-          H = 256-512, 0.88-1.05, and B = 64, H = 256, 1.04), 1.05-1.52 from 65536. 2 layers or bidirectional
+          H = 256-512, up to 1.05, and B = 64, H = 256, 1.04), 1.05-1.52 from 65536. 2 layers or bidirectional
           (2 threads, H = 64-512, B = 1-16): forward 0.65-0.97 below 4096 but for B = 4, H = 256 (1.01-1.26),
           bidirectional T = 3, B = 4, H = 64-128 (1.08-1.13) and 2 layers T = 3, B = 16, H = 64 (1.05);
           forward+backward 0.67-1.05 at every size measured (up to T = 3, B = 16, H = 512: 24576).
