@@ -491,6 +491,42 @@ def test_panel_cache_is_used_and_follows_every_kind_of_weight_change(cell, monke
         assert_same_layer(ref, fast, x)
 
 
+def test_panel_cache_sees_a_change_anywhere_in_a_large_weight(monkeypatch):
+    """From 256 KB the cache compares a weight with its copy on every thread, a 64 KB chunk at a time
+    (panel_cache.h, bytes_equal): a `.data` write of one element in the first chunk, the middle or the last
+    (another thread's share) is seen. Against the same layer with the cache off (packed afresh: the same bits)."""
+    from fastrnn import autograd
+
+    monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE", raising=False)
+    monkeypatch.setattr(autograd, "packed_projection", lambda *args: False)  # the counter counts W_hh's alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the split needs two threads (a 1-core machine oversubscribes; correct either way)
+    try:
+        torch.manual_seed(0)
+        fast = fastrnn.GRU(16, 200, backend="cpu")  # W_hh [600, 200]: 480 KB
+        w = fast.weight_hh_l0.data.view(-1)
+        x = torch.randn(8, 2, 16)  # 8 steps: packed with the cache off too (HiddenGemm::kMinStepsToPack)
+
+        def uncached():
+            monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", "0")
+            y = fast(x)[0]
+            monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE")
+            return y
+
+        with torch.no_grad():
+            for position in (0, w.numel() // 2, w.numel() - 1):
+                for _ in range(3):  # the second call keeps a copy, the third reuses the panels
+                    fast(x)
+                hits = cache_hits()
+                assert torch.equal(fast(x)[0], uncached()) and cache_hits() == hits + 1
+                w[position] += 1.0
+                y = fast(x)[0]
+                assert cache_hits() == hits + 1, f"stale panels reused after a change at element {position}"
+                assert torch.equal(y, uncached()), position
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_panel_cache_is_not_shared_between_modules(monkeypatch):
     """Two layers of the same shape, called in turn (inference and training), each with its own weights; and
     two layers sharing one weight tensor."""
