@@ -14,11 +14,10 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrnn
 from fastrnn.backends import native, ops, schemas
-from parity import reset_mask
+from parity import CountOps, reset_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = ops("reference")
@@ -943,18 +942,6 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
         native.linear(x, w[:, 1:], b)
 
 
-class SeenOps(TorchDispatchMode):
-    """The ops that reach the Python dispatch key, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("path", ["auto", "aten", "packed"])
 def test_small_linear_matches_torch(capability, path, monkeypatch):
     """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against
@@ -970,10 +957,10 @@ def test_small_linear_matches_torch(capability, path, monkeypatch):
             assert_close(f"small_linear {M}x{K}x{N} call {call}", torch.ops.fastrnn_cpu.small_linear(x, w, b), ref, 1e-5)
         assert_close("no bias", native.small_linear(x, w), ref - b, 1e-5)
         # Past the op's autograd layer (grad=False): the same kernel, the same bits; a dispatch mode still sees it.
-        with SeenOps() as seen:
+        with CountOps() as seen:
             below = native.small_linear(x, w, b, grad=False)
         assert torch.equal(below, torch.ops.fastrnn_cpu.small_linear(x, w, b))
-        assert seen.names == ["fastrnn_cpu.small_linear.default"], seen.names
+        assert seen.calls == ["fastrnn_cpu.small_linear.default"], seen.calls
         assert_close("strided", native.small_linear(x.t().contiguous().t(), w.t().contiguous().t(), b), ref, 1e-5)
     w = torch.randn(29, 67)
     assert native.small_linear(torch.randn(0, 67), w).shape == (0, 29)

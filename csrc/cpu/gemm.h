@@ -41,10 +41,10 @@ constexpr int64_t panel_width() {
 // same two of the 64 L1 sets, so the panel could never stay in L1. Blocks outermost: a thread owns whole
 // blocks (HiddenGemm::tiles takes every group of a block in turn), so at a small batch, where a step is one
 // pass over the panels, each thread reads one contiguous stretch instead of one per group; the forward op a
-// step at B=1, I=H=128 (Zen 5, AVX-512 copy, 1 / 2 threads, p10 of 3 interleaved process pairs, us), LSTM
-// 2.16 / 1.39, 2.31 / 1.54, 1.95 / 1.20 against [groups][blocks]'s 2.20 / 1.65, 2.42 / 2.54, 2.06 / 1.28;
-// GRU 1.49-1.54 / 0.97-1.05 against 1.58-1.68 / 1.01-2.05; RNN H=256 and LSTM H=256 and larger batches
-// within noise.
+// step at B=1, I=H=128 (Zen 5, AVX-512 copy, 1c4fbfc against 26081ea, 1 / 2 threads, p10 of 3 interleaved
+// process pairs, us), LSTM 2.16 / 1.39, 2.31 / 1.54, 1.95 / 1.20 against [groups][blocks]'s 2.20 / 1.65,
+// 2.42 / 2.54, 2.06 / 1.28; GRU 1.49-1.54 / 0.97-1.05 against 1.58-1.68 / 1.01-2.05; RNN H=256, LSTM H=256
+// and larger batches within noise.
 template <typename acc_t>
 struct Panels {
   static constexpr int64_t P = panel_width<acc_t>();

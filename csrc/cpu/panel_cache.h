@@ -56,9 +56,10 @@ inline int64_t panel_cache_hits() { return panel_cache_hit_count().load(); }
 // Whether the n bytes at a and b are equal: the cache's check of a weight against its copy. From
 // kParallelCompareBytes each of torch's threads compares its share (the two reads come from L2 or L3, where one
 // core's stream is the limit). Module forward, 2 threads, B = 1, medians of 600 calls alternated with the
-// serial memcmp (Zen 5, AVX-512 copy, 2026-12-03, us): GRU H=256 T=2 (W_ih and W_hh 768 KB each) 92 -> 75,
-// RNN H=512 T=2 (1 MB each) 113 -> 90, LSTM H=256 T=4 127-140 -> 111-121, LSTM (50,1,64,128) (W_hh 256 KB)
-// 139-140 -> 134-136; from 64 KB the weights of 64-192 KB gained 0-1.5 us of 40-90, hence the threshold.
+// serial memcmp (Zen 5, AVX-512 copy, e94b6bc's code with the split switchable, 2026-12-03, us): GRU H=256
+// T=2 (W_ih and W_hh 768 KB each) 92 -> 75, RNN H=512 T=2 (1 MB each) 113 -> 90, LSTM H=256 T=4 127-140 ->
+// 111-121, LSTM (50,1,64,128) (W_hh 256 KB) 139-140 -> 134-136; from 64 KB the weights of 64-192 KB gained
+// 0-1.5 us of 40-90, hence the threshold.
 inline bool bytes_equal(const void* a, const void* b, size_t n) {
   constexpr size_t kParallelCompareBytes = 256 * 1024, kChunk = 64 * 1024;
   if (n < kParallelCompareBytes || at::get_num_threads() == 1 || at::in_parallel_region()) {
