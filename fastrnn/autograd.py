@@ -27,8 +27,16 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._functorch import utils as _functorch_utils
 
+from . import backends
 from .backends import ops
 from .backends import reference
+
+
+def _native():
+    """fastrnn.backends.native, the cpu backend's module, which the registry imported when that backend resolved
+    (only the cpu backend's paths ask for it). An import statement at each use costs ~0.7 us, a visible share
+    of a small layer's call."""
+    return backends._module("cpu")
 
 
 def transformed():
@@ -66,8 +74,7 @@ def native_gemm(backend, dtype, flops, training):
     0.82-1.0 from 52 M. FASTRNN_CPU_BLAS, set, forces its path at every size (tests, benchmarks)."""
     if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
         return False
-    from .backends import native
-
+    native = _native()
     if dtype == torch.float16:
         return not native.TORCH_FP16_GEMM_IS_NATIVE
     if native.blas() == "mkl":
@@ -114,13 +121,24 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     """dW_hh [G*H, Hout] = sum over t and b of dGh_t^T h_{t-1}, over all T*B rows at once (on the cpu backend
     in fp32/fp16 through fastrnn_cpu::mm, like the input projection: native_gemm).
 
-    Two products: dGh over the (T-1)*B rows of every step but the walk's first against y shifted by one step
-    (a view, shifted_hidden), plus dGh_first^T h_first over B rows, summed in fp32 (fp64 in fp64). Building the
-    shifted [T, B, Hout] tensor instead (a 13 MB cat at T=100, B=64, H=512: 7-12 ms on the Xeon at load ~4,
-    docs/cpu.md) cost more than the 0.1 GFLOP B-row product. In bf16
-    one product over previous_hidden: the sum of two would round once more in bf16 than one product does."""
+    With many rows (T*B at least G*H, the rows of dW_hh), two products: dGh over the (T-1)*B rows of every
+    step but the walk's first against y shifted by one step (a view, shifted_hidden), plus dGh_first^T h_first
+    over B rows, summed in fp32 (fp64 in fp64). Building the shifted [T, B, Hout] tensor instead (a 13 MB cat
+    at T=100, B=64, H=512: 7-12 ms on the Xeon at load ~4, docs/cpu.md) cost more than the 0.1 GFLOP B-row
+    product. With fewer rows, one product over that shifted copy (previous_hidden): the copy is then smaller
+    than the second product's [G*H, Hout] output and the sum, two more writes of dW_hh's size (fresh pages
+    each: 3-4 MB at H = 512). Forward+backward of the module, cpu backend, split / one product (Zen 5,
+    AVX-512 copy, 2 threads, p10 and median of interleaved blocks, 2026-12-03): GRU H=512 T=2 B=1 1.18 / 1.26,
+    B=8 1.93 / 2.08; LSTM H=512 T=4 B=1 1.36 / 1.51, T=10 B=8 1.11 / 1.07; RNN H=512 T=4 B=1 1.09 / 1.10;
+    LSTM H=512 T=100 B=16 (1600 rows) 1.00 / 0.99; with more rows than G*H (split kept) GRU H=512 T=100 B=32
+    1.00 / 0.96, LSTM H=256 T=100 B=32 1.01 / 1.02. Under torch.compile always two products (fp32/fp64), as
+    before that rule. In bf16 always one product: the sum of two would round once more in bf16 than one
+    product does."""
     native = native_gemm(backend, dgh.dtype, 2 * dgh.numel() * y.shape[-1], training=True)
-    if y.shape[0] == 1 or not (native or dgh.dtype in (torch.float32, torch.float64)):
+    T, B, gates = dgh.shape
+    # Not under torch.compile: a graph with a dynamic T would guard on T * B < gates and compile again past it.
+    few_rows = not torch.compiler.is_compiling() and T * B < gates
+    if T == 1 or few_rows or not (native or dgh.dtype in (torch.float32, torch.float64)):
         prev = previous_hidden(y, h0, lengths, resets, reverse).to(dgh.dtype)
         return _product(dgh.flatten(0, 1).t(), prev.flatten(0, 1), native)
     rows, first_h = shifted_hidden(y, h0, lengths, resets, reverse)
@@ -136,9 +154,7 @@ def _product(a, b, native, keep_fp32=False):
     sum of products rounded once), else torch's matmul."""
     if not native:
         return a @ b
-    from .backends import native as native_ops
-
-    c = native_ops.mm(a.float(), b.float())
+    c = _native().mm(a.float(), b.float())
     return c if keep_fp32 else c.to(a.dtype)
 
 
@@ -167,8 +183,7 @@ def packed_projection(backend, x, w_ih, training):
         return False
     if training and 2 * x.numel() * w_ih.shape[0] < NATIVE_GEMM_MIN_FLOPS_TRAINING:
         return False
-    from .backends import native
-
+    native = _native()
     return native.cpu_capability() == "avx512" and native.blas() == "onednn"
 
 
@@ -179,18 +194,14 @@ def input_projection(x, w_ih, b_in, backend):
     through linear's autograd formula (so dx and dW_ih run on fastrnn_cpu::mm); otherwise F.linear."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
     if packed_projection(backend, x, w_ih, training):
-        from .backends import native
-
         T, B = x.shape[:2]
         # Not training: nothing requires grad, and packed_projection rules out compile and transforms.
-        gx = native.small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
+        gx = _native().small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
         return gx.view(T, B, w_ih.shape[0])
     if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training):
-        from .backends import native
-
         T, B = x.shape[:2]
         b = None if b_in is None else b_in.float()
-        gx = native.linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])
+        gx = _native().linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])
         return gx.to(x.dtype)
     return F.linear(x, w_ih, b_in).contiguous()
 

@@ -90,15 +90,24 @@ def devices():
     return tuple(found)
 
 
+# The capability the CPU kernels run, as fastrnn_cpu::capability() last said: read at import and on every
+# set_cpu_capability(), the one way it changes (the op costs ~1 us, and the layers ask at every call).
+_capability = None
+
+
 def cpu_capability():
     """The instruction set the CPU kernels run: "default", "avx2" or "avx512"."""
-    return torch.ops.fastrnn_cpu.capability()
+    return _capability
 
 
 def set_cpu_capability(name):
     """Runs the CPU kernels compiled for `name` from now on (process-wide); returns it. RuntimeError if this
     CPU cannot run it or it was not built."""
-    return torch.ops.fastrnn_cpu.set_capability(name)
+    global _capability
+    try:
+        return torch.ops.fastrnn_cpu.set_capability(name)
+    finally:
+        _capability = torch.ops.fastrnn_cpu.capability()
 
 
 def supported_cpu_capabilities():
@@ -205,6 +214,6 @@ def built_cpu_capabilities():
 # The choice is made here, at import, so that a bad FASTRNN_CPU_CAPABILITY fails the import (the registry
 # then falls back to the reference backend with a warning that carries the message) rather than an op call.
 try:
-    cpu_capability()
+    _capability = torch.ops.fastrnn_cpu.capability()
 except RuntimeError as e:
     raise ImportError(f"fastrnn: the CPU kernels cannot start: {e}") from e
