@@ -50,9 +50,12 @@ def transformed():
 # products (native_gemm).
 NATIVE_GEMM_MIN_FLOPS = 10_000_000
 NATIVE_GEMM_MIN_FLOPS_TRAINING = 40_000_000
+# Except, in training, products with a weight of at least this size: its gradient, as big, then comes from
+# fastrnn's output cache (csrc/cpu/output_cache.cpp keeps outputs from 2 MB) instead of fresh pages (native_gemm).
+NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING = 2 << 20
 
 
-def native_gemm(backend, dtype, flops, training):
+def native_gemm(backend, dtype, flops, training, weight_bytes=0):
     """Whether a big GEMM of `dtype` on `backend` goes through fastrnn_cpu::linear / mm (oneDNN's fp32 matmul)
     instead of torch's own: fp32 (MKL's sgemm runs its AVX2 code on AMD CPUs: 1.2-2.3x slower per product on
     the Zen 5, docs/cpu.md) and fp16 on a CPU without avx512_fp16, computed in fp32 (exact conversions; both
@@ -71,7 +74,15 @@ def native_gemm(backend, dtype, flops, training):
     MKL's ~10 for [50,64]x[64,128]) and that layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2 threads, time on oneDNN / on MKL
     (docs/cpu.md, "The big GEMMs"): forward 1.34 at a 0.8 MFLOP projection (RNN 50,1,64,128), 1.04 at 6.6 M,
     0.98 at 13 M, 0.73-0.87 from 26 M; forward+backward 1.53 at 0.8 M, 1.04-1.22 at 6.6-26 M, 1.02 at 39 M,
-    0.82-1.0 from 52 M. FASTRNN_CPU_BLAS, set, forces its path at every size (tests, benchmarks)."""
+    0.82-1.0 from 52 M. But in training fp32 products with a weight (W_ih, W_hh: `weight_bytes`) of at least
+    NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (2 MB) take the native path at any FLOPs: its weight gradient is as
+    big, and torch's own allocation of it faulted its pages in at every call (a [1536,2]x[2,512] product, 3 MB
+    out, ~330 us), where fastrnn_cpu::mm takes it from the output cache. Modules, forward+backward, cpu
+    backend, p10 / median of interleaved blocks (Zen 5, 2 threads, 2026-12-03), us, torch's matmul ->
+    FASTRNN_CPU_BLAS=onednn: GRU H=512 T=2 B=1 2000 / 2565 -> 1337 / 1752, B=8 3050 / 4163 -> 2093 / 2518;
+    LSTM H=512 T=4 B=1 3844 / 4386 -> 2294 / 2806; RNN H=1024 T=2 B=1 3921 / 4547 -> 2453 / 2898; but GRU
+    H=256 (768 KB weights) 529 / 641 -> 675 / 797. FASTRNN_CPU_BLAS, set, forces its path at every size
+    (tests, benchmarks)."""
     if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
         return False
     native = _native()
@@ -83,7 +94,9 @@ def native_gemm(backend, dtype, flops, training):
     # FASTRNN_CPU_BLAS, set, forces its path at every size.
     if torch.compiler.is_compiling() or os.environ.get("FASTRNN_CPU_BLAS"):
         return True
-    return flops >= (NATIVE_GEMM_MIN_FLOPS_TRAINING if training else NATIVE_GEMM_MIN_FLOPS)
+    if training:
+        return flops >= NATIVE_GEMM_MIN_FLOPS_TRAINING or weight_bytes >= NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING
+    return flops >= NATIVE_GEMM_MIN_FLOPS
 
 
 def shifted_hidden(y, h0, lengths, resets, reverse):
@@ -134,7 +147,8 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     1.00 / 0.96, LSTM H=256 T=100 B=32 1.01 / 1.02. Under torch.compile always two products (fp32/fp64), as
     before that rule. In bf16 always one product: the sum of two would round once more in bf16 than one
     product does."""
-    native = native_gemm(backend, dgh.dtype, 2 * dgh.numel() * y.shape[-1], training=True)
+    native = native_gemm(backend, dgh.dtype, 2 * dgh.numel() * y.shape[-1], training=True,
+                         weight_bytes=dgh.shape[-1] * y.shape[-1] * 4)
     T, B, gates = dgh.shape
     # Not under torch.compile: a graph with a dynamic T would guard on T * B < gates and compile again past it.
     few_rows = not torch.compiler.is_compiling() and T * B < gates
@@ -198,7 +212,7 @@ def input_projection(x, w_ih, b_in, backend):
         # Not training: nothing requires grad, and packed_projection rules out compile and transforms.
         gx = _native().small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
         return gx.view(T, B, w_ih.shape[0])
-    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training):
+    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training, w_ih.numel() * 4):
         T, B = x.shape[:2]
         b = None if b_in is None else b_in.float()
         gx = _native().linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])

@@ -428,6 +428,37 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
         assert_close("y", oracle(x[:steps].double())[0].detach(), got[0].detach().double(), **FP32_TOL)
 
 
+def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads():
+    """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
+    directions, stays fastrnn's where torch runs two threads or more (measured faster, docs/api.md); from the
+    next batch, and at any batch with one thread, torch.nn's (to the bit). Gradients against torch.nn in fp64."""
+    max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
+    model = fastrnn.LSTM(3, 6, num_layers=2, bidirectional=True)
+    oracle = nn.LSTM(3, 6, num_layers=2, bidirectional=True)
+    oracle.load_state_dict(model.state_dict())
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, batch, runs_ours in ((2, max_batch, True), (2, 1, True), (2, max_batch + 1, False),
+                                            (1, 1, False)):
+            torch.set_num_threads(n_threads)
+            x = torch.randn(5, batch, 3, requires_grad=True)
+            with CountOps() as counter:
+                y, (h, c) = model(x)
+                (y.sum() + h.sum() + c.sum()).backward()
+            assert (counter.calls != []) == runs_ours, (n_threads, batch, counter.calls)
+            xr = x.detach().double().requires_grad_()
+            ref = copy.deepcopy(oracle).double()
+            yr, (hr, cr) = ref(xr)
+            (yr.sum() + hr.sum() + cr.sum()).backward()
+            assert_close("y", yr.detach(), y.detach().double(), **FP32_TOL)
+            assert_close("dx", xr.grad, x.grad.double(), **FP32_TOL)
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                assert_close(name, q.grad, p.grad.double(), **FP32_TOL)
+            model.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cell", ["GRU", "RNN"])
 def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
     """backend="auto" runs torch.nn's own GRU/RNN forward for calls of at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS
@@ -512,11 +543,11 @@ def test_large_allocation_probe():
 
 
 def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
-    """Below batch 8, an fp32 LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient
-    will flow (measured slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a
-    PackedSequence of one sequence in training too, of two sequences fastrnn's (torch.nn's packed loop is
-    slower there)."""
-    x = torch.randn(5, 1, 4)
+    """Below batch 8, from batch 3 (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
+    LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient will flow (measured
+    slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a PackedSequence of one
+    sequence in training too, of two sequences fastrnn's (torch.nn's packed loop is slower there)."""
+    x = torch.randn(5, fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1, 4)
     model = fastrnn.LSTM(4, 5)
     for lengths, runs_torch_nn in (([5], True), ([5, 3], False)):
         packed = pack_padded_sequence(torch.randn(5, len(lengths), 4), torch.tensor(lengths))

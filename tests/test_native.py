@@ -1102,8 +1102,9 @@ def test_linear_path_rule(monkeypatch):
 
 def test_layer_gemm_size_rule(monkeypatch):
     """autograd.native_gemm on the oneDNN path: fp32 products below NATIVE_GEMM_MIN_FLOPS (forward only) or
-    NATIVE_GEMM_MIN_FLOPS_TRAINING (a backward runs too) take torch's own matmul; FASTRNN_CPU_BLAS, set, forces
-    the ops at every size; where they would run MKL the layer code never calls them."""
+    NATIVE_GEMM_MIN_FLOPS_TRAINING (a backward runs too) take torch's own matmul, but not in training with a
+    weight of NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (its gradient from the output cache); FASTRNN_CPU_BLAS, set,
+    forces the ops at every size; where they would run MKL the layer code never calls them."""
     from fastrnn import autograd
 
     monkeypatch.delenv("FASTRNN_CPU_BLAS", raising=False)
@@ -1112,6 +1113,9 @@ def test_layer_gemm_size_rule(monkeypatch):
              autograd.NATIVE_GEMM_MIN_FLOPS_TRAINING - 1, autograd.NATIVE_GEMM_MIN_FLOPS_TRAINING)
     assert [autograd.native_gemm("cpu", torch.float32, f, False) for f in sizes] == [False, True, True, True]
     assert [autograd.native_gemm("cpu", torch.float32, f, True) for f in sizes] == [False, False, False, True]
+    big = autograd.NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING
+    assert [autograd.native_gemm("cpu", torch.float32, 1, True, w) for w in (big - 4, big)] == [False, True]
+    assert not autograd.native_gemm("cpu", torch.float32, 1, False, big)  # inference: no gradient to make
     assert not autograd.native_gemm("reference", torch.float32, sizes[-1], True)
     monkeypatch.setenv("FASTRNN_CPU_BLAS", "onednn")
     assert autograd.native_gemm("cpu", torch.float32, 1, True)
