@@ -24,8 +24,8 @@ from .functional import LayerWeights
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
 # backend="auto" on the CPU hands LSTMs of at least this batch, in these dtypes (bf16 only in inference and
-# where the CPU has avx512_bf16), on padded input, to torch.nn's own forward, and fp32 LSTMs when training at
-# any batch (measured: _RecurrentMixin._torch_nn_is_faster).
+# where the CPU has avx512_bf16), on padded input, to torch.nn's own forward, and fp32 LSTMs when training
+# (but for the batches and sizes below; measured: _RecurrentMixin._torch_nn_is_faster).
 AUTO_TORCH_NN_MIN_BATCH = 8
 AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 # On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
