@@ -6,6 +6,7 @@ error here, not a skip, since the parity suite would silently run without the `c
 """
 
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -1138,6 +1139,36 @@ def test_layers_through_the_gemm_ops(cell, monkeypatch):
     assert_all_close(ref, out, **FP32_TOL)
     if torch.backends.mkldnn.is_available():
         assert "fastrnn_cpu.linear.default" in counter.calls and "fastrnn_cpu.mm.default" in counter.calls
+
+
+def test_training_with_a_big_weight_takes_the_gemm_ops(monkeypatch):
+    """In training, a layer whose weights reach NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING runs its projection and dW_hh
+    through fastrnn_cpu::linear / mm at any FLOPs (their weight-sized gradients from the output cache: autograd's
+    native_gemm, given each product's weight size); a step more of hidden size below it, torch's own matmul.
+    Gradients against torch.nn in fp64 within the fp32 tolerance. The blas setting is patched to oneDNN's, so the
+    rule runs on any CPU (the ops take MKL on Intel's)."""
+    from fastrnn import autograd
+    from parity import FP32_TOL, CountOps, assert_close
+
+    monkeypatch.delenv("FASTRNN_CPU_BLAS", raising=False)
+    monkeypatch.setattr(native, "blas", lambda: "onednn")
+    big_h = math.isqrt(autograd.NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING // (3 * 4)) + 1  # GRU: W is [3H, H]
+    for H, native_path in ((big_h, True), (big_h - 2, False)):
+        model = fastrnn.GRU(H, H, backend="cpu")
+        oracle = torch.nn.GRU(H, H).double()
+        oracle.load_state_dict(model.state_dict())
+        x = torch.randn(2, 1, H, requires_grad=True)
+        with CountOps() as counter:
+            model(x)[0].sum().backward()
+        calls = counter.calls
+        # The projection, then three products: its dx and dW_ih (linear's backward) and dW_hh (one: T*B < 3H).
+        want = (1, 3) if native_path else (0, 0)
+        assert (calls.count("fastrnn_cpu.linear.default"), calls.count("fastrnn_cpu.mm.default")) == want, (H, calls)
+        xr = x.detach().double().requires_grad_()
+        oracle(xr)[0].sum().backward()
+        assert_close("dx", xr.grad, x.grad.double(), **FP32_TOL)
+        for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+            assert_close(name, q.grad, p.grad.double(), **FP32_TOL)
 
 
 # A child process (FASTRNN_HUGE_PAGES is read once per process): for an op's 8 MB output, and for a projection's
