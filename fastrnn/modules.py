@@ -34,7 +34,8 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
 # where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
 AUTO_FP32_TRAINING_MIN_GATES = 2**21
-# And fp32 LSTM training of at most this batch with two threads or more, which stays fastrnn's at any size.
+# And fp32 LSTM training of at most this batch on fastrnn's AVX-512 copy with two threads or more, which stays
+# fastrnn's at any size (_fastrnn_trains_small_batches_faster).
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
 # GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
 # acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
@@ -123,6 +124,18 @@ def _fastrnn_trains_large_lstms_faster():
             and _torch_large_allocations_fault())
 
 
+def _fastrnn_trains_small_batches_faster():
+    """Whether fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH stays fastrnn's
+    (_torch_nn_is_faster): where its AVX-512 copy runs and torch runs 2 threads or more, as measured (Zen 5;
+    the AVX2 copy against torch.nn's AVX-512 oneDNN lost up to 0.86 at I = H = 256, and a CPU with AVX2 only was
+    not measured)."""
+    try:
+        from .backends import native
+    except ImportError:
+        return False
+    return native.cpu_capability() == "avx512" and torch.get_num_threads() >= 2
+
+
 def _check_backend(backend):
     from .backends import BACKENDS
 
@@ -197,7 +210,7 @@ class _RecurrentMixin(_FastRNNModule):
           of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
           2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
         - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and
-          at any batch with one thread. Below it with 2 threads fastrnn's forward+backward measured, one layer
+          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_trains_small_batches_faster). Below it with 2 threads fastrnn's forward+backward measured, one layer
           over T = 4-200, I = 64 or H, H = 64-256 (p10 of interleaved blocks; medians within a few %): B = 1
           1.09-1.69, B = 2 1.06-1.67 with glibc's default malloc, B = 1 1.16-2.55 with torch.nn's allocations
           kept warm (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high); 2 layers 0.92-2.27,
@@ -252,7 +265,7 @@ class _RecurrentMixin(_FastRNNModule):
         if fp32:  # first: the common case, and this runs before every call
             if not grad:
                 return batch >= AUTO_TORCH_NN_MIN_BATCH
-            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and torch.get_num_threads() >= 2:
+            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_trains_small_batches_faster():
                 return False
             gates = shape[0] * shape[1] * 4 * self.hidden_size if len(shape) == 3 else 0
             return gates < AUTO_FP32_TRAINING_MIN_GATES or not _fastrnn_trains_large_lstms_faster()

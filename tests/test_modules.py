@@ -428,24 +428,29 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
         assert_close("y", oracle(x[:steps].double())[0].detach(), got[0].detach().double(), **FP32_TOL)
 
 
-def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads():
+def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeypatch):
     """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
-    directions, stays fastrnn's where torch runs two threads or more (measured faster, docs/api.md); from the
-    next batch, and at any batch with one thread, torch.nn's (to the bit). Gradients against torch.nn in fp64."""
+    directions, stays fastrnn's where its AVX-512 copy runs and torch runs two threads or more (measured faster,
+    docs/api.md); from the next batch, at any batch with one thread and off the AVX-512 copy, torch.nn's.
+    Gradients against torch.nn in fp64. The capability is patched, so the rule runs on any CPU."""
+    from fastrnn.backends import native
+
     max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
     model = fastrnn.LSTM(3, 6, num_layers=2, bidirectional=True)
     oracle = nn.LSTM(3, 6, num_layers=2, bidirectional=True)
     oracle.load_state_dict(model.state_dict())
     threads = torch.get_num_threads()
     try:
-        for n_threads, batch, runs_ours in ((2, max_batch, True), (2, 1, True), (2, max_batch + 1, False),
-                                            (1, 1, False)):
+        for isa, n_threads, batch, runs_ours in (("avx512", 2, max_batch, True), ("avx512", 2, 1, True),
+                                                 ("avx512", 2, max_batch + 1, False), ("avx512", 1, 1, False),
+                                                 ("avx2", 2, 1, False)):
+            monkeypatch.setattr(native, "cpu_capability", lambda: isa)
             torch.set_num_threads(n_threads)
             x = torch.randn(5, batch, 3, requires_grad=True)
             with CountOps() as counter:
                 y, (h, c) = model(x)
                 (y.sum() + h.sum() + c.sum()).backward()
-            assert (counter.calls != []) == runs_ours, (n_threads, batch, counter.calls)
+            assert (counter.calls != []) == runs_ours, (isa, n_threads, batch, counter.calls)
             xr = x.detach().double().requires_grad_()
             ref = copy.deepcopy(oracle).double()
             yr, (hr, cr) = ref(xr)
