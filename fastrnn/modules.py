@@ -239,7 +239,10 @@ class _RecurrentMixin(_FastRNNModule):
           B = 16, 1.51 at B = 8; fp16 training stays fastrnn's (1.01-13).
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
         generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
-        not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7). Not for fp16
+        not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7), but where
+        _fastrnn_trains_small_batches_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
+        sequence, forward+backward, T = 4-200, I = 64 or H, H = 64-256, 1.01-2.47 at 2 threads, 0.89-1.29 at 1
+        (Zen 5, 2026-12-03, 0ffd9e6, p10 of interleaved blocks). Not for fp16
         without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
         export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
         batching rule): there the custom ops serve every shape."""
@@ -259,7 +262,8 @@ class _RecurrentMixin(_FastRNNModule):
             return not packed and self._short_call_is_faster_in_torch_nn(data, grad)
         fp32 = dtype == torch.float32
         if packed:
-            return fp32 and grad and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
+            return (fp32 and grad and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
+                    and not _fastrnn_trains_small_batches_faster())
         shape = data.shape
         batch = shape[0 if self.batch_first else 1] if len(shape) == 3 else 1
         if fp32:  # first: the common case, and this runs before every call

@@ -430,9 +430,10 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
 
 def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeypatch):
     """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
-    directions, stays fastrnn's where its AVX-512 copy runs and torch runs two threads or more (measured faster,
-    docs/api.md); from the next batch, at any batch with one thread and off the AVX-512 copy, torch.nn's.
-    Gradients against torch.nn in fp64. The capability is patched, so the rule runs on any CPU."""
+    directions, a PackedSequence of one sequence too, stays fastrnn's where its AVX-512 copy runs and torch runs
+    two threads or more (measured faster, docs/api.md); from the next batch, at any batch with one thread and off
+    the AVX-512 copy, torch.nn's. Gradients against torch.nn in fp64. The capability is patched, so the rule
+    runs on any CPU."""
     from fastrnn.backends import native
 
     max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
@@ -459,6 +460,11 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
             assert_close("dx", xr.grad, x.grad.double(), **FP32_TOL)
             for (name, p), q in zip(model.named_parameters(), ref.parameters()):
                 assert_close(name, q.grad, p.grad.double(), **FP32_TOL)
+            if batch == 1:  # a PackedSequence of one sequence: the same rule
+                packed = pack_padded_sequence(x.detach(), torch.tensor([x.shape[0]]))
+                with CountOps() as counter:
+                    model(packed)[0].data.sum().backward()
+                assert (counter.calls != []) == runs_ours, ("packed", isa, n_threads, counter.calls)
             model.zero_grad()
     finally:
         torch.set_num_threads(threads)
@@ -551,10 +557,12 @@ def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
     """Below batch 8, from batch 3 (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
     LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient will flow (measured
     slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a PackedSequence of one
-    sequence in training too, of two sequences fastrnn's (torch.nn's packed loop is slower there)."""
+    sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_trains_small_batches_faster), of
+    two sequences fastrnn's (torch.nn's packed loop is slower there)."""
     x = torch.randn(5, fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1, 4)
     model = fastrnn.LSTM(4, 5)
-    for lengths, runs_torch_nn in (([5], True), ([5, 3], False)):
+    small_batches_ours = fastrnn.modules._fastrnn_trains_small_batches_faster
+    for lengths, runs_torch_nn in (([5], not small_batches_ours()), ([5, 3], False)):
         packed = pack_padded_sequence(torch.randn(5, len(lengths), 4), torch.tensor(lengths))
         with CountOps() as counter:
             model(packed)
