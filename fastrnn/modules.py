@@ -35,8 +35,11 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
 AUTO_FP32_TRAINING_MIN_GATES = 2**21
 # And fp32 LSTM training of at most this batch on fastrnn's AVX-512 copy with two threads or more, which stays
-# fastrnn's at any size (_fastrnn_trains_small_batches_faster).
+# fastrnn's at any size (_fastrnn_runs_small_lstms_faster).
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
+# And fp32 LSTM inference from AUTO_TORCH_NN_MIN_BATCH with batch * hidden size at most this, under the same
+# condition.
+AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
 # GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
 # acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
 # AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer in the call (T * B * G * H; G = 3 for the GRU, 1 for the
@@ -124,11 +127,12 @@ def _fastrnn_trains_large_lstms_faster():
             and _torch_large_allocations_fault())
 
 
-def _fastrnn_trains_small_batches_faster():
-    """Whether fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH stays fastrnn's
-    (_torch_nn_is_faster): where its AVX-512 copy runs and torch runs 2 threads or more, as measured (Zen 5;
-    the AVX2 copy against torch.nn's AVX-512 oneDNN lost up to 0.86 at I = H = 256, and a CPU with AVX2 only was
-    not measured)."""
+def _fastrnn_runs_small_lstms_faster():
+    """Whether fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH, and inference from batch 8
+    of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN, stay fastrnn's (_torch_nn_is_faster): where
+    its AVX-512 copy runs and torch runs 2 threads or more, as measured (Zen 5; 1 thread lost from T = 50; the
+    AVX2 copy against torch.nn's AVX-512 oneDNN lost up to 0.86 in training at I = H = 256, and a CPU with AVX2
+    only was not measured)."""
     try:
         from .backends import native
     except ImportError:
@@ -198,7 +202,13 @@ class _RecurrentMixin(_FastRNNModule):
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): short calls of a
         small GRU (one step) or RNN (up to three; _short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
-        - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05;
+        - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05; but
+          not fp32 inference of batch * H <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN where
+          _fastrnn_runs_small_lstms_faster(): forward, T = 16-200, I = 64 or H, p10 of interleaved blocks (Zen 5,
+          2 threads, 5b8752f, 2026-12-03): B = 8 H = 64-128 1.13-1.51 one layer (1.12-1.45 with torch.nn's
+          allocations warm), 2 layers 1.08-1.47, bidirectional 1.10-1.51; B = 12 H = 64 1.22-1.38; B = 16 H = 64
+          1.26-1.33; above 1024: B = 8 H = 192 0.98-1.34 (the lows at T = 200), B = 8-16 H = 256 0.92-1.17, B = 16
+          H = 128 0.99-1.12; 1 thread, B = 8, H = 64-192: 1.10-1.17 at T = 16, 0.93-0.97 at T = 200;
           bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
           (200,8,128,128) (2 threads, e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on
           avx512_bf16, outputs on huge pages) measured faster, 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
@@ -210,7 +220,7 @@ class _RecurrentMixin(_FastRNNModule):
           of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
           2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
         - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and
-          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_trains_small_batches_faster). Below it with 2 threads fastrnn's forward+backward measured, one layer
+          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_runs_small_lstms_faster). Below it with 2 threads fastrnn's forward+backward measured, one layer
           over T = 4-200, I = 64 or H, H = 64-256 (p10 of interleaved blocks; medians within a few %): B = 1
           1.09-1.69, B = 2 1.06-1.67 with glibc's default malloc, B = 1 1.16-2.55 with torch.nn's allocations
           kept warm (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high); 2 layers 0.92-2.27,
@@ -240,7 +250,7 @@ class _RecurrentMixin(_FastRNNModule):
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
         generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
         not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7), but where
-        _fastrnn_trains_small_batches_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
+        _fastrnn_runs_small_lstms_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
         sequence, forward+backward, T = 4-200, I = 64 or H, H = 64-256, 1.01-2.47 at 2 threads, 0.89-1.29 at 1
         (Zen 5, 2026-12-03, 0ffd9e6, p10 of interleaved blocks). Not for fp16
         without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
@@ -263,13 +273,15 @@ class _RecurrentMixin(_FastRNNModule):
         fp32 = dtype == torch.float32
         if packed:
             return (fp32 and grad and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
-                    and not _fastrnn_trains_small_batches_faster())
+                    and not _fastrnn_runs_small_lstms_faster())
         shape = data.shape
         batch = shape[0 if self.batch_first else 1] if len(shape) == 3 else 1
         if fp32:  # first: the common case, and this runs before every call
             if not grad:
-                return batch >= AUTO_TORCH_NN_MIN_BATCH
-            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_trains_small_batches_faster():
+                return batch >= AUTO_TORCH_NN_MIN_BATCH and not (
+                    batch * self.hidden_size <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN
+                    and _fastrnn_runs_small_lstms_faster())
+            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_runs_small_lstms_faster():
                 return False
             gates = shape[0] * shape[1] * 4 * self.hidden_size if len(shape) == 3 else 0
             return gates < AUTO_FP32_TRAINING_MIN_GATES or not _fastrnn_trains_large_lstms_faster()

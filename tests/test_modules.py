@@ -385,6 +385,7 @@ def test_auto_rules_keyed_on_cpu_features(features, monkeypatch):
     oneDNN emulates bf16 or torch.nn has no oneDNN bf16 path) bf16 stays fastrnn's at any batch. The features
     are patched, so every side of the rule runs on any CPU."""
     amx = features == "amx"
+    monkeypatch.setattr(fastrnn.modules, "_fastrnn_runs_small_lstms_faster", lambda: False)  # the batch rule alone
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: amx)
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: features != "neither")
     monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: amx)
@@ -432,8 +433,9 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
     """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
     directions, a PackedSequence of one sequence too, stays fastrnn's where its AVX-512 copy runs and torch runs
     two threads or more (measured faster, docs/api.md); from the next batch, at any batch with one thread and off
-    the AVX-512 copy, torch.nn's. Gradients against torch.nn in fp64. The capability is patched, so the rule
-    runs on any CPU."""
+    the AVX-512 copy, torch.nn's. So does inference from batch 8 up to batch * H =
+    AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN. Gradients against torch.nn in fp64. The capability is patched,
+    so the rule runs on any CPU."""
     from fastrnn.backends import native
 
     max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
@@ -465,6 +467,19 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
                 with CountOps() as counter:
                     model(packed)[0].data.sum().backward()
                 assert (counter.calls != []) == runs_ours, ("packed", isa, n_threads, counter.calls)
+                # Inference from batch 8 up to batch * H = AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN: the same
+                # condition; one batch more, torch.nn's forward (to the bit).
+                most = fastrnn.modules.AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN // 6
+                for rows, ours in ((8, runs_ours), (most, runs_ours), (most + 1, False)):
+                    xi = torch.randn(3, rows, 3)
+                    with torch.no_grad(), CountOps() as counter:
+                        got = model(xi)
+                    assert (counter.calls != []) == ours, ("inference", rows, isa, n_threads, counter.calls)
+                    want = oracle(xi)
+                    if ours:
+                        assert_close("y", want[0].detach().double(), got[0].double(), **FP32_TOL)
+                    else:
+                        assert torch.equal(got[0], want[0])
             model.zero_grad()
     finally:
         torch.set_num_threads(threads)
@@ -557,11 +572,11 @@ def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
     """Below batch 8, from batch 3 (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
     LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient will flow (measured
     slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a PackedSequence of one
-    sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_trains_small_batches_faster), of
+    sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_runs_small_lstms_faster), of
     two sequences fastrnn's (torch.nn's packed loop is slower there)."""
     x = torch.randn(5, fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1, 4)
     model = fastrnn.LSTM(4, 5)
-    small_batches_ours = fastrnn.modules._fastrnn_trains_small_batches_faster
+    small_batches_ours = fastrnn.modules._fastrnn_runs_small_lstms_faster
     for lengths, runs_torch_nn in (([5], not small_batches_ours()), ([5, 3], False)):
         packed = pack_padded_sequence(torch.randn(5, len(lengths), 4), torch.tensor(lengths))
         with CountOps() as counter:
