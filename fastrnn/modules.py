@@ -220,14 +220,14 @@ class _RecurrentMixin(_FastRNNModule):
           of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
           2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
         - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and
-          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_runs_small_lstms_faster). Below it with 2 threads fastrnn's forward+backward measured, one layer
-          over T = 4-200, I = 64 or H, H = 64-256 (p10 of interleaved blocks; medians within a few %): B = 1
-          1.09-1.69, B = 2 1.06-1.67 with glibc's default malloc, B = 1 1.16-2.55 with torch.nn's allocations
-          kept warm (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set high); 2 layers 0.92-2.27,
-          bidirectional 0.96-2.17 (B = 1-2; the lows at H = 256, T = 16-50); against B = 3 0.95-1.51, B = 4
-          0.92-1.61, B = 8 0.81-1.34, B = 16 0.79-1.17; 1 thread, B = 1-2: 0.94-1.56 up to T = 16 but
-          0.84-1.15 at T = 50-200 (Zen 5, AVX-512 copy, 9a0be74, 2026-12-03). Before that session's kernels
-          (the rule's history): one layer forward+backward 0.78-0.90 at
+          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_runs_small_lstms_faster). Below
+          it with 2 threads fastrnn's forward+backward measured, one layer over T = 4-200, I = 64 or H,
+          H = 64-256 (p10 of interleaved blocks; medians within a few %): B = 1 1.09-1.69, B = 2 1.06-1.67 with
+          glibc's default malloc, B = 1 1.16-2.55 with torch.nn's allocations kept warm (MALLOC_MMAP_THRESHOLD_ /
+          MALLOC_TRIM_THRESHOLD_ set high); 2 layers 0.92-2.27, bidirectional 0.96-2.17 (B = 1-2; the lows at
+          H = 256, T = 16-50); against B = 3 0.95-1.51, B = 4 0.92-1.61, B = 8 0.81-1.34, B = 16 0.79-1.17;
+          1 thread, B = 1-2: 0.94-1.56 up to T = 16 but 0.84-1.15 at T = 50-200 (Zen 5, AVX-512 copy, 9a0be74,
+          2026-12-03). Before that session's kernels (the rule's history): one layer forward+backward 0.78-0.90 at
           B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92 (2 threads,
           fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
           0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
