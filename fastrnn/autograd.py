@@ -78,8 +78,8 @@ def native_gemm(backend, dtype, flops, training, weight_bytes=0):
     NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (2 MB) take the native path at any FLOPs: its weight gradient is as
     big, and torch's own allocation of it faulted its pages in at every call (a [1536,2]x[2,512] product, 3 MB
     out, ~330 us), where fastrnn_cpu::mm takes it from the output cache. Modules, forward+backward, cpu
-    backend, p10 / median of interleaved blocks (Zen 5, 2 threads, 2026-12-03), us, torch's matmul ->
-    FASTRNN_CPU_BLAS=onednn: GRU H=512 T=2 B=1 2000 / 2565 -> 1337 / 1752, B=8 3050 / 4163 -> 2093 / 2518;
+    backend, p10 / median of interleaved blocks (Zen 5, AVX-512 copy, 2 threads, 9a0be74, 2026-12-03), us,
+    torch's matmul -> FASTRNN_CPU_BLAS=onednn: GRU H=512 T=2 B=1 2000 / 2565 -> 1337 / 1752, B=8 3050 / 4163 -> 2093 / 2518;
     LSTM H=512 T=4 B=1 3844 / 4386 -> 2294 / 2806; RNN H=1024 T=2 B=1 3921 / 4547 -> 2453 / 2898; but GRU
     H=256 (768 KB weights) 529 / 641 -> 675 / 797. FASTRNN_CPU_BLAS, set, forces its path at every size
     (tests, benchmarks)."""
@@ -141,7 +141,8 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     product. With fewer rows, one product over that shifted copy (previous_hidden): the copy is then smaller
     than the second product's [G*H, Hout] output and the sum, two more writes of dW_hh's size (fresh pages
     each: 3-4 MB at H = 512). Forward+backward of the module, cpu backend, split / one product (Zen 5,
-    AVX-512 copy, 2 threads, p10 and median of interleaved blocks, 2026-12-03): GRU H=512 T=2 B=1 1.18 / 1.26,
+    AVX-512 copy, 2 threads, 3dacd40 with the rule patched in, p10 and median of interleaved blocks,
+    2026-12-03): GRU H=512 T=2 B=1 1.18 / 1.26,
     B=8 1.93 / 2.08; LSTM H=512 T=4 B=1 1.36 / 1.51, T=10 B=8 1.11 / 1.07; RNN H=512 T=4 B=1 1.09 / 1.10;
     LSTM H=512 T=100 B=16 (1600 rows) 1.00 / 0.99; with more rows than G*H (split kept) GRU H=512 T=100 B=32
     1.00 / 0.96, LSTM H=256 T=100 B=32 1.01 / 1.02. Under torch.compile always two products (fp32/fp64), as
