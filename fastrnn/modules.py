@@ -31,14 +31,15 @@ AUTO_TORCH_NN_DTYPES = (torch.float32, torch.bfloat16)
 # On a CPU with AMX also bf16 LSTM inference at any batch, and on one with avx512_fp16 fp16 LSTM inference
 # from this batch (_torch_nn_is_faster).
 AUTO_TORCH_NN_FP16_MIN_BATCH = 32
-# Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 8 MB), which stays fastrnn's
-# where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster).
-AUTO_FP32_TRAINING_MIN_GATES = 2**21
+# Except fp32 LSTM training of at least this many gate values a layer (T * B * 4H; 9 MB), which stays fastrnn's
+# where _fastrnn_trains_large_lstms_faster() (_torch_nn_is_faster): between the largest size measured slower
+# (2.15 M) and the smallest measured faster (2.29 M; Intel Xeon, 2026-12-03).
+AUTO_FP32_TRAINING_MIN_GATES = 2_250_000
 # And fp32 LSTM training of at most this batch on fastrnn's AVX-512 copy with two threads or more, which stays
-# fastrnn's at any size (_fastrnn_runs_small_lstms_faster).
+# fastrnn's at any size (_fastrnn_trains_small_lstms_faster).
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
 # And fp32 LSTM inference from AUTO_TORCH_NN_MIN_BATCH with batch * hidden size at most this, under the same
-# condition.
+# condition on AMD CPUs (_fastrnn_runs_small_lstm_inference_faster).
 AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
 # GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
 # acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
@@ -116,28 +117,41 @@ def _torch_large_allocations_fault():
 
 def _fastrnn_trains_large_lstms_faster():
     """Whether fp32 LSTM training of AUTO_FP32_TRAINING_MIN_GATES gate values or more a layer stays fastrnn's
-    (_torch_nn_is_faster): where fastrnn runs its AVX-512 kernels with the big GEMMs on oneDNN's matmul into its
-    own outputs on huge pages (csrc/cpu/linear.cpp: non-Intel CPUs, here the Zen 5 where this was measured) and
-    torch's own large allocations fault their pages in at every call (_torch_large_allocations_fault)."""
+    (_torch_nn_is_faster): where fastrnn runs its AVX-512 kernels with the big GEMMs on the paths measured, oneDNN's
+    matmul into its own outputs on huge pages (csrc/cpu/linear.cpp: non-Intel CPUs, measured on a Zen 5) or MKL at
+    its AVX-512 width (Intel CPUs, measured on a Xeon with AMX), and torch's own large allocations fault their pages
+    in at every call (_torch_large_allocations_fault)."""
     try:
         from .backends import native
     except ImportError:
         return False
-    return (native.cpu_capability() == "avx512" and native.blas() == "onednn" and native.onednn_matmul()
-            and _torch_large_allocations_fault())
+    if native.cpu_capability() != "avx512":
+        return False
+    big_gemms_measured = native.onednn_matmul() if native.blas() == "onednn" else native.CPU_VENDOR == "intel"
+    return big_gemms_measured and _torch_large_allocations_fault()
 
 
-def _fastrnn_runs_small_lstms_faster():
-    """Whether fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH, and inference from batch 8
-    of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN, stay fastrnn's (_torch_nn_is_faster): where
-    its AVX-512 copy runs and torch runs 2 threads or more, as measured (Zen 5; 1 thread lost from T = 50; the
-    AVX2 copy against torch.nn's AVX-512 oneDNN lost up to 0.86 in training at I = H = 256, and a CPU with AVX2
-    only was not measured)."""
+def _fastrnn_trains_small_lstms_faster():
+    """Whether fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (and of a PackedSequence of
+    one sequence) stays fastrnn's (_torch_nn_is_faster): where its AVX-512 copy runs and torch runs 2 threads or
+    more, as measured (Zen 5 and an Intel Xeon with AMX; 1 thread lost from T = 50 on the Zen 5; the AVX2 copy
+    against torch.nn's AVX-512 oneDNN lost up to 0.86 at I = H = 256, and a CPU with AVX2 only was not measured)."""
     try:
         from .backends import native
     except ImportError:
         return False
     return native.cpu_capability() == "avx512" and torch.get_num_threads() >= 2
+
+
+def _fastrnn_runs_small_lstm_inference_faster():
+    """Whether fp32 LSTM inference from batch 8 of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN stays
+    fastrnn's (_torch_nn_is_faster): on AMD CPUs under _fastrnn_trains_small_lstms_faster's condition (measured
+    faster on a Zen 5; on an Intel Xeon with AMX torch.nn's oneDNN LSTM was as fast or faster, 0.84-1.03)."""
+    if not _fastrnn_trains_small_lstms_faster():
+        return False
+    from .backends import native
+
+    return native.CPU_VENDOR == "amd"
 
 
 def _check_backend(backend):
@@ -202,42 +216,48 @@ class _RecurrentMixin(_FastRNNModule):
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): short calls of a
         small GRU (one step) or RNN (up to three; _short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
-        - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05; but
-          not fp32 inference of batch * H <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN where
-          _fastrnn_runs_small_lstms_faster(): forward, T = 16-200, I = 64 or H, p10 of interleaved blocks (Zen 5,
-          2 threads, 5b8752f, 2026-12-03): B = 8 H = 64-128 1.13-1.51 one layer (1.12-1.45 with torch.nn's
-          allocations warm), 2 layers 1.08-1.47, bidirectional 1.10-1.51; B = 12 H = 64 1.22-1.38; B = 16 H = 64
-          1.26-1.33; above 1024: B = 8 H = 192 0.98-1.34 (the lows at T = 200), B = 8-16 H = 256 0.92-1.17, B = 16
-          H = 128 0.99-1.12; 1 thread, B = 8, H = 64-192: 1.10-1.17 at T = 16, 0.93-0.97 at T = 200;
-          bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) /
-          (200,8,128,128) (2 threads, e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on
-          avx512_bf16, outputs on huge pages) measured faster, 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11
-          (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53), 2 layers 1.03-1.35, bidirectional
-          1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11
-          before the big-GEMM and memory changes of that session). bf16 only
-          on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/
-          VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes
-          of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread);
-          2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
-        - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and
-          at any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_runs_small_lstms_faster). Below
-          it with 2 threads fastrnn's forward+backward measured, one layer over T = 4-200, I = 64 or H,
-          H = 64-256 (p10 of interleaved blocks; medians within a few %): B = 1 1.09-1.69, B = 2 1.06-1.67 with
-          glibc's default malloc, B = 1 1.16-2.55 with torch.nn's allocations kept warm (MALLOC_MMAP_THRESHOLD_ /
-          MALLOC_TRIM_THRESHOLD_ set high); 2 layers 0.92-2.27, bidirectional 0.96-2.17 (B = 1-2; the lows at
-          H = 256, T = 16-50); against B = 3 0.95-1.51, B = 4 0.92-1.61, B = 8 0.81-1.34, B = 16 0.79-1.17;
-          1 thread, B = 1-2: 0.94-1.56 up to T = 16 but 0.84-1.15 at T = 50-200 (Zen 5, AVX-512 copy, 9a0be74,
-          2026-12-03). Before that session's kernels (the rule's history): one layer forward+backward 0.78-0.90 at
-          B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92 (2 threads,
-          fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below 1),
-          0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
+        - fp32 or bf16, batch >= 8: fp32 0.75-0.98 (2 threads), 2 layers 0.72-1.01, bidirectional 0.71-1.05; but not
+          fp32 inference of batch * H <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN where
+          _fastrnn_runs_small_lstm_inference_faster() (AMD CPUs): forward, T = 16-200, I = 64 or H, p10 of interleaved
+          blocks (Zen 5, 2 threads, 5b8752f, 2026-12-03): B = 8 H = 64-128 1.13-1.51 one layer (1.12-1.45 with
+          torch.nn's allocations warm), 2 layers 1.08-1.47, bidirectional 1.10-1.51; B = 12 H = 64 1.22-1.38; B = 16
+          H = 64 1.26-1.33; above 1024: B = 8 H = 192 0.98-1.34 (the lows at T = 200), B = 8-16 H = 256 0.92-1.17,
+          B = 16 H = 128 0.99-1.12; 1 thread, B = 8, H = 64-192: 1.10-1.17 at T = 16, 0.93-0.97 at T = 200; on an
+          Intel Xeon with AMX (family 6 model 167, 2 threads, 2026-12-03) torch.nn's as fast or faster: B = 8 H = 64
+          1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64 0.84-0.85; bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17
+          at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads, e4cc676). bf16 in inference only:
+          fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge pages) measured faster, 1.17 / 1.26 /
+          1.47 / 1.29 at the four sizes of issue 11 (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53),
+          2 layers 1.03-1.35, bidirectional 1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02
+          18:47-18:49 UTC, e4cc676; 0.87-1.11 before the big-GEMM and memory changes of that session). bf16 only on a
+          CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/VNNI,
+          no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes of issue
+          11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread); 2 layers or
+          bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
+        - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and at
+          any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_trains_small_lstms_faster). Below it with
+          2 threads fastrnn's forward+backward measured, one layer over T = 4-200, I = 64 or H, H = 64-256 (p10 of
+          interleaved blocks; medians within a few %): B = 1 1.09-1.69, B = 2 1.06-1.67 with glibc's default malloc,
+          B = 1 1.16-2.55 with torch.nn's allocations kept warm (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set
+          high); 2 layers 0.92-2.27, bidirectional 0.96-2.17 (B = 1-2; the lows at H = 256, T = 16-50); against B = 3
+          0.95-1.51, B = 4 0.92-1.61, B = 8 0.81-1.34, B = 16 0.79-1.17; 1 thread, B = 1-2: 0.94-1.56 up to T = 16 but
+          0.84-1.15 at T = 50-200 (Zen 5, AVX-512 copy, 9a0be74, 2026-12-03); Intel Xeon with AMX, 2 threads, B = 1-2:
+          0.95-2.55 (the low at T = 4, H = 64, ~470 us a call on both sides), 2 layers 1.18-2.18, bidirectional
+          1.19-2.01 (2026-12-03). Before that session's kernels (the rule's history): one layer forward+backward
+          0.78-0.90 at B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92
+          (2 threads, fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below
+          1), 0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
           0.84-1.19). Except from AUTO_FP32_TRAINING_MIN_GATES gate values a layer (T * B * 4H) where
-          _fastrnn_trains_large_lstms_faster(): there fastrnn's forward+backward measured 1.05-1.28 at
-          2.5-13 M gate values (one layer, (25,64,512,512), (75,32,256,256), (100,32,256,256),
-          (100,64,512,512), (100,64,128,128), (100,256,128,128)), 2 layers and bidirectional 1.17-1.25
-          (2 threads; 1 thread 1.07-1.37), against 0.78-0.98 at 1.6 M and below ((50,32,256,256),
-          (100,16,256,256), (100,32,128,128), (10,64,512,512); Zen 5, 2026-12-02, b2536f9); with torch's
-          own allocations on huge pages (THP_MEM_ALLOC_ENABLE=1) torch.nn led at (100,64,512,512), 0.92-0.94.
+          _fastrnn_trains_large_lstms_faster(): there fastrnn's forward+backward measured 1.05-1.28 at 2.5-13 M gate
+          values (one layer, (25,64,512,512), (75,32,256,256), (100,32,256,256), (100,64,512,512), (100,64,128,128),
+          (100,256,128,128)), 2 layers and bidirectional 1.17-1.25 (2 threads; 1 thread 1.07-1.37), against 0.78-0.98
+          at 1.6 M and below ((50,32,256,256), (100,16,256,256), (100,32,128,128), (10,64,512,512); Zen 5, 2026-12-02,
+          b2536f9); with torch's own allocations on huge pages (THP_MEM_ALLOC_ENABLE=1) torch.nn led at
+          (100,64,512,512), 0.92-0.94. Intel Xeon with AMX (MKL, 2 threads, 2026-12-03): 1.03-1.17 at 2.29-13 M
+          ((35,64,256,256), (100,24,256,256), (300,8,256,256), (100,48,128,128), (25,64,512,512), (100,64,512,512),
+          (100,256,128,128), (10,128,512,512) among others), 2 layers 1.14-1.19, bidirectional 1.09-1.21, 1 thread
+          1.03-1.14; 0.78-0.94 at 2.15 M and below ((100,42,128,128), (64,32,256,256), (50,32,256,256),
+          (100,16,256,256), (100,32,128,128)), hence the threshold.
         On an Intel Xeon with AMX and avx512_fp16 (1 thread, load 3.5-5.7; docs/cpu.md, "bf16 and fp16"), where
         torch.nn's bf16 LSTM is oneDNN's on AMX and its fp16 loop runs each step's addmm on avx512_fp16:
         - bf16 inference at any batch (the CPU has AMX): forward 0.46-0.80 at B = 1-4, 0.17-0.62 at B >= 8
@@ -250,9 +270,10 @@ class _RecurrentMixin(_FastRNNModule):
         A PackedSequence only when it holds one sequence, in fp32 training: torch.nn's packed LSTM is ATen's
         generic loop (an addmm a step, no oneDNN), which fastrnn beats from B = 2 (2.2-5.5, 1 and 2 threads) but
         not for a single sequence's forward+backward (0.85 / 0.90, 1 / 2 threads, load 1.4-1.7), but where
-        _fastrnn_runs_small_lstms_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
+        _fastrnn_trains_small_lstms_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
         sequence, forward+backward, T = 4-200, I = 64 or H, H = 64-256, 1.01-2.47 at 2 threads, 0.89-1.29 at 1
-        (Zen 5, 2026-12-03, 0ffd9e6, p10 of interleaved blocks). Not for fp16
+        (Zen 5, 2026-12-03, 0ffd9e6, p10 of interleaved blocks); 1.02-2.41 at 2 threads on the Intel Xeon with
+        AMX. Not for fp16
         without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
         export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
         batching rule): there the custom ops serve every shape."""
@@ -273,15 +294,15 @@ class _RecurrentMixin(_FastRNNModule):
         fp32 = dtype == torch.float32
         if packed:
             return (fp32 and grad and input.batch_sizes.numel() > 0 and int(input.batch_sizes[0]) == 1
-                    and not _fastrnn_runs_small_lstms_faster())
+                    and not _fastrnn_trains_small_lstms_faster())
         shape = data.shape
         batch = shape[0 if self.batch_first else 1] if len(shape) == 3 else 1
         if fp32:  # first: the common case, and this runs before every call
             if not grad:
                 return batch >= AUTO_TORCH_NN_MIN_BATCH and not (
                     batch * self.hidden_size <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN
-                    and _fastrnn_runs_small_lstms_faster())
-            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_runs_small_lstms_faster():
+                    and _fastrnn_runs_small_lstm_inference_faster())
+            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_trains_small_lstms_faster():
                 return False
             gates = shape[0] * shape[1] * 4 * self.hidden_size if len(shape) == 3 else 0
             return gates < AUTO_FP32_TRAINING_MIN_GATES or not _fastrnn_trains_large_lstms_faster()

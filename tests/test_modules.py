@@ -385,7 +385,8 @@ def test_auto_rules_keyed_on_cpu_features(features, monkeypatch):
     oneDNN emulates bf16 or torch.nn has no oneDNN bf16 path) bf16 stays fastrnn's at any batch. The features
     are patched, so every side of the rule runs on any CPU."""
     amx = features == "amx"
-    monkeypatch.setattr(fastrnn.modules, "_fastrnn_runs_small_lstms_faster", lambda: False)  # the batch rule alone
+    # The batch rule alone (fp32 inference of batch * H <= 1024 is the test below's).
+    monkeypatch.setattr(fastrnn.modules, "_fastrnn_runs_small_lstm_inference_faster", lambda: False)
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: amx)
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: features != "neither")
     monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: amx)
@@ -417,7 +418,8 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
     elsewhere; inference from batch 8 stays torch.nn's at any size."""
     monkeypatch.setattr(fastrnn.modules, "_fastrnn_trains_large_lstms_faster", lambda: fastrnn_faster)
     H = 16
-    T, B = 64, fastrnn.modules.AUTO_FP32_TRAINING_MIN_GATES // (64 * 4 * H)
+    T, B = 64, -(-fastrnn.modules.AUTO_FP32_TRAINING_MIN_GATES // (64 * 4 * H))  # the least batch at the threshold
+    assert (T - 1) * B * 4 * H < fastrnn.modules.AUTO_FP32_TRAINING_MIN_GATES <= T * B * 4 * H
     model = fastrnn.LSTM(3, H, num_layers=2, bidirectional=True)
     oracle = nn.LSTM(3, H, num_layers=2, bidirectional=True).double()
     oracle.load_state_dict(model.state_dict())
@@ -429,13 +431,39 @@ def test_auto_keeps_large_fp32_lstm_training_where_measured_faster(fastrnn_faste
         assert_close("y", oracle(x[:steps].double())[0].detach(), got[0].detach().double(), **FP32_TOL)
 
 
+@pytest.mark.parametrize("isa, blas, onednn_matmul, vendor, faults, expected", [
+    ("avx512", "onednn", True, "amd", True, True),  # the Zen 5 where it was measured
+    ("avx512", "mkl", False, "intel", True, True),  # the Intel Xeon where it was measured
+    ("avx512", "onednn", False, "amd", True, False),  # oneDNN's linear op, outputs from torch's allocator
+    ("avx512", "mkl", True, "amd", True, False),  # MKL forced on an AMD CPU: its AVX2 code
+    ("avx512", "onednn", True, "amd", False, False),  # torch's allocations already warm (huge pages)
+    ("avx512", "mkl", False, "intel", False, False),
+    ("avx2", "onednn", True, "amd", True, False),
+    ("avx2", "mkl", False, "intel", True, False),
+])
+def test_large_lstm_training_rule_keyed_on_the_measured_paths(isa, blas, onednn_matmul, vendor, faults, expected,
+                                                              monkeypatch):
+    """_fastrnn_trains_large_lstms_faster holds on the two configurations measured faster (docs/api.md): the
+    AVX-512 copy with the big GEMMs on oneDNN's matmul into fastrnn's own outputs (AMD) or on MKL at its AVX-512
+    width (Intel), where torch's own large allocations fault; nowhere else."""
+    from fastrnn.backends import native
+
+    monkeypatch.setattr(native, "cpu_capability", lambda: isa)
+    monkeypatch.setattr(native, "blas", lambda: blas)
+    monkeypatch.setattr(native, "onednn_matmul", lambda: onednn_matmul)
+    monkeypatch.setattr(native, "CPU_VENDOR", vendor)
+    monkeypatch.setattr(fastrnn.modules, "_torch_large_allocations_fault", lambda: faults)
+    assert fastrnn.modules._fastrnn_trains_large_lstms_faster() == expected
+
+
 def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeypatch):
     """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
     directions, a PackedSequence of one sequence too, stays fastrnn's where its AVX-512 copy runs and torch runs
     two threads or more (measured faster, docs/api.md); from the next batch, at any batch with one thread and off
     the AVX-512 copy, torch.nn's. So does inference from batch 8 up to batch * H =
-    AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN. Gradients against torch.nn in fp64. The capability is patched,
-    so the rule runs on any CPU."""
+    AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN, on AMD CPUs only (torch.nn's was as fast or faster on an Intel
+    Xeon). Gradients against torch.nn in fp64. The capability and the vendor are patched, so the rule runs on any
+    CPU."""
     from fastrnn.backends import native
 
     max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
@@ -444,10 +472,12 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
     oracle.load_state_dict(model.state_dict())
     threads = torch.get_num_threads()
     try:
-        for isa, n_threads, batch, runs_ours in (("avx512", 2, max_batch, True), ("avx512", 2, 1, True),
-                                                 ("avx512", 2, max_batch + 1, False), ("avx512", 1, 1, False),
-                                                 ("avx2", 2, 1, False)):
+        for isa, n_threads, batch, runs_ours, vendor in (
+                ("avx512", 2, max_batch, True, "amd"), ("avx512", 2, 1, True, "amd"), ("avx512", 2, 1, True, "intel"),
+                ("avx512", 2, max_batch + 1, False, "amd"), ("avx512", 1, 1, False, "amd"),
+                ("avx2", 2, 1, False, "amd")):
             monkeypatch.setattr(native, "cpu_capability", lambda: isa)
+            monkeypatch.setattr(native, "CPU_VENDOR", vendor)
             torch.set_num_threads(n_threads)
             x = torch.randn(5, batch, 3, requires_grad=True)
             with CountOps() as counter:
@@ -468,13 +498,14 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
                     model(packed)[0].data.sum().backward()
                 assert (counter.calls != []) == runs_ours, ("packed", isa, n_threads, counter.calls)
                 # Inference from batch 8 up to batch * H = AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN: the same
-                # condition; one batch more, torch.nn's forward (to the bit).
+                # condition on an AMD CPU; one batch more, torch.nn's forward (to the bit).
                 most = fastrnn.modules.AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN // 6
-                for rows, ours in ((8, runs_ours), (most, runs_ours), (most + 1, False)):
+                inference_ours = runs_ours and vendor == "amd"
+                for rows, ours in ((8, inference_ours), (most, inference_ours), (most + 1, False)):
                     xi = torch.randn(3, rows, 3)
                     with torch.no_grad(), CountOps() as counter:
                         got = model(xi)
-                    assert (counter.calls != []) == ours, ("inference", rows, isa, n_threads, counter.calls)
+                    assert (counter.calls != []) == ours, ("inference", rows, isa, n_threads, vendor, counter.calls)
                     want = oracle(xi)
                     if ours:
                         assert_close("y", want[0].detach().double(), got[0].double(), **FP32_TOL)
@@ -572,11 +603,11 @@ def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
     """Below batch 8, from batch 3 (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
     LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient will flow (measured
     slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a PackedSequence of one
-    sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_runs_small_lstms_faster), of
+    sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_trains_small_lstms_faster), of
     two sequences fastrnn's (torch.nn's packed loop is slower there)."""
     x = torch.randn(5, fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1, 4)
     model = fastrnn.LSTM(4, 5)
-    small_batches_ours = fastrnn.modules._fastrnn_runs_small_lstms_faster
+    small_batches_ours = fastrnn.modules._fastrnn_trains_small_lstms_faster
     for lengths, runs_torch_nn in (([5], not small_batches_ours()), ([5, 3], False)):
         packed = pack_padded_sequence(torch.randn(5, len(lengths), 4), torch.tensor(lengths))
         with CountOps() as counter:

@@ -943,6 +943,25 @@ def test_linear_and_mm_match_torch(blas, dtype, monkeypatch):
         native.linear(x, w[:, 1:], b)
 
 
+def test_cpu_vendor_matches_the_cpu_and_the_default_blas(monkeypatch):
+    """native.CPU_VENDOR, which auto's measured rules key on, is the CPU's vendor as /proc/cpuinfo names it
+    (Linux), and the big GEMMs' default path follows it: MKL on Intel CPUs, oneDNN elsewhere (where torch has it)."""
+    assert native.CPU_VENDOR in ("intel", "amd", "other")
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor_ids = {line.split(":")[1].strip() for line in f if line.startswith("vendor_id")}
+    except OSError:
+        vendor_ids = set()
+    if vendor_ids:
+        names = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+        assert native.CPU_VENDOR == names.get(vendor_ids.pop(), "other")
+    monkeypatch.delenv("FASTRNN_CPU_BLAS", raising=False)
+    if native.CPU_VENDOR == "intel" or not torch.backends.mkldnn.is_available():
+        assert native.blas() == "mkl"
+    else:
+        assert native.blas() == "onednn"
+
+
 @pytest.mark.parametrize("path", ["auto", "aten", "packed"])
 def test_small_linear_matches_torch(capability, path, monkeypatch):
     """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against

@@ -97,16 +97,23 @@ Matmul* onednn_matmul() {
   return env != nullptr && std::string(env) == "0" ? nullptr : matmul;
 }
 
-// Whether MKL runs its widest code on this CPU: it checks the vendor, and on other vendors' CPUs takes its
-// AVX2 path whatever they support.
-bool mkl_at_full_width() {
+// "intel", "amd" or "other": the CPU's vendor, which MKL's code path and some of backend="auto"'s measured
+// rules (fastrnn/modules.py) depend on.
+std::string cpu_vendor() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
+  static const std::string vendor = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other";
+  }();
+  return vendor;
 #else
-  return false;
+  return "other";
 #endif
 }
+
+// Whether MKL runs its widest code on this CPU: it checks the vendor, and on other vendors' CPUs takes its
+// AVX2 path whatever they support.
+bool mkl_at_full_width() { return cpu_vendor() == "intel"; }
 
 bool use_onednn(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   const char* env = std::getenv("FASTRNN_CPU_BLAS");
@@ -186,6 +193,7 @@ TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("blas() -> str", &blas);
   m.def("onednn_matmul() -> bool", &onednn_matmul_used);
+  m.def("cpu_vendor() -> str", &cpu_vendor);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {

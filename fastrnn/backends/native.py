@@ -169,6 +169,10 @@ def empty_output_cache():
 # Read once here: a constant for torch.compile.
 TORCH_FP16_GEMM_IS_NATIVE = bool(torch.ops.fastrnn_cpu.has_avx512_fp16()) and torch.backends.mkldnn.is_available()
 
+# "intel", "amd" or "other": the CPU's vendor (csrc/cpu/linear.cpp). MKL runs its AVX-512 code on Intel CPUs
+# only, and some of backend="auto"'s rules were measured faster on one vendor's CPUs (fastrnn/modules.py).
+CPU_VENDOR = torch.ops.fastrnn_cpu.cpu_vendor()
+
 
 _answers_of_setting = {}
 
