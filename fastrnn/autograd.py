@@ -53,9 +53,13 @@ NATIVE_GEMM_MIN_FLOPS_TRAINING = 40_000_000
 # Except, in training, products with a weight of at least this size: its gradient, as big, then comes from
 # fastrnn's output cache (csrc/cpu/output_cache.cpp keeps outputs from 2 MB) instead of fresh pages (native_gemm).
 NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING = 2 << 20
+# Where fp32 products take MKL either way (Intel CPUs), only those with an output of at least this size, or the
+# weight rule's, go through fastrnn_cpu::linear: glibc maps an allocation past 32 MB (its largest mmap threshold)
+# anew at every call, so torch's own output faults its pages in, where fastrnn's comes from its output cache.
+NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL = 32 << 20
 
 
-def native_gemm(backend, dtype, flops, training, weight_bytes=0):
+def native_gemm(backend, dtype, flops, training, weight_bytes=0, output_bytes=0):
     """Whether a big GEMM of `dtype` on `backend` goes through fastrnn_cpu::linear / mm (oneDNN's fp32 matmul)
     instead of torch's own: fp32 (MKL's sgemm runs its AVX2 code on AMD CPUs: 1.2-2.3x slower per product on
     the Zen 5, docs/cpu.md) and fp16 on a CPU without avx512_fp16, computed in fp32 (exact conversions; both
@@ -65,31 +69,42 @@ def native_gemm(backend, dtype, flops, training, weight_bytes=0):
     Not bf16: torch's bf16 matmul is already oneDNN's on avx512_bf16 / AMX (232 vs 97 GFLOP/s for fp32 on
     the Zen 5). Not under a torch.func transform (these ops have no batching rule).
 
-    Not fp32 where those ops would take MKL anyway (Intel CPUs, csrc/cpu/linear.cpp; native.blas()): torch's
-    own F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
+    Where those ops would take MKL anyway (Intel CPUs, csrc/cpu/linear.cpp; native.blas()), torch's own
+    F.linear / mm run the same MKL GEMM without the custom op's Python autograd layer, which cost ~20 us a
     forward and ~30 us a forward+backward of a small layer's projection ([50,64]x[64,512], Intel Xeon AVX-512,
-    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh. For the same
-    reason not fp32 products of `flops` below NATIVE_GEMM_MIN_FLOPS (10 M; with `training`, a product whose
-    backward runs too, NATIVE_GEMM_MIN_FLOPS_TRAINING, 40 M): there oneDNN's per-call cost (~20 us against
-    MKL's ~10 for [50,64]x[64,128]) and that layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2 threads, time on oneDNN / on MKL
-    (docs/cpu.md, "The big GEMMs"): forward 1.34 at a 0.8 MFLOP projection (RNN 50,1,64,128), 1.04 at 6.6 M,
-    0.98 at 13 M, 0.73-0.87 from 26 M; forward+backward 1.53 at 0.8 M, 1.04-1.22 at 6.6-26 M, 1.02 at 39 M,
-    0.82-1.0 from 52 M. But in training fp32 products with a weight (W_ih, W_hh: `weight_bytes`) of at least
-    NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (2 MB) take the native path at any FLOPs: its weight gradient is as
-    big, and torch's own allocation of it faulted its pages in at every call (a [1536,2]x[2,512] product, 3 MB
-    out, ~330 us), where fastrnn_cpu::mm takes it from the output cache. Modules, forward+backward, cpu
-    backend, p10 / median of interleaved blocks (Zen 5, AVX-512 copy, 2 threads, 9a0be74, 2026-12-03), us,
-    torch's matmul -> FASTRNN_CPU_BLAS=onednn: GRU H=512 T=2 B=1 2000 / 2565 -> 1337 / 1752, B=8 3050 / 4163 -> 2093 / 2518;
-    LSTM H=512 T=4 B=1 3844 / 4386 -> 2294 / 2806; RNN H=1024 T=2 B=1 3921 / 4547 -> 2453 / 2898; but GRU
-    H=256 (768 KB weights) 529 / 641 -> 675 / 797. FASTRNN_CPU_BLAS, set, forces its path at every size
-    (tests, benchmarks)."""
+    1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh: there fp32
+    products take the custom ops only for their output cache, from `output_bytes` of
+    NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL (32 MB) or, in training, by the weight rule below. Modules, cpu backend,
+    Intel Xeon with AMX, 2 threads, p10 of interleaved blocks, time on torch's / on fastrnn_cpu's (2026-12-03):
+    forward at (100,64,512,512) GRU 1.09, LSTM 1.07-1.10 (39 / 52 MB projections), RNN 1.00 (13 MB);
+    forward+backward GRU 1.04, LSTM 1.03-1.05; at smaller outputs 0.87-0.99 ((20,4,128,128) LSTM forward 0.87;
+    GRU and LSTM (200,8,128,128), (100,16,256,256) 0.96-0.99; RNN (100,32,256,256) forward+backward 0.97-0.99);
+    GRU H=512 T=2 B=1-8 and LSTM H=512 T=4 B=1 training (3-4 MB weights): medians 1.18-1.28, p10 0.96-1.02.
+
+    On the oneDNN path not fp32 products of `flops` below NATIVE_GEMM_MIN_FLOPS (10 M; with `training`, a product
+    whose backward runs too, NATIVE_GEMM_MIN_FLOPS_TRAINING, 40 M): there oneDNN's per-call cost (~20 us against
+    MKL's ~10 for [50,64]x[64,128]) and the custom op's layer outweigh oneDNN's rate. Modules, Zen 5 AVX-512, 2
+    threads, time on oneDNN / on MKL (docs/cpu.md, "The big GEMMs"): forward 1.34 at a 0.8 MFLOP projection (RNN
+    50,1,64,128), 1.04 at 6.6 M, 0.98 at 13 M, 0.73-0.87 from 26 M; forward+backward 1.53 at 0.8 M, 1.04-1.22 at
+    6.6-26 M, 1.02 at 39 M, 0.82-1.0 from 52 M. But in training fp32 products with a weight (W_ih, W_hh:
+    `weight_bytes`) of at least NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (2 MB) take the native path at any FLOPs: its
+    weight gradient is as big, and torch's own allocation of it faulted its pages in at every call (a
+    [1536,2]x[2,512] product, 3 MB out, ~330 us), where fastrnn_cpu::mm takes it from the output cache. Modules,
+    forward+backward, cpu backend, p10 / median of interleaved blocks (Zen 5, AVX-512 copy, 2 threads, 9a0be74,
+    2026-12-03), us, torch's matmul -> FASTRNN_CPU_BLAS=onednn: GRU H=512 T=2 B=1 2000 / 2565 -> 1337 / 1752, B=8
+    3050 / 4163 -> 2093 / 2518; LSTM H=512 T=4 B=1 3844 / 4386 -> 2294 / 2806; RNN H=1024 T=2 B=1 3921 / 4547 -> 2453
+    / 2898; but GRU H=256 (768 KB weights) 529 / 641 -> 675 / 797. FASTRNN_CPU_BLAS, set, forces its path at every
+    size (tests, benchmarks): onednn fastrnn_cpu's ops, mkl torch's own."""
     if backend != "cpu" or dtype not in (torch.float32, torch.float16) or transformed():
         return False
     native = _native()
     if dtype == torch.float16:
         return not native.TORCH_FP16_GEMM_IS_NATIVE
     if native.blas() == "mkl":
-        return False
+        if torch.compiler.is_compiling() or os.environ.get("FASTRNN_CPU_BLAS"):
+            return False
+        return output_bytes >= NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL or (
+            training and weight_bytes >= NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING)
     # A graph compiled with a dynamic sequence length has no number here: it keeps the path of large products.
     # FASTRNN_CPU_BLAS, set, forces its path at every size.
     if torch.compiler.is_compiling() or os.environ.get("FASTRNN_CPU_BLAS"):
@@ -148,8 +163,9 @@ def hidden_weight_grad(dgh, y, h0, lengths, resets, reverse, backend):
     1.00 / 0.96, LSTM H=256 T=100 B=32 1.01 / 1.02. Under torch.compile always two products (fp32/fp64), as
     before that rule. In bf16 always one product: the sum of two would round once more in bf16 than one
     product does."""
+    weight_bytes = dgh.shape[-1] * y.shape[-1] * 4
     native = native_gemm(backend, dgh.dtype, 2 * dgh.numel() * y.shape[-1], training=True,
-                         weight_bytes=dgh.shape[-1] * y.shape[-1] * 4)
+                         weight_bytes=weight_bytes, output_bytes=weight_bytes)
     T, B, gates = dgh.shape
     # Not under torch.compile: a graph with a dynamic T would guard on T * B < gates and compile again past it.
     few_rows = not torch.compiler.is_compiling() and T * B < gates
@@ -213,7 +229,8 @@ def input_projection(x, w_ih, b_in, backend):
         # Not training: nothing requires grad, and packed_projection rules out compile and transforms.
         gx = _native().small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
         return gx.view(T, B, w_ih.shape[0])
-    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training, w_ih.numel() * 4):
+    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training, w_ih.numel() * 4,
+                   x.shape[0] * x.shape[1] * w_ih.shape[0] * 4):
         T, B = x.shape[:2]
         b = None if b_in is None else b_in.float()
         gx = _native().linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])

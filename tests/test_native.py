@@ -1124,7 +1124,9 @@ def test_layer_gemm_size_rule(monkeypatch):
     """autograd.native_gemm on the oneDNN path: fp32 products below NATIVE_GEMM_MIN_FLOPS (forward only) or
     NATIVE_GEMM_MIN_FLOPS_TRAINING (a backward runs too) take torch's own matmul, but not in training with a
     weight of NATIVE_GEMM_MIN_WEIGHT_BYTES_TRAINING (its gradient from the output cache); FASTRNN_CPU_BLAS, set,
-    forces the ops at every size; where they would run MKL the layer code never calls them."""
+    forces the ops at every size. Where they would run MKL only products with an output of
+    NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL, or the weight rule's in training, take them (for the output cache), never
+    under FASTRNN_CPU_BLAS=mkl."""
     from fastrnn import autograd
 
     monkeypatch.delenv("FASTRNN_CPU_BLAS", raising=False)
@@ -1140,7 +1142,16 @@ def test_layer_gemm_size_rule(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_BLAS", "onednn")
     assert autograd.native_gemm("cpu", torch.float32, 1, True)
     monkeypatch.setattr(native, "blas", lambda: "mkl")
-    assert not autograd.native_gemm("cpu", torch.float32, sizes[-1], False)
+    assert not autograd.native_gemm("cpu", torch.float32, 1, True)
+    monkeypatch.delenv("FASTRNN_CPU_BLAS")
+    out = autograd.NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL
+    for training in (False, True):
+        assert [autograd.native_gemm("cpu", torch.float32, sizes[-1] * 100, training, 0, o)
+                for o in (out - 4, out)] == [False, True]
+        assert autograd.native_gemm("cpu", torch.float32, 1, training, big, 0) == training
+    assert not autograd.native_gemm("cpu", torch.float32, sizes[-1] * 100, True, big - 4, out - 4)
+    monkeypatch.setenv("FASTRNN_CPU_BLAS", "mkl")
+    assert not autograd.native_gemm("cpu", torch.float32, 1, True, big, out)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
@@ -1248,11 +1259,11 @@ def test_large_outputs_are_advised_onto_huge_pages(setting, advised):
 # ----- the output cache (csrc/cpu/output_cache.cpp) ----------------------------------------------------
 
 
-def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
+def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability, monkeypatch):
     """An op's output of 2 MB or more is made in a block a dead output left (the hit counter grows, no block is
     made), never in a live tensor's, and is right there; the capability's copy (small_linear) and the op
-    library (linear, where it runs oneDNN into its own output) share one cache; fastrnn.empty_cache() frees
-    the kept blocks."""
+    library (linear, on MKL and where it runs oneDNN's matmul into its own output) share one cache;
+    fastrnn.empty_cache() frees the kept blocks."""
     x, w = torch.randn(2048, 256, dtype=torch.float64), torch.randn(1024, 256, dtype=torch.float64)
     ref = x @ w.t()
     x, w = x.float(), w.float()  # 8 MB outputs
@@ -1268,14 +1279,16 @@ def test_output_cache_makes_outputs_in_the_blocks_of_dead_ones(capability):
     assert c.data_ptr() == freed and c.data_ptr() != b.data_ptr()
     assert after["hits"] >= before["hits"] + 1 and after["made"] == before["made"]
     assert_close("small_linear in a kept block", c, ref.float(), 1e-5)
-    if native.blas() == "onednn" and native.onednn_matmul():
+    for blas in ("mkl", "onednn"):
+        monkeypatch.setenv("FASTRNN_CPU_BLAS", blas)
+        if blas == "onednn" and not native.onednn_matmul():
+            continue  # oneDNN's linear op allocates its output itself
         freed = c.data_ptr()
         del c
-        d = native.linear(x, w)
-        assert d.data_ptr() == freed
-        assert_close("linear in a kept block", d, ref.float(), 1e-5)
-        del d
-    del b
+        c = native.linear(x, w)
+        assert c.data_ptr() == freed
+        assert_close(f"linear ({blas}) in a kept block", c, ref.float(), 1e-5)
+    del b, c
     assert fastrnn.empty_cache() >= 8 << 20
     assert native.output_cache_stats()["free_bytes"] == 0
 

@@ -151,7 +151,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
     }
     return onednn_linear()->call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
-  return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  // MKL's product into our own output too: from 2 MB one of the output cache's blocks, already mapped, where
+  // torch's allocation past 32 MB is mapped anew and faults in at every call (fastrnn/autograd.py, native_gemm).
+  at::Tensor out = empty_output({x.size(0), w.size(0)}, x.options());
+  return bias.has_value() ? at::addmm_out(out, *bias, x, w.t()) : at::mm_out(out, x, w.t());
 }
 
 // a @ b, as torch.mm (a contiguous result). torch's oneDNN linear copies its input to a contiguous one first
