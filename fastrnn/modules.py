@@ -50,6 +50,11 @@ AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
 AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS = {"gru": 1, "rnn": 3}
 AUTO_TORCH_NN_SHORT_CALL_MAX_GATES = 4096
 AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING = 65536
+# On Intel CPUs (measured on a Xeon with AMX, where torch.nn's per-step products are MKL's at AVX-512 width) more
+# calls are short: the GRU up to two steps, the RNN up to four, of fewer than AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL
+# gate values a layer, with or without a gradient.
+AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL = {"gru": 2, "rnn": 4}
+AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL = 2**17
 # The dtypes any of the rules above can hand to torch.nn.
 _AUTO_CANDIDATE_DTYPES = (*AUTO_TORCH_NN_DTYPES, torch.float16)
 
@@ -127,7 +132,7 @@ def _fastrnn_trains_large_lstms_faster():
         return False
     if native.cpu_capability() != "avx512":
         return False
-    big_gemms_measured = native.onednn_matmul() if native.blas() == "onednn" else native.CPU_VENDOR == "intel"
+    big_gemms_measured = native.onednn_matmul() if native.blas() == "onednn" else _cpu_vendor() == "intel"
     return big_gemms_measured and _torch_large_allocations_fault()
 
 
@@ -147,11 +152,18 @@ def _fastrnn_runs_small_lstm_inference_faster():
     """Whether fp32 LSTM inference from batch 8 of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN stays
     fastrnn's (_torch_nn_is_faster): on AMD CPUs under _fastrnn_trains_small_lstms_faster's condition (measured
     faster on a Zen 5; on an Intel Xeon with AMX torch.nn's oneDNN LSTM was as fast or faster, 0.84-1.03)."""
-    if not _fastrnn_trains_small_lstms_faster():
-        return False
-    from .backends import native
+    return _fastrnn_trains_small_lstms_faster() and _cpu_vendor() == "amd"
 
-    return native.CPU_VENDOR == "amd"
+
+@functools.cache
+def _cpu_vendor():
+    """native.CPU_VENDOR ("intel", "amd" or "other"; "other" where the extension is not built), read once: the
+    short-call rule asks at every call."""
+    try:
+        from .backends import native
+    except ImportError:
+        return "other"
+    return native.CPU_VENDOR
 
 
 def _check_backend(backend):
@@ -335,14 +347,27 @@ class _RecurrentMixin(_FastRNNModule):
         GRU's win from two steps at most sizes (T = 2 forward 0.82-1.76, forward+backward 0.81-1.70), but lose at
         T = 2 for H = 256, B = 1 (0.82-0.92, both thread counts) and H = 512 (W_hh 3 MB), B = 1-8 (forward
         0.82-0.96 at 1 thread, forward+backward 0.81-0.95 at both): not ruled, a limit in gate values that took
-        them would take rows the kernels win by 7-20% (T = 2, B = 4-8, H = 64-128)."""
+        them would take rows the kernels win by 7-20% (T = 2, B = 4-8, H = 64-128).
+        On Intel CPUs (_cpu_vendor) the GRU up to AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL steps (2), the RNN up to 4,
+        below AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL (2^17) gate values in both modes. Measured on an Intel Xeon
+        with AMX (family 6 model 167, `bench/cpu_short_calls.py`, auto against torch.nn, I = H = 64-512, B = 1-64,
+        2026-12-03, before the rule): GRU at 1-2 steps forward 0.70-0.96 (but B = 64 at 2 steps, 0.96-1.06),
+        forward+backward 0.77-1.00 at 2 threads, 0.79-0.96 forward at 1 thread; RNN at 1-4 steps forward 0.59-0.98
+        (B = 64, H = 512 at 3-4 steps 1.05-1.07), forward+backward 0.84-0.99 at H <= 256 and 0.94-1.06 at H = 512
+        (1 thread 0.80-0.97 at H = 128, 0.97-1.13 at H = 512); past the limit B = 64, H = 512: GRU 2 steps
+        0.96-0.97, RNN 4 steps 1.02-1.07. Handed over, these calls read 0.89-0.98 against torch.nn called directly
+        (the rule's check and a Python frame, ~2-5 us). Left: the GRU at H = 512, B = 1-8 forward at 3-8 steps
+        (0.77-0.95; W_hh of 3 MB packed at every call: over the panel cache's 1 MB)."""
         if data.dtype != torch.float32:
             return False
         shape = data.shape  # [T, B, I], [B, T, I] with batch_first, or unbatched [T, I]
         steps, batch = (shape[0], 1) if len(shape) == 2 else (shape[1], shape[0]) if self.batch_first else shape[:2]
+        gates = steps * batch * (3 if self._cell == "gru" else 1) * self.hidden_size
+        if _cpu_vendor() == "intel":
+            return (steps <= AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL[self._cell or "rnn"]
+                    and gates < AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL)
         if steps > AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[self._cell or "rnn"]:
             return False
-        gates = steps * batch * (3 if self._cell == "gru" else 1) * self.hidden_size
         return gates < (AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING if grad else AUTO_TORCH_NN_SHORT_CALL_MAX_GATES)
 
     def _runs_torch_nn(self, input, resets):

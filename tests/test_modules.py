@@ -451,7 +451,7 @@ def test_large_lstm_training_rule_keyed_on_the_measured_paths(isa, blas, onednn_
     monkeypatch.setattr(native, "cpu_capability", lambda: isa)
     monkeypatch.setattr(native, "blas", lambda: blas)
     monkeypatch.setattr(native, "onednn_matmul", lambda: onednn_matmul)
-    monkeypatch.setattr(native, "CPU_VENDOR", vendor)
+    monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(fastrnn.modules, "_torch_large_allocations_fault", lambda: faults)
     assert fastrnn.modules._fastrnn_trains_large_lstms_faster() == expected
 
@@ -477,7 +477,7 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
                 ("avx512", 2, max_batch + 1, False, "amd"), ("avx512", 1, 1, False, "amd"),
                 ("avx2", 2, 1, False, "amd")):
             monkeypatch.setattr(native, "cpu_capability", lambda: isa)
-            monkeypatch.setattr(native, "CPU_VENDOR", vendor)
+            monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: vendor)
             torch.set_num_threads(n_threads)
             x = torch.randn(5, batch, 3, requires_grad=True)
             with CountOps() as counter:
@@ -516,20 +516,31 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("vendor", ["amd", "intel"])
 @pytest.mark.parametrize("cell", ["GRU", "RNN"])
-def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
+def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell, vendor, monkeypatch):
     """backend="auto" runs torch.nn's own GRU/RNN forward for calls of at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS
     steps (GRU 1, RNN 3) of fp32 padded input below AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer
-    (T * B * G * H), _TRAINING when a gradient flows, with any layers and directions: the result is torch.nn's to
-    the bit and no fastrnn op runs. At the thresholds, one step more, for a PackedSequence, fp64, resets and
-    backend="cpu", fastrnn's ops run."""
+    (T * B * G * H), _TRAINING when a gradient flows, with any layers and directions; on Intel CPUs up to
+    AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL (GRU 2, RNN 4) steps below
+    AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL either way (the vendor patched, so both rules run on any CPU). The
+    result is torch.nn's to the bit and no fastrnn op runs. At the thresholds, one step more, for a PackedSequence,
+    fp64, resets and backend="cpu", fastrnn's ops run."""
     modules = fastrnn.modules
+    monkeypatch.setattr(modules, "_cpu_vendor", lambda: vendor)
     gates = 3 if cell == "GRU" else 1
     H = 8
-    max_steps = modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[cell.lower()]
-    assert max_steps == (1 if cell == "GRU" else 3)
-    limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES,
-             True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING}
+    if vendor == "intel":
+        max_steps = dict.fromkeys((False, True), modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL[cell.lower()])
+        limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL,
+                 True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL}
+    else:
+        max_steps = dict.fromkeys((False, True), modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[cell.lower()])
+        limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES,
+                 True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING}
+    expected_steps = {("GRU", "amd"): (1, 1), ("RNN", "amd"): (3, 3), ("GRU", "intel"): (2, 2),
+                      ("RNN", "intel"): (4, 4)}[cell, vendor]
+    assert (max_steps[False], max_steps[True]) == expected_steps
     model = getattr(fastrnn, cell)(4, H)
     oracle = getattr(nn, cell)(4, H)
     oracle.load_state_dict(model.state_dict())
@@ -543,7 +554,8 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
         return counter.calls == [], got
 
     for grad in (False, True):
-        for steps in range(1, max_steps + 1):
+        most = max_steps[grad]
+        for steps in range(1, most + 1):
             below = last_batch_below(grad, steps)
             for x in (torch.randn(steps, below, 4), torch.randn(steps, 4)):  # batched, and unbatched (batch 1)
                 torch_nn, got = runs_torch_nn(model, x, grad)
@@ -554,17 +566,17 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
         below = last_batch_below(grad)
         batch_first = getattr(fastrnn, cell)(4, H, batch_first=True)
         assert runs_torch_nn(batch_first, torch.randn(below, 1, 4), grad)[0]
-        assert not runs_torch_nn(batch_first, torch.randn(below, max_steps + 1, 4), grad)[0]
+        assert not runs_torch_nn(batch_first, torch.randn(below, most + 1, 4), grad)[0]
         for kwargs in ({"num_layers": 2}, {"bidirectional": True}):  # the gate values of one layer decide
             stacked = getattr(fastrnn, cell)(4, H, **kwargs)
             stacked_oracle = getattr(nn, cell)(4, H, **kwargs)
             stacked_oracle.load_state_dict(stacked.state_dict())
-            x = torch.randn(max_steps, last_batch_below(grad, max_steps), 4)
+            x = torch.randn(most, last_batch_below(grad, most), 4)
             torch_nn, got = runs_torch_nn(stacked, x, grad)
             assert torch_nn and torch.equal(got[0], stacked_oracle(x)[0]), (grad, kwargs)
             assert not runs_torch_nn(stacked, torch.randn(1, below + 1, 4), grad)[0], (grad, kwargs)
         not_ours = [  # each runs fastrnn's ops
-            (model, torch.randn(max_steps + 1, 1, 4), {}),  # one step more
+            (model, torch.randn(most + 1, 1, 4), {}),  # one step more
             (model, torch.randn(1, 1, 4), {"resets": torch.zeros(1, 1, dtype=torch.bool)}),
             (getattr(fastrnn, cell)(4, H, backend="cpu"), torch.randn(1, 1, 4), {}),
             (copy.deepcopy(model).double(), torch.randn(1, 1, 4, dtype=torch.float64), {}),
@@ -573,10 +585,10 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell):
         for module, x, kwargs in not_ours:
             torch_nn, _ = runs_torch_nn(module, x, grad, **kwargs)
             assert not torch_nn, (grad, module, kwargs)
-    # Between the two limits the rule follows the grad mode.
-    x = torch.randn(1, last_batch_below(False) + 1, 4)
-    assert not runs_torch_nn(model, x, False)[0]
-    assert runs_torch_nn(model, x, True)[0]
+    if limit[False] != limit[True]:  # between the two limits the rule follows the grad mode
+        x = torch.randn(1, last_batch_below(False) + 1, 4)
+        assert not runs_torch_nn(model, x, False)[0]
+        assert runs_torch_nn(model, x, True)[0]
 
 
 ALLOCATION_PROBE = "import fastrnn.modules as m; print(m._torch_large_allocations_fault())"
