@@ -355,9 +355,10 @@ class _RecurrentMixin(_FastRNNModule):
         forward+backward 0.77-1.00 at 2 threads, 0.79-0.96 forward at 1 thread; RNN at 1-4 steps forward 0.59-0.98
         (B = 64, H = 512 at 3-4 steps 1.05-1.07), forward+backward 0.84-0.99 at H <= 256 and 0.94-1.06 at H = 512
         (1 thread 0.80-0.97 at H = 128, 0.97-1.13 at H = 512); past the limit B = 64, H = 512: GRU 2 steps
-        0.96-0.97, RNN 4 steps 1.02-1.07. Handed over, these calls read 0.89-0.98 against torch.nn called directly
-        (the rule's check and a Python frame, ~2-5 us). Left: the GRU at H = 512, B = 1-8 forward at 3-8 steps
-        (0.77-0.95; W_hh of 3 MB packed at every call: over the panel cache's 1 MB)."""
+        0.96-0.97, RNN 4 steps 1.02-1.07. Handed over, these calls read 0.87-0.98 against torch.nn called directly
+        (the rule's check and a Python frame: 1.5 us in a loop, ~7 us between heavy calls). Left: the GRU at
+        H = 512, B = 1-8 forward at 3-8 steps (0.77-0.95; W_hh of 3 MB packed at every call: over the panel cache's
+        1 MB)."""
         if data.dtype != torch.float32:
             return False
         shape = data.shape  # [T, B, I], [B, T, I] with batch_first, or unbatched [T, I]
