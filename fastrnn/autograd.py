@@ -75,11 +75,12 @@ def native_gemm(backend, dtype, flops, training, weight_bytes=0, output_bytes=0)
     1 thread, fastest of 300, load 7: 49 vs 28 us and 130 vs 103 us), and again around dW_hh: there fp32
     products take the custom ops only for their output cache, from `output_bytes` of
     NATIVE_GEMM_MIN_OUTPUT_BYTES_MKL (32 MB) or, in training, by the weight rule below. Modules, cpu backend,
-    Intel Xeon with AMX, 2 threads, p10 of interleaved blocks, time on torch's / on fastrnn_cpu's (2026-12-03):
-    forward at (100,64,512,512) GRU 1.09, LSTM 1.07-1.10 (39 / 52 MB projections), RNN 1.00 (13 MB);
-    forward+backward GRU 1.04, LSTM 1.03-1.05; at smaller outputs 0.87-0.99 ((20,4,128,128) LSTM forward 0.87;
-    GRU and LSTM (200,8,128,128), (100,16,256,256) 0.96-0.99; RNN (100,32,256,256) forward+backward 0.97-0.99);
-    GRU H=512 T=2 B=1-8 and LSTM H=512 T=4 B=1 training (3-4 MB weights): medians 1.18-1.28, p10 0.96-1.02.
+    Intel Xeon with AMX, 2 threads, p10 of interleaved blocks, time on torch's / on fastrnn_cpu's (d067446 with a
+    temporary switch, 2026-12-03): forward at (100,64,512,512) GRU 1.09, LSTM 1.07-1.10 (39 / 52 MB
+    projections), RNN 1.00 (13 MB); forward+backward GRU 1.04, LSTM 1.03-1.05; at smaller outputs 0.87-0.99
+    ((20,4,128,128) LSTM forward 0.87; GRU and LSTM (200,8,128,128), (100,16,256,256) 0.96-0.99; RNN
+    (100,32,256,256) forward+backward 0.97-0.99); GRU H=512 T=2 B=1-8 and LSTM H=512 T=4 B=1 training (3-4 MB
+    weights): medians 1.18-1.28, p10 0.96-1.02.
 
     On the oneDNN path not fp32 products of `flops` below NATIVE_GEMM_MIN_FLOPS (10 M; with `training`, a product
     whose backward runs too, NATIVE_GEMM_MIN_FLOPS_TRAINING, 40 M): there oneDNN's per-call cost (~20 us against

@@ -59,6 +59,16 @@ AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL = 2**17
 _AUTO_CANDIDATE_DTYPES = (*AUTO_TORCH_NN_DTYPES, torch.float16)
 
 
+def _native_module():
+    """fastrnn.backends.native (the compiled CPU library's Python side), or None where it cannot be loaded: the
+    rules below that ask the CPU library then keep their default."""
+    try:
+        from .backends import native
+    except ImportError:
+        return None
+    return native
+
+
 @functools.cache
 def _cpu_has_amx():
     """Whether torch runs bf16 on AMX here (its oneDNN LSTM then does; torch.cpu's own check, False where
@@ -78,11 +88,8 @@ def _cpu_has_avx512_bf16():
 @functools.cache
 def _torch_fp16_gemm_is_native():
     """Whether torch's fp16 matmul runs on avx512_fp16 here (fastrnn.backends.native; False without it)."""
-    try:
-        from .backends import native
-    except ImportError:
-        return False
-    return native.TORCH_FP16_GEMM_IS_NATIVE
+    native = _native_module()
+    return native is not None and native.TORCH_FP16_GEMM_IS_NATIVE
 
 
 @functools.cache
@@ -126,11 +133,8 @@ def _fastrnn_trains_large_lstms_faster():
     matmul into its own outputs on huge pages (csrc/cpu/linear.cpp: non-Intel CPUs, measured on a Zen 5) or MKL at
     its AVX-512 width (Intel CPUs, measured on a Xeon with AMX), and torch's own large allocations fault their pages
     in at every call (_torch_large_allocations_fault)."""
-    try:
-        from .backends import native
-    except ImportError:
-        return False
-    if native.cpu_capability() != "avx512":
+    native = _native_module()
+    if native is None or native.cpu_capability() != "avx512":
         return False
     big_gemms_measured = native.onednn_matmul() if native.blas() == "onednn" else _cpu_vendor() == "intel"
     return big_gemms_measured and _torch_large_allocations_fault()
@@ -141,11 +145,8 @@ def _fastrnn_trains_small_lstms_faster():
     one sequence) stays fastrnn's (_torch_nn_is_faster): where its AVX-512 copy runs and torch runs 2 threads or
     more, as measured (Zen 5 and an Intel Xeon with AMX; 1 thread lost from T = 50 on the Zen 5; the AVX2 copy
     against torch.nn's AVX-512 oneDNN lost up to 0.86 at I = H = 256, and a CPU with AVX2 only was not measured)."""
-    try:
-        from .backends import native
-    except ImportError:
-        return False
-    return native.cpu_capability() == "avx512" and torch.get_num_threads() >= 2
+    native = _native_module()
+    return native is not None and native.cpu_capability() == "avx512" and torch.get_num_threads() >= 2
 
 
 def _fastrnn_runs_small_lstm_inference_faster():
@@ -159,11 +160,8 @@ def _fastrnn_runs_small_lstm_inference_faster():
 def _cpu_vendor():
     """native.CPU_VENDOR ("intel", "amd" or "other"; "other" where the extension is not built), read once: the
     short-call rule asks at every call."""
-    try:
-        from .backends import native
-    except ImportError:
-        return "other"
-    return native.CPU_VENDOR
+    native = _native_module()
+    return native.CPU_VENDOR if native is not None else "other"
 
 
 def _check_backend(backend):
@@ -235,17 +233,18 @@ class _RecurrentMixin(_FastRNNModule):
           torch.nn's allocations warm), 2 layers 1.08-1.47, bidirectional 1.10-1.51; B = 12 H = 64 1.22-1.38; B = 16
           H = 64 1.26-1.33; above 1024: B = 8 H = 192 0.98-1.34 (the lows at T = 200), B = 8-16 H = 256 0.92-1.17,
           B = 16 H = 128 0.99-1.12; 1 thread, B = 8, H = 64-192: 1.10-1.17 at T = 16, 0.93-0.97 at T = 200; on an
-          Intel Xeon with AMX (family 6 model 167, 2 threads, 2026-12-03) torch.nn's as fast or faster: B = 8 H = 64
-          1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64 0.84-0.85; bf16 forward 0.45-0.68 (1 thread), 0.71 / 0.77 / 1.17
-          at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads, e4cc676). bf16 in inference only:
-          fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge pages) measured faster, 1.17 / 1.26 /
-          1.47 / 1.29 at the four sizes of issue 11 (2 threads; the benchmark's run: 0.98 / 1.25 / 2.20 / 1.53),
-          2 layers 1.03-1.35, bidirectional 1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02
-          18:47-18:49 UTC, e4cc676; 0.87-1.11 before the big-GEMM and memory changes of that session). bf16 only on a
-          CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512 F/BW/VL/DQ/VNNI,
-          no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four sizes of issue
-          11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8 (1 thread); 2 layers or
-          bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an Ice Lake Xeon");
+          Intel Xeon with AMX (family 6 model 167, AVX-512 copy, 2 threads, da4948d) torch.nn's as fast or faster:
+          B = 8 H = 64 1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64 0.84-0.85; bf16 forward 0.45-0.68 (1 thread),
+          0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads, e4cc676). bf16 in
+          inference only: fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge pages) measured faster,
+          1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11 (2 threads; the benchmark's run: 0.98 / 1.25 /
+          2.20 / 1.53), 2 layers 1.03-1.35, bidirectional 1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5,
+          2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11 before the big-GEMM and memory changes of that session). bf16
+          only on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512
+          F/BW/VL/DQ/VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four
+          sizes of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8
+          (1 thread); 2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an
+          Ice Lake Xeon");
         - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and at
           any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_trains_small_lstms_faster). Below it with
           2 threads fastrnn's forward+backward measured, one layer over T = 4-200, I = 64 or H, H = 64-256 (p10 of
@@ -255,7 +254,7 @@ class _RecurrentMixin(_FastRNNModule):
           0.95-1.51, B = 4 0.92-1.61, B = 8 0.81-1.34, B = 16 0.79-1.17; 1 thread, B = 1-2: 0.94-1.56 up to T = 16 but
           0.84-1.15 at T = 50-200 (Zen 5, AVX-512 copy, 9a0be74, 2026-12-03); Intel Xeon with AMX, 2 threads, B = 1-2:
           0.95-2.55 (the low at T = 4, H = 64, ~470 us a call on both sides), 2 layers 1.18-2.18, bidirectional
-          1.19-2.01 (2026-12-03). Before that session's kernels (the rule's history): one layer forward+backward
+          1.19-2.01 (da4948d-d067446). Before that session's kernels (the rule's history): one layer forward+backward
           0.78-0.90 at B = 1-4 (T=50, I=64, H=128, and T=200, B=4, I=H=128; 1 thread, load 1.4) and 0.75-0.92
           (2 threads, fastest of 15, load 1.6-2.2); 2 layers or bidirectional 0.45-1.05 (1 thread; 5 of 6 rows below
           1), 0.91 / 0.96 at B = 1 (2 threads). Inference there stays fastrnn's (one layer 0.94-1.22, stacked
@@ -265,7 +264,7 @@ class _RecurrentMixin(_FastRNNModule):
           (100,256,128,128)), 2 layers and bidirectional 1.17-1.25 (2 threads; 1 thread 1.07-1.37), against 0.78-0.98
           at 1.6 M and below ((50,32,256,256), (100,16,256,256), (100,32,128,128), (10,64,512,512); Zen 5, 2026-12-02,
           b2536f9); with torch's own allocations on huge pages (THP_MEM_ALLOC_ENABLE=1) torch.nn led at
-          (100,64,512,512), 0.92-0.94. Intel Xeon with AMX (MKL, 2 threads, 2026-12-03): 1.03-1.17 at 2.29-13 M
+          (100,64,512,512), 0.92-0.94. Intel Xeon with AMX (MKL, 2 threads, da4948d): 1.03-1.17 at 2.29-13 M
           ((35,64,256,256), (100,24,256,256), (300,8,256,256), (100,48,128,128), (25,64,512,512), (100,64,512,512),
           (100,256,128,128), (10,128,512,512) among others), 2 layers 1.14-1.19, bidirectional 1.09-1.21, 1 thread
           1.03-1.14; 0.78-0.94 at 2.15 M and below ((100,42,128,128), (64,32,256,256), (50,32,256,256),
@@ -285,7 +284,7 @@ class _RecurrentMixin(_FastRNNModule):
         _fastrnn_trains_small_lstms_faster() (AVX-512 copy, 2 threads or more) as for padded batch 1-2: one
         sequence, forward+backward, T = 4-200, I = 64 or H, H = 64-256, 1.01-2.47 at 2 threads, 0.89-1.29 at 1
         (Zen 5, 2026-12-03, 0ffd9e6, p10 of interleaved blocks); 1.02-2.41 at 2 threads on the Intel Xeon with
-        AMX. Not for fp16
+        AMX (d067446). Not for fp16
         without avx512_fp16 (torch.nn's generic loop on the CPU's slow fp16 GEMM). Never under torch.compile or
         export (torch.nn's LSTM would be unrolled there) nor under a torch.func transform (torch.nn has no
         batching rule): there the custom ops serve every shape."""
@@ -351,7 +350,7 @@ class _RecurrentMixin(_FastRNNModule):
         On Intel CPUs (_cpu_vendor) the GRU up to AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL steps (2), the RNN up to 4,
         below AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL (2^17) gate values in both modes. Measured on an Intel Xeon
         with AMX (family 6 model 167, `bench/cpu_short_calls.py`, auto against torch.nn, I = H = 64-512, B = 1-64,
-        2026-12-03, before the rule): GRU at 1-2 steps forward 0.70-0.96 (but B = 64 at 2 steps, 0.96-1.06),
+        435871b, before the rule): GRU at 1-2 steps forward 0.70-0.96 (but B = 64 at 2 steps, 0.96-1.06),
         forward+backward 0.77-1.00 at 2 threads, 0.79-0.96 forward at 1 thread; RNN at 1-4 steps forward 0.59-0.98
         (B = 64, H = 512 at 3-4 steps 1.05-1.07), forward+backward 0.84-0.99 at H <= 256 and 0.94-1.06 at H = 512
         (1 thread 0.80-0.97 at H = 128, 0.97-1.13 at H = 512); past the limit B = 64, H = 512: GRU 2 steps

@@ -531,16 +531,13 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell, vendor, m
     gates = 3 if cell == "GRU" else 1
     H = 8
     if vendor == "intel":
-        max_steps = dict.fromkeys((False, True), modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL[cell.lower()])
-        limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL,
-                 True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL}
+        most = modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL[cell.lower()]
+        limit = dict.fromkeys((False, True), modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL)
     else:
-        max_steps = dict.fromkeys((False, True), modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[cell.lower()])
+        most = modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[cell.lower()]
         limit = {False: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES,
                  True: modules.AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING}
-    expected_steps = {("GRU", "amd"): (1, 1), ("RNN", "amd"): (3, 3), ("GRU", "intel"): (2, 2),
-                      ("RNN", "intel"): (4, 4)}[cell, vendor]
-    assert (max_steps[False], max_steps[True]) == expected_steps
+    assert most == {("GRU", "amd"): 1, ("RNN", "amd"): 3, ("GRU", "intel"): 2, ("RNN", "intel"): 4}[cell, vendor]
     model = getattr(fastrnn, cell)(4, H)
     oracle = getattr(nn, cell)(4, H)
     oracle.load_state_dict(model.state_dict())
@@ -554,7 +551,6 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell, vendor, m
         return counter.calls == [], got
 
     for grad in (False, True):
-        most = max_steps[grad]
         for steps in range(1, most + 1):
             below = last_batch_below(grad, steps)
             for x in (torch.randn(steps, below, 4), torch.randn(steps, 4)):  # batched, and unbatched (batch 1)
