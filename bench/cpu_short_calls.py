@@ -8,8 +8,9 @@ no_grad and forward+backward (loss = y.sum(), x requiring grad), the two alterna
 goes first alternates too), medians over ~0.4 s each. Ratio torch.nn / fastrnn: above 1, fastrnn is faster.
 
 --ops: the forward and backward recurrence ops alone (gx given), W_hh's product on the packed panels against
-the library GEMM (FASTRNN_CPU_GEMM=packed / aten, alternated), the measurement behind the short-call rule of
-csrc/cpu/recurrence.h (HiddenGemm::kMinStepsToPack). Ratio library / packed: above 1, packing is faster.
+the library GEMM and, in the forward, the dot path on W_hh where it lies (FASTRNN_CPU_GEMM=packed / aten / dot,
+alternated), the measurements behind the rules of csrc/cpu/recurrence.h (HiddenGemm::kMinStepsToPack,
+dot_wins). Ratios library / packed and dot / packed: above 1, packing is faster.
 
 T: steps  B: batch  I: input size  H: hidden size
 """
@@ -28,20 +29,21 @@ from fastrnn.backends import native
 from fastrnn.bench.machine import cpu_name
 
 
-def alternate(a, b, budget=0.4):
-    """Medians (us) of a() and b() called in turn, the first of each pair alternating."""
-    a(), b()
-    start = time.perf_counter()
-    a(), b()
-    rounds = max(7, min(400, int(budget / max(time.perf_counter() - start, 1e-6))))
-    times = ([], [])
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            fn = (a, b)[i]
-            t = time.perf_counter()
+def alternate(*fns, budget=0.4):
+    """Medians (us) of each of fns called in turn, the order reversed every other round."""
+    for _ in range(2):
+        start = time.perf_counter()
+        for fn in fns:
             fn()
+    rounds = max(7, min(400, int(budget / max(time.perf_counter() - start, 1e-6))))
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t = time.perf_counter()
+            fns[i]()
             times[i].append(time.perf_counter() - t)
-    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
+    return tuple(statistics.median(t) * 1e6 for t in times)
 
 
 def modules(cell, T, B, H, backend):
@@ -95,17 +97,19 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, fastrnn ISA {native.cpu_capability()}, torch "
           f"{torch.__version__}, {args.threads} threads, load average {open('/proc/loadavg').read().split()[0]}")
     if args.ops:
-        print("| cell | H | W_hh MB | B | T | forward packed / library us (library / packed) | backward |")
+        print("| cell | H | W_hh MB | B | T | forward packed / library / dot us (library / packed, dot / packed) "
+              "| backward packed / library us (library / packed) |")
     else:
         print(f"| cell | H | B | T | forward torch.nn / {args.backend} us (ratio) | forward+backward |")
     print("|---|---|---|---|---|---|" + ("---|" if args.ops else ""))
     for cell, H, B, T in itertools.product(args.cells.split(","), ints(args.hidden), ints(args.batches),
                                            ints(args.steps)):
         if args.ops:
-            cells = []
-            for fn in op_calls(cell, T, B, H):
-                packed, library = alternate(with_path("packed", fn), with_path("aten", fn))
-                cells.append(f"{packed:.0f} / {library:.0f} ({library / packed:.2f})")
+            fwd, bwd = op_calls(cell, T, B, H)
+            packed, library, dot = alternate(with_path("packed", fwd), with_path("aten", fwd), with_path("dot", fwd))
+            cells = [f"{packed:.0f} / {library:.0f} / {dot:.0f} ({library / packed:.2f}, {dot / packed:.2f})"]
+            packed, library = alternate(with_path("packed", bwd), with_path("aten", bwd))
+            cells.append(f"{packed:.0f} / {library:.0f} ({library / packed:.2f})")
             os.environ.pop("FASTRNN_CPU_GEMM")
             mb = GATES[cell] * H * H * 4 / 2**20
             print(f"| {cell} | {H} | {mb:.1f} | {B} | {T} | {cells[0]} | {cells[1]} |", flush=True)

@@ -220,7 +220,7 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     check_kernels(dtype, T, B, H, lengths, reverse)
 
 
-@pytest.mark.parametrize("path", ["aten", "packed"])
+@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 6, 5, 70, "var", True, id="fp32-T6-B5-H70-var-rev"),
     pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
@@ -235,8 +235,9 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     pytest.param(torch.bfloat16, 7, 20, 32, "sorted", False, id="bf16-T7-B20-H32-sorted-fwd"),
 ])
 def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
-    """The step product forced through MKL (at::mm_out + a separate gate pass) and through the packed,
-    fused path (csrc/cpu/recurrence.h, HiddenGemm): at these sizes `auto` would always pick packed."""
+    """The step product forced through the library GEMM (+ a separate gate pass), the packed, fused path and the
+    dot path on W_hh where it lies (the forward's; the backward packs) (csrc/cpu/recurrence.h, HiddenGemm): at
+    these sizes `auto` would always pick packed."""
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
     check_kernels(dtype, T, B, H, lengths, reverse)
 
@@ -256,7 +257,7 @@ def test_kernels_with_an_odd_thread_count():
 def test_gemm_path_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", "mkl")
     fwd, _ = rnn_args(2, 2, 4, False, torch.float32, None, False)
-    with pytest.raises(RuntimeError, match="FASTRNN_CPU_GEMM must be auto, aten or packed, got 'mkl'"):
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_GEMM must be auto, aten, packed or dot, got 'mkl'"):
         torch.ops.fastrnn.rnn_fwd(*fwd)
 
 
@@ -304,13 +305,13 @@ def test_kernels_with_resets(dtype, T, B, H, lengths, reverse, resets):
     check_kernels(dtype, T, B, H, lengths, reverse, resets)
 
 
-@pytest.mark.parametrize("path", ["aten", "packed"])
+@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
     pytest.param(torch.float64, 5, 9, 33, "var", True, id="fp64-T5-B9-H33-var-rev"),
 ])
 def test_resets_on_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
-    """Both step products (and, at B=67, H=260, a parallel region per step; at B=9, one region for all)."""
+    """Every step product (and, at B=67, H=260, a parallel region per step; at B=9, one region for all)."""
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
     check_kernels(dtype, T, B, H, lengths, reverse, "random")
 
@@ -505,12 +506,14 @@ def test_panel_cache_sees_a_change_anywhere_in_a_large_weight(monkeypatch):
         torch.manual_seed(0)
         fast = fastrnn.GRU(16, 200, backend="cpu")  # W_hh [600, 200]: 480 KB
         w = fast.weight_hh_l0.data.view(-1)
-        x = torch.randn(8, 2, 16)  # 8 steps: packed with the cache off too (HiddenGemm::kMinStepsToPack)
+        x = torch.randn(8, 2, 16)
 
-        def uncached():
+        def uncached():  # packed afresh (with the cache off, auto would take the dot path: HiddenGemm::dot_wins)
             monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", "0")
+            monkeypatch.setenv("FASTRNN_CPU_GEMM", "packed")
             y = fast(x)[0]
             monkeypatch.delenv("FASTRNN_CPU_WEIGHT_CACHE")
+            monkeypatch.delenv("FASTRNN_CPU_GEMM")
             return y
 
         with torch.no_grad():
@@ -556,33 +559,37 @@ UNCACHED_H = {"lstm": 260, "gru": 300, "rnn": 520}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_short_calls_multiply_an_uncached_weight_where_it_lies(capability, cell, monkeypatch):
-    """A forward of fewer than 8 steps whose W_hh the panel cache does not keep (over 1 MB, or the cache off)
-    multiplies it through the library GEMM as it lies instead of packing it (recurrence.h, kMinStepsToPack);
-    8 steps, a kept weight and the backward (whose library path would copy W_hh transposed) pack it. The
-    counter of library products tells the paths apart; every result against the reference ops."""
+def test_uncached_weights_are_multiplied_where_they_lie(capability, cell, monkeypatch):
+    """A forward whose W_hh the panel cache does not keep (over 1 MB, or the cache off) multiplies it where it
+    lies instead of packing it (recurrence.h, HiddenGemm): on the dot path up to kMaxDotRowSteps = 256 rows x
+    steps and 64 rows, else through the library GEMM for fewer than 8 steps (kMinStepsToPack); longer calls, a
+    kept weight and the backward pack it. The counters of dot and library products tell the paths apart (both
+    sides of each limit); every result against the reference ops."""
     monkeypatch.delenv("FASTRNN_CPU_GEMM", raising=False)
-    count = torch.ops.fastrnn_cpu.library_products
+    counters = (torch.ops.fastrnn_cpu.dot_products, torch.ops.fastrnn_cpu.library_products)
     make = {"lstm": lstm_args, "gru": gru_args, "rnn": rnn_args}[cell]
     option = {"lstm": 0, "gru": True, "rnn": False}[cell]  # no projection, b_hh, tanh
     names = {"lstm": (("y", "h_n", "c_n", "gates", "cs"), ("dgx", "dh0", "dc0", "dw_hr")),
              "gru": (("y", "h_n", "saved"), ("dgx", "dh0", "dw_hh", "db_hh")),
              "rnn": (("y", "h_n"), ("dgx", "dh0"))}[cell]
     tol = TOL[torch.float32]
-    # (FASTRNN_CPU_WEIGHT_CACHE, T, H, whether the forward takes the library); B=3 rows keep A in L1, where
-    # every capability packs on its own (recurrence.h, packed_wins).
-    cases = [("0", 7, 20, True), ("0", 1, 20, True), ("0", 8, 20, False), ("1", 1, 20, False),
-             ("1", 1, UNCACHED_H[cell], True), ("1", 8, UNCACHED_H[cell], False)]
-    for cache, T, H, library in cases:
+    # (FASTRNN_CPU_WEIGHT_CACHE, T, B, H, the forward's path); B <= 3 rows keep A in L1, where every capability
+    # packs on its own (recurrence.h, packed_wins).
+    cases = [("0", 7, 3, 20, "dot"), ("0", 1, 3, 20, "dot"), ("0", 85, 3, 20, "dot"), ("0", 86, 3, 20, "packed"),
+             ("0", 4, 64, 20, "dot"), ("0", 5, 64, 20, "library"), ("0", 1, 65, 20, "library"),
+             ("0", 8, 65, 20, "packed"), ("1", 1, 3, 20, "packed"), ("1", 1, 3, UNCACHED_H[cell], "dot"),
+             ("1", 86, 3, UNCACHED_H[cell], "packed")]
+    for cache, T, B, H, path in cases:
         monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", cache)
-        fwd, bwd = make(T, 3, H, option, torch.float32, None, False)
+        fwd, bwd = make(T, B, H, option, torch.float32, None, False)
         for _ in range(3):  # a kept weight is reused from its third call: the rule holds on every call
-            before = count()
+            before = [count() for count in counters]
             compare(f"{cell}_fwd", fwd if cell == "rnn" else fwd + (True,), names[0], tol)
-            assert count() - before == int(library), (cache, T, H)
-        before = count()
+            taken = [count() - b for count, b in zip(counters, before)]
+            assert taken == [int(path == "dot"), int(path == "library")], (cache, T, B, H, path)
+        before = [count() for count in counters]
         compare(f"{cell}_bwd", bwd, names[1], tol)
-        assert count() == before, f"the backward took the library path ({cache}, {T}, {H})"
+        assert [count() for count in counters] == before, f"the backward did not pack ({cache}, {T}, {B}, {H})"
 
 
 def test_panel_cache_can_be_turned_off(monkeypatch):
@@ -632,7 +639,7 @@ def capability(request):
 
 # Odd sizes against each capability's vector (8 or 16 floats) and panel (2 vectors) widths, the 64-row chunk
 # and the K slice (recurrence.h), both GEMM paths.
-@pytest.mark.parametrize("path", ["auto", "aten", "packed"])
+@pytest.mark.parametrize("path", ["auto", "aten", "packed", "dot"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 9, 5, 70, "var", True, id="fp32-T9-B5-H70-var-rev"),
     pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
@@ -650,8 +657,8 @@ def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, 
     check_kernels(dtype, T, B, H, lengths, reverse)
 
 
-# Both step products of each capability (auto picks one of them); B=67, H=260: a parallel region a step.
-@pytest.mark.parametrize("path", ["aten", "packed"])
+# Every step product of each capability (auto picks one of them); B=67, H=260: a parallel region a step.
+@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse,resets", [
     pytest.param(torch.float32, 9, 5, 70, "var", True, "random", id="fp32-T9-B5-H70-var-rev-random"),
     pytest.param(torch.bfloat16, 4, 6, 40, "var", False, "random", id="bf16-T4-B6-H40-var-fwd-random"),
@@ -962,7 +969,7 @@ def test_cpu_vendor_matches_the_cpu_and_the_default_blas(monkeypatch):
         assert native.blas() == "onednn"
 
 
-@pytest.mark.parametrize("path", ["auto", "aten", "packed"])
+@pytest.mark.parametrize("path", ["auto", "aten", "packed", "dot"])
 def test_small_linear_matches_torch(capability, path, monkeypatch):
     """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against
     F.linear in fp64 in every capability and both product paths (FASTRNN_CPU_GEMM: the AVX2 / default copies

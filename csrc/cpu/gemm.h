@@ -93,6 +93,10 @@ struct Panels {
     }
   }
 
+  // The shape alone, no data: the dot path (HiddenGemm) reads W_hh where it lies, block by block.
+  Panels(int64_t K_, int64_t groups_, int64_t width_)
+      : K(K_), groups(groups_), width(width_), blocks((width_ + P - 1) / P) {}
+
   const acc_t* panel(int64_t g, int64_t blk) const { return data.const_data_ptr<acc_t>() + (blk * groups + g) * K * P; }
 };
 
@@ -238,6 +242,114 @@ inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
       panel_tile<acc_t, 1>(a, lda, panel, K, out, accumulate);
       break;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The product on W where it lies: out[m][j] (+)= sum_k a[m, k] w[j, k] for m < MR, j < cols (<= P), with w
+// rows of K contiguous values (W_hh [N, K] as torch holds it, the forward's R = W_hh^T). Dot products:
+// JR = 4 rows of w and MR rows of a at a time, one vector of k each, summed across the vector at the end.
+// Why: a forward call of a few steps with a W_hh the panel cache does not keep (over 1 MB) would pack it
+// first, a transpose of the whole weight at every call (~370 us at 3 MB on the Intel Xeon), or take a
+// library GEMV a step (MKL: ~27 us for [1,512]x[512,1536] plus ~12 us of dispatch, its own OpenMP region
+// and a copy a step). Here a step streams W_hh once (MR rows of a share each load of w) inside the fused
+// step of the recurrence (HiddenGemm's dot path, recurrence.h). The sums across a vector cost ~log2(VS)
+// shuffles per (m, j): at K = 512, 32 FMAs per sum, so this is for large K and few rows.
+// Up to MR = 4 rows of a share each load of w (w streams from L2 or L3: the limit at few rows), by JR = 4
+// rows of w: MR x JR accumulators + JR loads of w + one of a, 21 of AVX-512's 32 registers. AVX2 and the
+// default copy have 16, so JR = 2 there from MR = 3 (11 live); at MR <= 2 JR = 4 keeps 4-8 independent
+// FMA chains (AVX2 copy on the Intel Xeon, GRU H=512 B=1 forward op: 28 us at T=1 with JR = 4, 33.5 with 2).
+constexpr int kDotTileRows = 4;
+
+template <typename acc_t, int MR>
+constexpr int dot_tile_cols() {
+  return at::vec::Vectorized<acc_t>::size() * static_cast<int>(sizeof(acc_t)) == 64 || MR <= 2 ? 4 : 2;
+}
+
+template <typename acc_t, int MR, int JR>
+inline void dot_block(const acc_t* a, int64_t lda, const acc_t* w, int64_t ldw, int64_t K, acc_t* out,
+                      int64_t ldo, bool accumulate) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t VS = Vec::size();
+  // One array per row of w: a 2-D array of Vectorized made gcc keep the accumulators on the stack
+  // (panel_tile's note).
+  Vec s0[MR], s1[MR], s2[MR], s3[MR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    s0[m] = s1[m] = s2[m] = s3[m] = Vec(acc_t(0));
+  }
+  // Forced inline: as a call (gcc 12 made one a k) the w vectors and the sums went through memory.
+  auto madd = [&](const Vec* wv, int64_t k, int64_t count) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const Vec av = Vec::loadu(a + m * lda + k, count);
+      s0[m] = at::vec::fmadd(av, wv[0], s0[m]);
+      if constexpr (JR > 1) {
+        s1[m] = at::vec::fmadd(av, wv[1], s1[m]);
+      }
+      if constexpr (JR > 2) {
+        s2[m] = at::vec::fmadd(av, wv[2], s2[m]);
+        s3[m] = at::vec::fmadd(av, wv[3], s3[m]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + VS <= K; k += VS) {
+    Vec wv[JR];
+#pragma GCC unroll 4
+    for (int j = 0; j < JR; ++j) {
+      wv[j] = Vec::loadu(w + j * ldw + k);
+    }
+    madd(wv, k, VS);
+  }
+  if (k < K) {  // the tail of K: partial loads fill the rest of the vector with zeros
+    Vec wv[JR];
+#pragma GCC unroll 4
+    for (int j = 0; j < JR; ++j) {
+      wv[j] = Vec::loadu(w + j * ldw + k, K - k);
+    }
+    madd(wv, k, K - k);
+  }
+  const auto plus = [](Vec x, Vec y) { return x + y; };
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    const Vec* sums[4] = {&s0[m], &s1[m], &s2[m], &s3[m]};
+#pragma GCC unroll 4
+    for (int j = 0; j < JR; ++j) {
+      const acc_t sum = at::vec::vec_reduce_all<acc_t>(plus, *sums[j]);
+      out[m * ldo + j] = accumulate ? out[m * ldo + j] + sum : sum;
+    }
+  }
+}
+
+// Rows [0, mr) (mr in 1..kDotTileRows) of a by `cols` rows of w into out[m * P + j].
+template <typename acc_t, int MR>
+inline void dot_rows_mr(const acc_t* a, int64_t lda, const acc_t* w, int64_t ldw, int64_t K, int64_t cols,
+                        acc_t* out, bool accumulate) {
+  constexpr int64_t P = panel_width<acc_t>();
+  constexpr int JR = dot_tile_cols<acc_t, MR>();
+  int64_t j = 0;
+  for (; j + JR <= cols; j += JR) {
+    dot_block<acc_t, MR, JR>(a, lda, w + j * ldw, ldw, K, out + j, P, accumulate);
+  }
+  for (; j < cols; ++j) {
+    dot_block<acc_t, MR, 1>(a, lda, w + j * ldw, ldw, K, out + j, P, accumulate);
+  }
+}
+
+template <typename acc_t>
+inline void dot_rows(const acc_t* a, int64_t lda, const acc_t* w, int64_t ldw, int64_t K, int64_t cols,
+                     int64_t mr, acc_t* out, bool accumulate) {
+  static_assert(kDotTileRows == 4, "dot_rows takes 1 to 4 rows");
+  if (mr == 4) {
+    return dot_rows_mr<acc_t, 4>(a, lda, w, ldw, K, cols, out, accumulate);
+  }
+  if (mr == 3) {
+    return dot_rows_mr<acc_t, 3>(a, lda, w, ldw, K, cols, out, accumulate);
+  }
+  if (mr == 2) {
+    return dot_rows_mr<acc_t, 2>(a, lda, w, ldw, K, cols, out, accumulate);
+  }
+  dot_rows_mr<acc_t, 1>(a, lda, w, ldw, K, cols, out, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------------

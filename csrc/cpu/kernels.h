@@ -61,9 +61,9 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 9;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+constexpr int64_t kKernelsAbi = 10;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
                                     // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
-                                    // 9: library_products
+                                    // 9: library_products; 10: dot_products
 
 struct Kernels {
   int64_t abi;
@@ -95,6 +95,8 @@ struct Kernels {
   // How many step products (HiddenGemm constructions) of this copy went through the library GEMM instead of the
   // packed panels (recurrence.h, library_products).
   int64_t (*library_products)();
+  // How many took the dot path on W_hh where it lies (recurrence.h, dot_products).
+  int64_t (*dot_products)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -157,6 +159,7 @@ inline void set_output_allocator(c10::Allocator* allocator) { output_allocator()
                                              &k::panel_cache_hits,                                             \
                                              &k::small_linear,                                                 \
                                              &k::set_output_allocator,                                         \
-                                             &k::library_products};                                            \
+                                             &k::library_products,                                             \
+                                             &k::dot_products};                                                \
     return &table;                                                                                             \
   }

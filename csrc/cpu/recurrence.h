@@ -315,11 +315,14 @@ void zero_reset_rows(const bool* resets, const int64_t* lengths, int64_t t, int6
 // B=64, H=512 371 vs 341; backward LSTM B=64, H=512 1534 vs 1287, GRU 1325 vs 986, RNN 339 vs 291 and at
 // B=32, H=256 82 vs 57. So: packed for several groups, or when A [B, K] fits L1 (small batch, where the
 // MKL call's overhead dominates: LSTM backward at B=8, H=128 takes 26 us packed, 37 with MKL).
-// FASTRNN_CPU_GEMM=aten|packed forces one (benchmarks and tests).
+// A third, for a forward of few rows whose W_hh the panel cache does not keep: dot products on W_hh where it
+// lies (gemm.h, dot_rows), tile by tile like the packed panels, so also fused with the cell ("the dot path",
+// HiddenGemm). FASTRNN_CPU_GEMM=aten|packed|dot forces one (benchmarks and tests; dot where R is W_hh^T, the
+// packed panels elsewhere).
 
 constexpr int64_t kL1Bytes = 32 * 1024;
 
-enum class GemmPath { kAuto, kAten, kPacked };
+enum class GemmPath { kAuto, kAten, kPacked, kDot };
 
 inline GemmPath gemm_path_override() {
   const char* env = std::getenv("FASTRNN_CPU_GEMM");
@@ -330,7 +333,10 @@ inline GemmPath gemm_path_override() {
   if (v == "aten") {
     return GemmPath::kAten;
   }
-  TORCH_CHECK(v == "packed", "FASTRNN_CPU_GEMM must be auto, aten or packed, got '", v, "'");
+  if (v == "dot") {
+    return GemmPath::kDot;
+  }
+  TORCH_CHECK(v == "packed", "FASTRNN_CPU_GEMM must be auto, aten, packed or dot, got '", v, "'");
   return GemmPath::kPacked;
 }
 
@@ -437,6 +443,13 @@ inline std::atomic<int64_t>& library_product_count() {
 }
 inline int64_t library_products() { return library_product_count().load(); }
 
+// The same for the dot path (W_hh where it lies, gemm.h dot_rows): torch.ops.fastrnn_cpu.dot_products().
+inline std::atomic<int64_t>& dot_product_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+inline int64_t dot_products() { return dot_product_count().load(); }
+
 template <typename acc_t>
 class HiddenGemm {
  public:
@@ -452,6 +465,20 @@ class HiddenGemm {
   // library took 0.13-0.93x the packed time at T <= 2, 0.33-1.08x at T = 4, 0.46-1.27x at T = 8 (1 thread:
   // the same picture; docs/cpu.md, "Short calls").
   static constexpr int64_t kMinStepsToPack = 8;
+
+  // A weight the panel cache does not keep, multiplied where it lies (r = W_hh^T, the forward), takes the dot
+  // path (gemm.h, dot_rows) for calls of at most kMaxDotRowSteps rows x steps, up to kMaxDotRows rows: packing
+  // costs a pass over the weight at every call, which the packed tile's faster steps earn back only over many
+  // rows x steps. Forward op, 2 threads, Intel Xeon (family 6 model 167, AVX-512 copy), us, dot / packed /
+  // library (GRU H=512: W_hh 3 MB): B=1 T=1 30 / 385 / 47, T=16 248 / 633 / 624, T=64 971 / 1484 / 2483; B=8
+  // T=16 920 / 1164 / 1388, T=32 1817 / 1897, T=128 7228 / 6418; B=32 T=8 1679 / 1745 / 2387; B=64 T=4 1654 /
+  // 1687 / 1769, T=8 3284 / 2988; B=128 T=1 817 / 1038 / 743. LSTM H=512 (4 MB) B=8 T=32 3093 / 2956, B=16 T=8
+  // 1373 / 1579 / 2531; GRU H=300 (1.08 MB) B=8 T=32 895 / 793, B=16 T=8 427 / 446 / 530; LSTM H=1024 (16 MB)
+  // B=16 T=8 4753 / 5703 / 8072. The packed tile's steps beat the dot path's from ~160-450 rows x steps.
+  static constexpr int64_t kMaxDotRowSteps = 256, kMaxDotRows = 64;
+  static bool dot_wins(int64_t rows, int64_t steps) {
+    return rows <= kMaxDotRows && steps <= kMaxDotRowSteps / std::max<int64_t>(rows, 1);
+  }
 
   // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
   // argument r was made from, in the dtype it came in (bf16: the packed path may run on bf16 pairs, see
@@ -469,9 +496,17 @@ class HiddenGemm {
     // forward B=32, H=256 15 vs 33, B=128, H=256 54 vs 74. The AVX2 copy on the same CPU still loses at
     // B=64, H=512 (LSTM backward 2124 vs 1113, RNN forward 217 vs 174), hence the rule below for it.
     const bool wide = at::vec::Vectorized<acc_t>::size() * bytes == 64;
-    const bool short_call = steps < kMinStepsToPack && r.t().is_contiguous() && !PanelCache<acc_t>::keeps(weight);
+    const bool unpacked = r.t().is_contiguous() && !PanelCache<acc_t>::keeps(weight);
+    const bool short_call = steps < kMinStepsToPack && unpacked;
     const bool packed_wins = !short_call && (wide || groups > 1 || rows * K * bytes < kL1Bytes);
-    packed_ = path == GemmPath::kPacked || (path == GemmPath::kAuto && packed_wins);
+    dot_ = r.t().is_contiguous() && (path == GemmPath::kDot || (path == GemmPath::kAuto && unpacked && dot_wins(rows, steps)));
+    packed_ = !dot_ && (path == GemmPath::kPacked || path == GemmPath::kDot || (path == GemmPath::kAuto && packed_wins));
+    if (dot_) {
+      w_nk_ = r.t();  // W_hh [N, K], contiguous: read where it lies
+      panels_ = Panels<acc_t>(K, groups, r.size(1) / groups);
+      dot_product_count().fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
 #ifdef FASTRNN_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
       bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
@@ -493,7 +528,9 @@ class HiddenGemm {
     }
   }
 
-  bool packed() const { return packed_; }
+  // Whether the product runs tile by tile in by_blocks (the packed panels or the dot path), so that the
+  // recurrence loops can fuse it with the cell; else the library GEMM (product()).
+  bool tiled() const { return packed_ || dot_; }
   bool bf16() const { return bf16_; }
 
   // What tells two packings of one weight apart in the cache: the view of it packed (forward: W^T, stride(0)
@@ -586,7 +623,7 @@ class HiddenGemm {
 
   // c = a @ r (a [rows, K], c [rows, N] contiguous).
   void product(const at::Tensor& a, at::Tensor& c) const {
-    if (!packed_) {
+    if (!tiled()) {
       // Through fastrnn_cpu::linear (csrc/cpu/linear.cpp, registered by the op library; found through the
       // dispatcher because this copy is a library of its own): oneDNN for fp32 where torch has it, MKL
       // otherwise. oneDNN against MKL on one step's product, 2 threads, Zen 5 (bench/cpu_gemm.py):
@@ -637,14 +674,15 @@ class HiddenGemm {
           // One kernel call a (chunk of rows, group, column block), over the whole K: AMX tiles 16 rows.
           tiles(
               rows, begin, end, fn,
-              [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr, float* out, bool accumulate) {
+              [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t, int64_t mr, float* out,
+                  bool accumulate) {
                 bf16_amx_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
               },
               /*height=*/kChunkRows, /*slice_k=*/panels_.K);
           bf16_amx_release();
           return;
         }
-        tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t mr,
+        tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t, int64_t mr,
                                         float* out, bool accumulate) {
           bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
         });
@@ -652,7 +690,16 @@ class HiddenGemm {
       }
     }
 #endif
-    tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t mr,
+    if (dot_) {
+      // One call a (tile of rows, group, column block), over the whole K: w_nk_'s rows [g * width + j0, + cols).
+      tiles(
+          rows, begin, end, fn,
+          [&](int64_t m, int64_t k0, int64_t kc, const acc_t* w, int64_t cols, int64_t mr, acc_t* out,
+              bool accumulate) { dot_rows(a + m * k_ + k0, k_, w, k_, kc, cols, mr, out, accumulate); },
+          /*height=*/kDotTileRows, /*slice_k=*/k_);
+      return;
+    }
+    tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t, int64_t mr,
                                     acc_t* out, bool accumulate) {
       panel_rows(a + m * k_ + k0, k_, slice, kc, mr, out, accumulate);
     });
@@ -676,9 +723,10 @@ class HiddenGemm {
 
   // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16), the
   // product for rows [0, product_rows) only (0: no product), fn for every row;
-  // tile(m, k0, kc, slice, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 + kc),
-  // mr <= height (by default the register tile's: 8 for fp32 in the AVX-512 copy, gemm.h panel_tile_zmm, else 4,
-  // bf16 pairs too), kc <= slice_k.
+  // tile(m, k0, kc, slice, cols, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 +
+  // kc) of the block's `cols` columns, mr <= height (by default the register tile's: 8 for fp32 in the AVX-512
+  // copy, gemm.h panel_tile_zmm, else 4, bf16 pairs too), kc <= slice_k; on the dot path slice points at
+  // W_hh's row of the block's first column, at k0.
   template <typename F, typename Tile>
   void tiles(int64_t product_rows, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
              int64_t slice_k = kSliceK) const {
@@ -696,10 +744,12 @@ class HiddenGemm {
           for (int64_t k0 = 0; k0 < K; k0 += slice_k) {
             const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
-              const acc_t* slice = panels_.panel(g, blk) + k0 * P;
+              const acc_t* slice = dot_ ? w_nk_.const_data_ptr<acc_t>() + (g * width + j0) * K + k0
+                                        : panels_.panel(g, blk) + k0 * P;
               for (int64_t m = r0; m < r1; m += tile_height) {
                 const int64_t rows = std::min<int64_t>(tile_height, r1 - m);
-                tile(m0 + m, k0, kc, slice, rows, buffer + (g * kChunkRows + m) * P, /*accumulate=*/k0 > 0);
+                tile(m0 + m, k0, kc, slice, j1 - j0, rows, buffer + (g * kChunkRows + m) * P,
+                     /*accumulate=*/k0 > 0);
               }
             }
           }
@@ -711,6 +761,7 @@ class HiddenGemm {
 
   int64_t rows_, groups_, n_, k_;
   bool packed_;
+  bool dot_ = false;  // the dot path: w_nk_ = W_hh where it lies, panels_ its shape alone
   bool bf16_ = false;
   bool amx_ = false;  // bf16_ on AMX
   at::Tensor w_nk_;
@@ -741,7 +792,7 @@ void forward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, bool swap_only, cons
                   const int64_t* len, int64_t T, int64_t B, int64_t H, bool reverse, int64_t cost, const Enter& enter,
                   const Cell& cell, const After& after) {
   const int64_t GH = hid.size(1);
-  if (fuse && gemm.packed()) {
+  if (fuse && gemm.tiled()) {
     auto fused_cell = [&](int64_t s, int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles,
                           int64_t gstride) {
       for (int64_t m = 0; m < mr; ++m) {
@@ -805,7 +856,7 @@ void backward_loop(const HiddenGemm<acc_t>& gemm, bool fuse, at::Tensor& dh, at:
       store(dst + j, load<V>(src + j) + load<V>(d + j));
     });
   };
-  if (fuse && gemm.packed()) {
+  if (fuse && gemm.tiled()) {
     // Step s takes the product of step s-1's gradients (da_prev) and runs the cell of step s into da.
     std::swap(da, da_prev);
     acc_t* da_p = da.data_ptr<acc_t>();

@@ -30,7 +30,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
     return y;
   }
   const HiddenGemm<float> gemm(weight.t(), /*groups=*/1, M, weight);
-  if (!gemm.packed()) {  // the AVX2 / default copies' rule for large A: the library GEMM
+  if (!gemm.tiled()) {  // the AVX2 / default copies' rule for large A: the library GEMM
     gemm.product(a, y);
     return bias.has_value() ? y.add_(*bias) : y;
   }
