@@ -190,11 +190,13 @@ def _product(a, b, native, keep_fp32=False):
     return c if keep_fp32 else c.to(a.dtype)
 
 
-# The largest W_ih whose projection runs on the packed panels (packed_projection): what the panel cache keeps
-# (csrc/cpu/panel_cache.h, kMaxBytes); in inference a larger one would be packed again at every call, which lost
-# to oneDNN at 4 MB. In training every W_ih is packed again (the optimizer's step changes it) and still won up
-# to 1 MB: [3200,256]x[256,1024] 4.91 ms against oneDNN's 5.84, [6400,512]x[512,512] 8.60 against 9.38 (Zen 5).
-PACKED_PROJECTION_MAX_WEIGHT_BYTES = 1 << 20
+# The largest weight whose packed panels the cpu backend keeps across calls (csrc/cpu/panel_cache.h, kMaxBytes).
+PANEL_CACHE_MAX_BYTES = 1 << 20
+# The largest W_ih whose projection runs on the packed panels (packed_projection): what the panel cache keeps;
+# in inference a larger one would be packed again at every call, which lost to oneDNN at 4 MB. In training every
+# W_ih is packed again (the optimizer's step changes it) and still won up to 1 MB: [3200,256]x[256,1024] 4.91 ms
+# against oneDNN's 5.84, [6400,512]x[512,512] 8.60 against 9.38 (Zen 5).
+PACKED_PROJECTION_MAX_WEIGHT_BYTES = PANEL_CACHE_MAX_BYTES
 
 
 def packed_projection(backend, x, w_ih, training):
