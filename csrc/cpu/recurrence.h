@@ -499,8 +499,9 @@ class HiddenGemm {
     const bool unpacked = r.t().is_contiguous() && !PanelCache<acc_t>::keeps(weight);
     const bool short_call = steps < kMinStepsToPack && unpacked;
     const bool packed_wins = !short_call && (wide || groups > 1 || rows * K * bytes < kL1Bytes);
-    dot_ = r.t().is_contiguous() && (path == GemmPath::kDot || (path == GemmPath::kAuto && unpacked && dot_wins(rows, steps)));
-    packed_ = !dot_ && (path == GemmPath::kPacked || path == GemmPath::kDot || (path == GemmPath::kAuto && packed_wins));
+    const bool auto_path = path == GemmPath::kAuto;
+    dot_ = r.t().is_contiguous() && (path == GemmPath::kDot || (auto_path && unpacked && dot_wins(rows, steps)));
+    packed_ = !dot_ && (path == GemmPath::kPacked || path == GemmPath::kDot || (auto_path && packed_wins));
     if (dot_) {
       w_nk_ = r.t();  // W_hh [N, K], contiguous: read where it lies
       panels_ = Panels<acc_t>(K, groups, r.size(1) / groups);
