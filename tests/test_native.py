@@ -562,9 +562,10 @@ UNCACHED_H = {"lstm": 260, "gru": 300, "rnn": 520}
 def test_uncached_weights_are_multiplied_where_they_lie(capability, cell, monkeypatch):
     """A forward whose W_hh the panel cache does not keep (over 1 MB, or the cache off) multiplies it where it
     lies instead of packing it (recurrence.h, HiddenGemm): on the dot path up to kMaxDotRowSteps = 256 rows x
-    steps and 64 rows, else through the library GEMM for fewer than 8 steps (kMinStepsToPack); longer calls, a
-    kept weight and the backward pack it. The counters of dot and library products tell the paths apart (both
-    sides of each limit); every result against the reference ops."""
+    steps (64 for bf16 weights the copy packs as bf16 pairs) and 64 rows, else through the library GEMM for
+    fewer than 8 steps (kMinStepsToPack); longer calls, a kept weight and the backward pack it. The counters of
+    dot and library products tell the paths apart (both sides of each limit); every result against the
+    reference ops."""
     monkeypatch.delenv("FASTRNN_CPU_GEMM", raising=False)
     counters = (torch.ops.fastrnn_cpu.dot_products, torch.ops.fastrnn_cpu.library_products)
     make = {"lstm": lstm_args, "gru": gru_args, "rnn": rnn_args}[cell]
@@ -572,21 +573,25 @@ def test_uncached_weights_are_multiplied_where_they_lie(capability, cell, monkey
     names = {"lstm": (("y", "h_n", "c_n", "gates", "cs"), ("dgx", "dh0", "dc0", "dw_hr")),
              "gru": (("y", "h_n", "saved"), ("dgx", "dh0", "dw_hh", "db_hh")),
              "rnn": (("y", "h_n"), ("dgx", "dh0"))}[cell]
-    tol = TOL[torch.float32]
     # (FASTRNN_CPU_WEIGHT_CACHE, T, B, H, the forward's path); B <= 3 rows keep A in L1, where every capability
     # packs on its own (recurrence.h, packed_wins).
     cases = [("0", 7, 3, 20, "dot"), ("0", 1, 3, 20, "dot"), ("0", 85, 3, 20, "dot"), ("0", 86, 3, 20, "packed"),
              ("0", 4, 64, 20, "dot"), ("0", 5, 64, 20, "library"), ("0", 1, 65, 20, "library"),
              ("0", 8, 65, 20, "packed"), ("1", 1, 3, 20, "packed"), ("1", 1, 3, UNCACHED_H[cell], "dot"),
              ("1", 86, 3, UNCACHED_H[cell], "packed")]
-    for cache, T, B, H, path in cases:
+    cases = [(torch.float32, *case) for case in cases]
+    # bf16 weights that this copy would pack as bf16 pairs: the dot path up to 64 rows x steps (kMaxDotRowStepsBf16).
+    pairs = torch.ops.fastrnn_cpu.bf16_dot_products() >= 0
+    cases += [(torch.bfloat16, "0", 21, 3, 20, "dot"), (torch.bfloat16, "0", 22, 3, 20, "packed" if pairs else "dot")]
+    for dtype, cache, T, B, H, path in cases:
         monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", cache)
-        fwd, bwd = make(T, B, H, option, torch.float32, None, False)
+        fwd, bwd = make(T, B, H, option, dtype, None, False)
+        tol = TOL[dtype]
         for _ in range(3):  # a kept weight is reused from its third call: the rule holds on every call
             before = [count() for count in counters]
             compare(f"{cell}_fwd", fwd if cell == "rnn" else fwd + (True,), names[0], tol)
             taken = [count() - b for count, b in zip(counters, before)]
-            assert taken == [int(path == "dot"), int(path == "library")], (cache, T, B, H, path)
+            assert taken == [int(path == "dot"), int(path == "library")], (dtype, cache, T, B, H, path)
         before = [count() for count in counters]
         compare(f"{cell}_bwd", bwd, names[1], tol)
         assert [count() for count in counters] == before, f"the backward did not pack ({cache}, {T}, {B}, {H})"

@@ -475,9 +475,14 @@ class HiddenGemm {
   // 1687 / 1769, T=8 3284 / 2988; B=128 T=1 817 / 1038 / 743. LSTM H=512 (4 MB) B=8 T=32 3093 / 2956, B=16 T=8
   // 1373 / 1579 / 2531; GRU H=300 (1.08 MB) B=8 T=32 895 / 793, B=16 T=8 427 / 446 / 530; LSTM H=1024 (16 MB)
   // B=16 T=8 4753 / 5703 / 8072. The packed tile's steps beat the dot path's from ~160-450 rows x steps.
-  static constexpr int64_t kMaxDotRowSteps = 256, kMaxDotRows = 64;
-  static bool dot_wins(int64_t rows, int64_t steps) {
-    return rows <= kMaxDotRows && steps <= kMaxDotRowSteps / std::max<int64_t>(rows, 1);
+  // bf16 weights the packed path would multiply as bf16 pairs (avx512_bf16 / AMX: half the bytes, twice the
+  // multiply-adds an instruction) only up to kMaxDotRowStepsBf16 (the dot path runs on their fp32 copy). GRU
+  // H=512 bf16, same machine, dot / bf16 pairs: B=1 T=32 646 / 758; B=8 T=4 336 / 503, T=8 593 / 577, T=32 1968
+  // / 1030; B=32 T=4 939 / 639.
+  static constexpr int64_t kMaxDotRowSteps = 256, kMaxDotRowStepsBf16 = 64, kMaxDotRows = 64;
+  static bool dot_wins(int64_t rows, int64_t steps, bool bf16_pairs) {
+    const int64_t most = bf16_pairs ? kMaxDotRowStepsBf16 : kMaxDotRowSteps;
+    return rows <= kMaxDotRows && steps <= most / std::max<int64_t>(rows, 1);
   }
 
   // r: [K, groups * width] in acc_t, any strides; rows: the rows of A and C (the batch); weight: the op's
@@ -500,7 +505,13 @@ class HiddenGemm {
     const bool short_call = steps < kMinStepsToPack && unpacked;
     const bool packed_wins = !short_call && (wide || groups > 1 || rows * K * bytes < kL1Bytes);
     const bool auto_path = path == GemmPath::kAuto;
-    dot_ = r.t().is_contiguous() && (path == GemmPath::kDot || (auto_path && unpacked && dot_wins(rows, steps)));
+#ifdef FASTRNN_BF16_DOT
+    const bool bf16_pairs = std::is_same_v<acc_t, float> && storage == at::kBFloat16 && bf16_dot_allowed();
+#else
+    const bool bf16_pairs = false;
+#endif
+    dot_ = r.t().is_contiguous() &&
+           (path == GemmPath::kDot || (auto_path && unpacked && dot_wins(rows, steps, bf16_pairs)));
     packed_ = !dot_ && (path == GemmPath::kPacked || path == GemmPath::kDot || (auto_path && packed_wins));
     if (dot_) {
       w_nk_ = r.t();  // W_hh [N, K], contiguous: read where it lies
