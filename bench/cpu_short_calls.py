@@ -8,9 +8,10 @@ no_grad and forward+backward (loss = y.sum(), x requiring grad), the two alterna
 goes first alternates too), medians over ~0.4 s each. Ratio torch.nn / fastrnn: above 1, fastrnn is faster.
 
 --ops: the forward and backward recurrence ops alone (gx given), W_hh's product on the packed panels against
-the library GEMM and, in the forward, the dot path on W_hh where it lies (FASTRNN_CPU_GEMM=packed / aten / dot,
-alternated), the measurements behind the rules of csrc/cpu/recurrence.h (HiddenGemm::kMinStepsToPack,
-dot_wins). Ratios library / packed and dot / packed: above 1, packing is faster.
+the library GEMM and W_hh read where it lies (FASTRNN_CPU_GEMM=packed / aten / in_place, alternated: the dot
+path forward, the strided path backward where H is a multiple of the panel width), the measurements behind the
+rules of csrc/cpu/recurrence.h (HiddenGemm::kMinStepsToPack, dot_wins, strided_wins). Ratios library / packed
+and in place / packed: above 1, packing is faster.
 
 T: steps  B: batch  I: input size  H: hidden size
 """
@@ -97,19 +98,19 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, fastrnn ISA {native.cpu_capability()}, torch "
           f"{torch.__version__}, {args.threads} threads, load average {open('/proc/loadavg').read().split()[0]}")
     if args.ops:
-        print("| cell | H | W_hh MB | B | T | forward packed / library / dot us (library / packed, dot / packed) "
-              "| backward packed / library us (library / packed) |")
+        print("| cell | H | W_hh MB | B | T | forward packed / library / in place us (library / packed, in place / "
+              "packed) | backward, the same |")
     else:
         print(f"| cell | H | B | T | forward torch.nn / {args.backend} us (ratio) | forward+backward |")
     print("|---|---|---|---|---|---|" + ("---|" if args.ops else ""))
     for cell, H, B, T in itertools.product(args.cells.split(","), ints(args.hidden), ints(args.batches),
                                            ints(args.steps)):
         if args.ops:
-            fwd, bwd = op_calls(cell, T, B, H)
-            packed, library, dot = alternate(with_path("packed", fwd), with_path("aten", fwd), with_path("dot", fwd))
-            cells = [f"{packed:.0f} / {library:.0f} / {dot:.0f} ({library / packed:.2f}, {dot / packed:.2f})"]
-            packed, library = alternate(with_path("packed", bwd), with_path("aten", bwd))
-            cells.append(f"{packed:.0f} / {library:.0f} ({library / packed:.2f})")
+            cells = []
+            for fn in op_calls(cell, T, B, H):
+                packed, library, in_place = alternate(*(with_path(p, fn) for p in ("packed", "aten", "in_place")))
+                cells.append(f"{packed:.0f} / {library:.0f} / {in_place:.0f} ({library / packed:.2f}, "
+                             f"{in_place / packed:.2f})")
             os.environ.pop("FASTRNN_CPU_GEMM")
             mb = GATES[cell] * H * H * 4 / 2**20
             print(f"| {cell} | {H} | {mb:.1f} | {B} | {T} | {cells[0]} | {cells[1]} |", flush=True)

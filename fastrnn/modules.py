@@ -52,9 +52,10 @@ AUTO_TORCH_NN_SHORT_CALL_MAX_GATES = 4096
 AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING = 65536
 # On Intel CPUs (measured on a Xeon with AMX, where torch.nn's per-step products are MKL's at AVX-512 width) more
 # calls are short: the GRU up to two steps, the RNN up to four, of fewer than AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL
-# gate values a layer, with or without a gradient; but one step only where W_hh is over the panel cache's
-# PANEL_CACHE_MAX_BYTES (its forward then runs on the dot path, csrc/cpu/recurrence.h).
+# gate values a layer, with or without a gradient; fewer steps (_UNCACHED) where W_hh is over the panel cache's
+# PANEL_CACHE_MAX_BYTES (it is then read where it lies, not packed, csrc/cpu/recurrence.h).
 AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL = {"gru": 2, "rnn": 4}
+AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL_UNCACHED = {"gru": 1, "rnn": 2}
 AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL = 2**17
 # The dtypes any of the rules above can hand to torch.nn.
 _AUTO_CANDIDATE_DTYPES = (*AUTO_TORCH_NN_DTYPES, torch.float16)
@@ -356,14 +357,16 @@ class _RecurrentMixin(_FastRNNModule):
         (B = 64, H = 512 at 3-4 steps 1.05-1.07), forward+backward 0.84-0.99 at H <= 256 and 0.94-1.06 at H = 512
         (1 thread 0.80-0.97 at H = 128, 0.97-1.13 at H = 512); past the limit B = 64, H = 512: GRU 2 steps
         0.96-0.97, RNN 4 steps 1.02-1.07. Handed over, these calls read 0.87-0.98 against torch.nn called directly
-        (the rule's check and a Python frame: 1.5 us in a loop, ~7 us between heavy calls). Since the dot path
-        (csrc/cpu/recurrence.h: a W_hh over the panel cache's 1 MB multiplied where it lies, 12035aa) only one step
-        there: `--backend cpu`, 2 threads, forward / forward+backward, GRU H = 512 at T = 2, B = 1-16: 1.00-1.26 /
-        1.09-1.38 (T = 1: 0.90-1.12 / 0.59-0.92), H = 1024 T = 2, B = 1-16 1.01-1.31 / 1.22-1.48; RNN H = 1024 at
-        T = 2-4, B = 1-16 0.91-1.34 / 1.00-1.69 (T = 1: 0.84-1.07 / 0.61-0.92); after the change (auto, T = 2)
-        GRU H = 512 0.98-1.30 / 1.21-1.32, RNN H = 1024 0.88-1.30 / 0.88-1.42 (the lows at B = 1 forward and
-        B = 16 forward+backward, 1.02-1.07 in the run before). The GRU at H = 512, B = 1-8, 3-16 steps, forward,
-        0.73-0.95 before the dot path, reads 0.99-1.45 with it."""
+        (the rule's check and a Python frame: 1.5 us in a loop, ~7 us between heavy calls). Where W_hh is over the
+        panel cache's 1 MB it is read where it lies since 12035aa (forward, the dot path) and the strided path
+        (backward; csrc/cpu/recurrence.h), and fewer calls are short (the _UNCACHED step limits: the GRU one
+        step, the RNN two). `--backend cpu`, 2 threads, forward / forward+backward, B = 1-16:
+        GRU H = 512 T = 2 1.00-1.26 / 1.09-1.38 and H = 1024 1.01-1.31 / 1.22-1.48 with the dot path alone, T = 2
+        training 1.27-1.52 with the strided path too; T = 1 0.91-1.01 / 0.76-1.00 (0.59-0.92 before the strided
+        path). RNN H = 1024 T = 2 0.88-1.16 / 0.90-0.99, T = 3 0.93-1.23 / 1.02-1.15, T = 1 0.84-1.07 /
+        0.67-0.72. After it (auto): GRU H = 512 / 1024 T = 2 0.98-1.34 / 0.98-1.41, T = 3 1.04-1.40 / 1.13-2.27;
+        RNN H = 1024 T = 3 0.93-1.23 / 1.02-1.15. The GRU at H = 512, B = 1-8, 3-16 steps, forward, 0.73-0.95
+        before the dot path, reads 0.99-1.45 with it."""
         if data.dtype != torch.float32:
             return False
         shape = data.shape  # [T, B, I], [B, T, I] with batch_first, or unbatched [T, I]
@@ -371,10 +374,10 @@ class _RecurrentMixin(_FastRNNModule):
         gate_rows = (3 if self._cell == "gru" else 1) * self.hidden_size
         gates = steps * batch * gate_rows
         if _cpu_vendor() == "intel":
-            if steps > 1 and gate_rows * self.hidden_size * 4 > autograd.PANEL_CACHE_MAX_BYTES:
-                return False
-            return (steps <= AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL[self._cell or "rnn"]
-                    and gates < AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL)
+            uncached = gate_rows * self.hidden_size * 4 > autograd.PANEL_CACHE_MAX_BYTES
+            most = (AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL_UNCACHED if uncached
+                    else AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL)[self._cell or "rnn"]
+            return steps <= most and gates < AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL
         if steps > AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS[self._cell or "rnn"]:
             return False
         return gates < (AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_TRAINING if grad else AUTO_TORCH_NN_SHORT_CALL_MAX_GATES)

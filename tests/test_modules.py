@@ -523,8 +523,8 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell, vendor, m
     steps (GRU 1, RNN 3) of fp32 padded input below AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer
     (T * B * G * H), _TRAINING when a gradient flows, with any layers and directions; on Intel CPUs up to
     AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL (GRU 2, RNN 4) steps below
-    AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL either way, one step only with a W_hh over 1 MB (the vendor patched,
-    so both rules run on any CPU). The
+    AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL either way, _UNCACHED (GRU 1, RNN 2) with a W_hh over 1 MB (the
+    vendor patched, so both rules run on any CPU). The
     result is torch.nn's to the bit and no fastrnn op runs. At the thresholds, one step more, for a PackedSequence,
     fp64, resets and backend="cpu", fastrnn's ops run."""
     modules = fastrnn.modules
@@ -586,10 +586,12 @@ def test_auto_hands_small_short_calls_of_gru_and_rnn_to_torch_nn(cell, vendor, m
         x = torch.randn(1, last_batch_below(False) + 1, 4)
         assert not runs_torch_nn(model, x, False)[0]
         assert runs_torch_nn(model, x, True)[0]
-    if vendor == "intel":  # one step only where W_hh is over the panel cache's 1 MB (the dot path's weights)
+    if vendor == "intel":  # fewer steps where W_hh is over the panel cache's 1 MB (read where it lies)
         largest_kept = {"GRU": 295, "RNN": 512}[cell]  # G * H * H * 4 bytes <= autograd.PANEL_CACHE_MAX_BYTES
-        for hidden, steps, expected in ((largest_kept, 2, True), (largest_kept + 1, 2, False),
-                                        (largest_kept + 1, 1, True)):
+        fewer = modules.AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL_UNCACHED[cell.lower()]
+        assert fewer == {"GRU": 1, "RNN": 2}[cell]
+        for hidden, steps, expected in ((largest_kept, fewer + 1, True), (largest_kept + 1, fewer + 1, False),
+                                        (largest_kept + 1, fewer, True)):
             module = getattr(fastrnn, cell)(4, hidden)
             for grad in (False, True):
                 assert runs_torch_nn(module, torch.randn(steps, 1, 4), grad)[0] == expected, (hidden, steps, grad)

@@ -220,7 +220,7 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     check_kernels(dtype, T, B, H, lengths, reverse)
 
 
-@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
+@pytest.mark.parametrize("path", ["aten", "packed", "in_place"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 6, 5, 70, "var", True, id="fp32-T6-B5-H70-var-rev"),
     pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
@@ -233,11 +233,15 @@ def test_kernels_match_reference(dtype, T, B, H, lengths, reverse):
     pytest.param(torch.float32, 9, 70, 40, "sorted", False, id="fp32-T9-B70-H40-sorted-fwd"),
     pytest.param(torch.float64, 8, 67, 33, "sorted", True, id="fp64-T8-B67-H33-sorted-rev"),
     pytest.param(torch.bfloat16, 7, 20, 32, "sorted", False, id="bf16-T7-B20-H32-sorted-fwd"),
+    # H a multiple of every panel width: the backward's strided path when forced (several tiles and chunks).
+    pytest.param(torch.float32, 5, 70, 64, "sorted", True, id="fp32-T5-B70-H64-sorted-rev"),
+    pytest.param(torch.float64, 4, 9, 32, "var", False, id="fp64-T4-B9-H32-var-fwd"),
 ])
 def test_both_gemm_paths(path, dtype, T, B, H, lengths, reverse, monkeypatch):
-    """The step product forced through the library GEMM (+ a separate gate pass), the packed, fused path and the
-    dot path on W_hh where it lies (the forward's; the backward packs) (csrc/cpu/recurrence.h, HiddenGemm): at
-    these sizes `auto` would always pick packed."""
+    """The step product forced through the library GEMM (+ a separate gate pass), the packed, fused path and
+    W_hh where it lies (the forward's dot path; the backward's strided path where H is a multiple of the panel
+    width: H = 64 and 32 here, else packed) (csrc/cpu/recurrence.h, HiddenGemm): at these sizes `auto` would
+    always pick packed."""
     monkeypatch.setenv("FASTRNN_CPU_GEMM", path)
     check_kernels(dtype, T, B, H, lengths, reverse)
 
@@ -257,7 +261,7 @@ def test_kernels_with_an_odd_thread_count():
 def test_gemm_path_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", "mkl")
     fwd, _ = rnn_args(2, 2, 4, False, torch.float32, None, False)
-    with pytest.raises(RuntimeError, match="FASTRNN_CPU_GEMM must be auto, aten, packed or dot, got 'mkl'"):
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_GEMM must be auto, aten, packed or in_place, got 'mkl'"):
         torch.ops.fastrnn.rnn_fwd(*fwd)
 
 
@@ -305,7 +309,7 @@ def test_kernels_with_resets(dtype, T, B, H, lengths, reverse, resets):
     check_kernels(dtype, T, B, H, lengths, reverse, resets)
 
 
-@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
+@pytest.mark.parametrize("path", ["aten", "packed", "in_place"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 3, 67, 260, "var", False, id="fp32-T3-B67-H260-var-fwd"),
     pytest.param(torch.float64, 5, 9, 33, "var", True, id="fp64-T5-B9-H33-var-rev"),
@@ -560,41 +564,51 @@ UNCACHED_H = {"lstm": 260, "gru": 300, "rnn": 520}
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_uncached_weights_are_multiplied_where_they_lie(capability, cell, monkeypatch):
-    """A forward whose W_hh the panel cache does not keep (over 1 MB, or the cache off) multiplies it where it
-    lies instead of packing it (recurrence.h, HiddenGemm): on the dot path up to kMaxDotRowSteps = 256 rows x
-    steps (64 for bf16 weights the copy packs as bf16 pairs) and 64 rows, else through the library GEMM for
-    fewer than 8 steps (kMinStepsToPack); longer calls, a kept weight and the backward pack it. The counters of
-    dot and library products tell the paths apart (both sides of each limit); every result against the
-    reference ops."""
+    """A W_hh the panel cache does not keep (over 1 MB, or the cache off) is read where it lies instead of packed
+    (recurrence.h, HiddenGemm). The forward: on the dot path up to kMaxDotRowSteps = 256 rows x steps (64 for
+    bf16 weights the copy packs as bf16 pairs) and 64 rows, else through the library GEMM for fewer than 8
+    steps (kMinStepsToPack), else packed. The backward: on the strided path up to kMaxStridedSteps = 3 steps and
+    one register tile of rows where H is a multiple of the panel width, else packed. A kept weight is packed.
+    The counters of in-place and library products tell the paths apart (both sides of each limit); every result
+    against the reference ops."""
     monkeypatch.delenv("FASTRNN_CPU_GEMM", raising=False)
-    counters = (torch.ops.fastrnn_cpu.dot_products, torch.ops.fastrnn_cpu.library_products)
+    counters = (torch.ops.fastrnn_cpu.in_place_products, torch.ops.fastrnn_cpu.library_products)
     make = {"lstm": lstm_args, "gru": gru_args, "rnn": rnn_args}[cell]
     option = {"lstm": 0, "gru": True, "rnn": False}[cell]  # no projection, b_hh, tanh
     names = {"lstm": (("y", "h_n", "c_n", "gates", "cs"), ("dgx", "dh0", "dc0", "dw_hr")),
              "gru": (("y", "h_n", "saved"), ("dgx", "dh0", "dw_hh", "db_hh")),
              "rnn": (("y", "h_n"), ("dgx", "dh0"))}[cell]
-    # (FASTRNN_CPU_WEIGHT_CACHE, T, B, H, the forward's path); B <= 3 rows keep A in L1, where every capability
-    # packs on its own (recurrence.h, packed_wins).
-    cases = [("0", 7, 3, 20, "dot"), ("0", 1, 3, 20, "dot"), ("0", 85, 3, 20, "dot"), ("0", 86, 3, 20, "packed"),
-             ("0", 4, 64, 20, "dot"), ("0", 5, 64, 20, "library"), ("0", 1, 65, 20, "library"),
-             ("0", 8, 65, 20, "packed"), ("1", 1, 3, 20, "packed"), ("1", 1, 3, UNCACHED_H[cell], "dot"),
-             ("1", 86, 3, UNCACHED_H[cell], "packed")]
-    cases = [(torch.float32, *case) for case in cases]
-    # bf16 weights that this copy would pack as bf16 pairs: the dot path up to 64 rows x steps (kMaxDotRowStepsBf16).
+    tile = 8 if native.cpu_capability() == "avx512" else 4  # fp32 rows of a register tile (gemm.h, tile_rows)
+    # (dtype, FASTRNN_CPU_WEIGHT_CACHE, T, B, H, the forward's path, the backward's). B <= 3 rows keep A in L1,
+    # where every capability packs on its own (recurrence.h, packed_wins). H = 20 and UNCACHED_H are not
+    # multiples of the panel width (16 or 32 floats): the backward packs; H = 32 is.
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = [(f32, "0", 7, 3, 20, "in_place", "packed"), (f32, "0", 1, 3, 20, "in_place", "packed"),
+             (f32, "0", 85, 3, 20, "in_place", "packed"), (f32, "0", 86, 3, 20, "packed", "packed"),
+             (f32, "0", 4, 64, 20, "in_place", "packed"), (f32, "0", 5, 64, 20, "library", "packed"),
+             (f32, "0", 1, 65, 20, "library", "packed"), (f32, "0", 8, 65, 20, "packed", "packed"),
+             (f32, "1", 1, 3, 20, "packed", "packed"), (f32, "1", 1, 3, UNCACHED_H[cell], "in_place", "packed"),
+             (f32, "1", 86, 3, UNCACHED_H[cell], "packed", "packed"),
+             (f32, "0", 3, 3, 32, "in_place", "in_place"), (f32, "0", 4, 3, 32, "in_place", "packed"),
+             (f32, "0", 3, tile, 32, "in_place", "in_place"), (f32, "0", 3, tile + 1, 32, "in_place", "packed"),
+             (f32, "1", 3, 3, 32, "packed", "packed")]
+    # bf16 weights that this copy would pack as bf16 pairs: the dot path up to 64 rows x steps
+    # (kMaxDotRowStepsBf16), never the strided path.
     pairs = torch.ops.fastrnn_cpu.bf16_dot_products() >= 0
-    cases += [(torch.bfloat16, "0", 21, 3, 20, "dot"), (torch.bfloat16, "0", 22, 3, 20, "packed" if pairs else "dot")]
-    for dtype, cache, T, B, H, path in cases:
+    cases += [(bf16, "0", 21, 3, 20, "in_place", "packed"),
+              (bf16, "0", 22, 3, 20, "packed" if pairs else "in_place", "packed"),
+              (bf16, "0", 2, 3, 32, "in_place", "packed" if pairs else "in_place")]
+    for dtype, cache, T, B, H, forward, backward in cases:
         monkeypatch.setenv("FASTRNN_CPU_WEIGHT_CACHE", cache)
         fwd, bwd = make(T, B, H, option, dtype, None, False)
         tol = TOL[dtype]
-        for _ in range(3):  # a kept weight is reused from its third call: the rule holds on every call
-            before = [count() for count in counters]
-            compare(f"{cell}_fwd", fwd if cell == "rnn" else fwd + (True,), names[0], tol)
-            taken = [count() - b for count, b in zip(counters, before)]
-            assert taken == [int(path == "dot"), int(path == "library")], (dtype, cache, T, B, H, path)
-        before = [count() for count in counters]
-        compare(f"{cell}_bwd", bwd, names[1], tol)
-        assert [count() for count in counters] == before, f"the backward did not pack ({cache}, {T}, {B}, {H})"
+        for path, op, args, outputs in ((forward, "fwd", fwd if cell == "rnn" else fwd + (True,), names[0]),
+                                        (backward, "bwd", bwd, names[1])):
+            for _ in range(3 if op == "fwd" else 1):  # a kept weight is reused from its third call
+                before = [count() for count in counters]
+                compare(f"{cell}_{op}", args, outputs, tol)
+                taken = [count() - b for count, b in zip(counters, before)]
+                assert taken == [int(path == "in_place"), int(path == "library")], (op, dtype, cache, T, B, H, path)
 
 
 def test_panel_cache_can_be_turned_off(monkeypatch):
@@ -644,7 +658,7 @@ def capability(request):
 
 # Odd sizes against each capability's vector (8 or 16 floats) and panel (2 vectors) widths, the 64-row chunk
 # and the K slice (recurrence.h), both GEMM paths.
-@pytest.mark.parametrize("path", ["auto", "aten", "packed", "dot"])
+@pytest.mark.parametrize("path", ["auto", "aten", "packed", "in_place"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse", [
     pytest.param(torch.float32, 9, 5, 70, "var", True, id="fp32-T9-B5-H70-var-rev"),
     pytest.param(torch.float64, 5, 9, 33, "var", False, id="fp64-T5-B9-H33-var-fwd"),
@@ -663,7 +677,7 @@ def test_kernels_of_every_capability(capability, path, dtype, T, B, H, lengths, 
 
 
 # Every step product of each capability (auto picks one of them); B=67, H=260: a parallel region a step.
-@pytest.mark.parametrize("path", ["aten", "packed", "dot"])
+@pytest.mark.parametrize("path", ["aten", "packed", "in_place"])
 @pytest.mark.parametrize("dtype,T,B,H,lengths,reverse,resets", [
     pytest.param(torch.float32, 9, 5, 70, "var", True, "random", id="fp32-T9-B5-H70-var-rev-random"),
     pytest.param(torch.bfloat16, 4, 6, 40, "var", False, "random", id="bf16-T4-B6-H40-var-fwd-random"),
@@ -974,7 +988,7 @@ def test_cpu_vendor_matches_the_cpu_and_the_default_blas(monkeypatch):
         assert native.blas() == "onednn"
 
 
-@pytest.mark.parametrize("path", ["auto", "aten", "packed", "dot"])
+@pytest.mark.parametrize("path", ["auto", "aten", "packed", "in_place"])
 def test_small_linear_matches_torch(capability, path, monkeypatch):
     """fastrnn_cpu::small_linear (the packed panels of the step products, csrc/cpu/small_linear.cpp) against
     F.linear in fp64 in every capability and both product paths (FASTRNN_CPU_GEMM: the AVX2 / default copies

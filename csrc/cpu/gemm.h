@@ -100,13 +100,15 @@ struct Panels {
   const acc_t* panel(int64_t g, int64_t blk) const { return data.const_data_ptr<acc_t>() + (blk * groups + g) * K * P; }
 };
 
-// out[MR][P] = a[MR rows, K] @ panel[K][P], or += with `accumulate` (the later K blocks of a product).
+// out[MR][P] = a[MR rows, K] @ panel[K][P], or += with `accumulate` (the later K blocks of a product); ldp:
+// the panel's row stride (P packed; W_hh's row length where the backward reads W_hh as it lies, HiddenGemm).
 // The accumulators stay in registers: MR x 2 vectors, and for MR <= 2 a second set over odd k, so that
 // at least 4 independent FMA chains hide the 4-cycle FMA latency (a single row is then bound by streaming
 // the panel from L2, ~1 vector a cycle). The two sets are separate arrays: one [2][MR][2] array indexed
 // by the unrolled k made gcc 13 keep it on the stack (a store and reload per FMA: 4x slower at MR = 1).
 template <typename acc_t, int MR>
-inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, acc_t* out, bool accumulate) {
+inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t ldp, int64_t K, acc_t* out,
+                       bool accumulate) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t VS = Vec::size();
   constexpr int64_t P = 2 * VS;
@@ -119,8 +121,8 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
   int64_t k = 0;
   if constexpr (kSplitK) {
     for (; k + 2 <= K; k += 2) {
-      const acc_t* p = panel + k * P;
-      const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS), r2 = Vec::loadu(p + P), r3 = Vec::loadu(p + P + VS);
+      const acc_t* p = panel + k * ldp;
+      const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS), r2 = Vec::loadu(p + ldp), r3 = Vec::loadu(p + ldp + VS);
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
         const Vec a0(a[m * lda + k]), a1(a[m * lda + k + 1]);
@@ -132,7 +134,7 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
     }
   }
   for (; k < K; ++k) {
-    const acc_t* p = panel + k * P;
+    const acc_t* p = panel + k * ldp;
     const Vec r0 = Vec::loadu(p), r1 = Vec::loadu(p + VS);
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
@@ -168,7 +170,8 @@ inline void panel_tile(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
 // an 8-row tile of this form measured equal to the 4-row one (B=64, H=512 743-750 vs 741-748 us a step), so
 // both CPUs take it.
 template <int MR>
-inline void panel_tile_zmm(const float* a, int64_t lda, const float* panel, int64_t K, float* out, bool accumulate) {
+inline void panel_tile_zmm(const float* a, int64_t lda, const float* panel, int64_t ldp, int64_t K, float* out,
+                           bool accumulate) {
   constexpr int64_t P = 32;
   static_assert(panel_width<float>() == P, "the zmm tile is written for 16-float vectors");
   __m512 lo[MR], hi[MR];
@@ -177,7 +180,7 @@ inline void panel_tile_zmm(const float* a, int64_t lda, const float* panel, int6
     lo[m] = hi[m] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
-    const float* p = panel + k * P;
+    const float* p = panel + k * ldp;
     const __m512 r0 = _mm512_loadu_ps(p), r1 = _mm512_loadu_ps(p + 16);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -208,21 +211,21 @@ constexpr int64_t tile_rows() {
 #endif
 }
 
-// Rows [m0, m0 + mr) (mr in 1..tile_rows<acc_t>()) of one panel.
+// Rows [m0, m0 + mr) (mr in 1..tile_rows<acc_t>()) of one panel of row stride ldp.
 template <typename acc_t>
-inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t K, int64_t mr, acc_t* out,
-                       bool accumulate) {
+inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t ldp, int64_t K, int64_t mr,
+                       acc_t* out, bool accumulate) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     switch (mr) {
       case 8:
-        return panel_tile_zmm<8>(a, lda, panel, K, out, accumulate);
+        return panel_tile_zmm<8>(a, lda, panel, ldp, K, out, accumulate);
       case 7:
-        return panel_tile_zmm<7>(a, lda, panel, K, out, accumulate);
+        return panel_tile_zmm<7>(a, lda, panel, ldp, K, out, accumulate);
       case 6:
-        return panel_tile_zmm<6>(a, lda, panel, K, out, accumulate);
+        return panel_tile_zmm<6>(a, lda, panel, ldp, K, out, accumulate);
       case 5:
-        return panel_tile_zmm<5>(a, lda, panel, K, out, accumulate);
+        return panel_tile_zmm<5>(a, lda, panel, ldp, K, out, accumulate);
       default:
         break;
     }
@@ -230,16 +233,16 @@ inline void panel_rows(const acc_t* a, int64_t lda, const acc_t* panel, int64_t 
 #endif
   switch (mr) {
     case 4:
-      panel_tile<acc_t, 4>(a, lda, panel, K, out, accumulate);
+      panel_tile<acc_t, 4>(a, lda, panel, ldp, K, out, accumulate);
       break;
     case 3:
-      panel_tile<acc_t, 3>(a, lda, panel, K, out, accumulate);
+      panel_tile<acc_t, 3>(a, lda, panel, ldp, K, out, accumulate);
       break;
     case 2:
-      panel_tile<acc_t, 2>(a, lda, panel, K, out, accumulate);
+      panel_tile<acc_t, 2>(a, lda, panel, ldp, K, out, accumulate);
       break;
     default:
-      panel_tile<acc_t, 1>(a, lda, panel, K, out, accumulate);
+      panel_tile<acc_t, 1>(a, lda, panel, ldp, K, out, accumulate);
       break;
   }
 }

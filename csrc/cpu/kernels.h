@@ -63,7 +63,7 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
 constexpr int64_t kKernelsAbi = 10;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
                                     // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
-                                    // 9: library_products; 10: dot_products
+                                    // 9: library_products; 10: in_place_products
 
 struct Kernels {
   int64_t abi;
@@ -95,8 +95,8 @@ struct Kernels {
   // How many step products (HiddenGemm constructions) of this copy went through the library GEMM instead of the
   // packed panels (recurrence.h, library_products).
   int64_t (*library_products)();
-  // How many took the dot path on W_hh where it lies (recurrence.h, dot_products).
-  int64_t (*dot_products)();
+  // How many read W_hh where it lies, on the dot or the strided path (recurrence.h, in_place_products).
+  int64_t (*in_place_products)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -160,6 +160,6 @@ inline void set_output_allocator(c10::Allocator* allocator) { output_allocator()
                                              &k::small_linear,                                                 \
                                              &k::set_output_allocator,                                         \
                                              &k::library_products,                                             \
-                                             &k::dot_products};                                                \
+                                             &k::in_place_products};                                           \
     return &table;                                                                                             \
   }

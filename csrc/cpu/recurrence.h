@@ -315,14 +315,15 @@ void zero_reset_rows(const bool* resets, const int64_t* lengths, int64_t t, int6
 // B=64, H=512 371 vs 341; backward LSTM B=64, H=512 1534 vs 1287, GRU 1325 vs 986, RNN 339 vs 291 and at
 // B=32, H=256 82 vs 57. So: packed for several groups, or when A [B, K] fits L1 (small batch, where the
 // MKL call's overhead dominates: LSTM backward at B=8, H=128 takes 26 us packed, 37 with MKL).
-// A third, for a forward of few rows whose W_hh the panel cache does not keep: dot products on W_hh where it
-// lies (gemm.h, dot_rows), tile by tile like the packed panels, so also fused with the cell ("the dot path",
-// HiddenGemm). FASTRNN_CPU_GEMM=aten|packed|dot forces one (benchmarks and tests; dot where R is W_hh^T, the
-// packed panels elsewhere).
+// A third, for a call of few rows x steps whose W_hh the panel cache does not keep: W_hh read where it lies,
+// tile by tile like the packed panels, so also fused with the cell (HiddenGemm): in the forward by dot
+// products on its rows (gemm.h dot_rows, "the dot path"), in the backward as panel rows of stride H (the
+// packed tile on W_hh itself, "the strided path"). FASTRNN_CPU_GEMM=aten|packed|in_place forces one
+// (benchmarks and tests; in_place where W_hh allows it, the packed panels elsewhere).
 
 constexpr int64_t kL1Bytes = 32 * 1024;
 
-enum class GemmPath { kAuto, kAten, kPacked, kDot };
+enum class GemmPath { kAuto, kAten, kPacked, kInPlace };
 
 inline GemmPath gemm_path_override() {
   const char* env = std::getenv("FASTRNN_CPU_GEMM");
@@ -333,10 +334,10 @@ inline GemmPath gemm_path_override() {
   if (v == "aten") {
     return GemmPath::kAten;
   }
-  if (v == "dot") {
-    return GemmPath::kDot;
+  if (v == "in_place") {
+    return GemmPath::kInPlace;
   }
-  TORCH_CHECK(v == "packed", "FASTRNN_CPU_GEMM must be auto, aten, packed or dot, got '", v, "'");
+  TORCH_CHECK(v == "packed", "FASTRNN_CPU_GEMM must be auto, aten, packed or in_place, got '", v, "'");
   return GemmPath::kPacked;
 }
 
@@ -443,12 +444,13 @@ inline std::atomic<int64_t>& library_product_count() {
 }
 inline int64_t library_products() { return library_product_count().load(); }
 
-// The same for the dot path (W_hh where it lies, gemm.h dot_rows): torch.ops.fastrnn_cpu.dot_products().
-inline std::atomic<int64_t>& dot_product_count() {
+// The same for the products on W_hh where it lies (the dot and the strided paths):
+// torch.ops.fastrnn_cpu.in_place_products().
+inline std::atomic<int64_t>& in_place_product_count() {
   static std::atomic<int64_t> count{0};
   return count;
 }
-inline int64_t dot_products() { return dot_product_count().load(); }
+inline int64_t in_place_products() { return in_place_product_count().load(); }
 
 template <typename acc_t>
 class HiddenGemm {
@@ -480,6 +482,18 @@ class HiddenGemm {
   // H=512 bf16, same machine, dot / bf16 pairs: B=1 T=32 646 / 758; B=8 T=4 336 / 503, T=8 593 / 577, T=32 1968
   // / 1030; B=32 T=4 939 / 639.
   static constexpr int64_t kMaxDotRowSteps = 256, kMaxDotRowStepsBf16 = 64, kMaxDotRows = 64;
+  // The backward's product da W_hh reads W_hh [G*H, H] as it lies as panel rows of stride H (the strided path:
+  // the packed tile on W_hh itself, where H is a multiple of the panel width) for calls of at most
+  // kMaxStridedSteps steps and one register tile of rows: a panel row is then 128 B every 2 KB (H = 512), which
+  // the prefetchers stream at about a third of the packed panels' rate, and rows of another tile would read the
+  // same lines again (2 KB apart they share L1 sets). Backward op, Intel Xeon, AVX-512 copy, 2 threads, us,
+  // strided / packed: GRU H=512 B=1 T=1 75 / 309, T=16 905 / 604; B=8 T=1 115 / 366, T=16 1585 / 1233; LSTM
+  // H=512 B=1 T=1 106 / 441; over GRU and LSTM H=512, B=1-8 (bench/cpu_short_calls.py --ops) T=2 0.64-0.81 of
+  // the packed time, T=3 0.84-0.97, T=4 0.89-1.09.
+  static constexpr int64_t kMaxStridedSteps = 3;
+  static bool strided_wins(int64_t rows, int64_t steps) {
+    return rows <= tile_rows<acc_t>() && steps <= kMaxStridedSteps;
+  }
   static bool dot_wins(int64_t rows, int64_t steps, bool bf16_pairs) {
     const int64_t most = bf16_pairs ? kMaxDotRowStepsBf16 : kMaxDotRowSteps;
     return rows <= kMaxDotRows && steps <= most / std::max<int64_t>(rows, 1);
@@ -511,12 +525,17 @@ class HiddenGemm {
     const bool bf16_pairs = false;
 #endif
     dot_ = r.t().is_contiguous() &&
-           (path == GemmPath::kDot || (auto_path && unpacked && dot_wins(rows, steps, bf16_pairs)));
-    packed_ = !dot_ && (path == GemmPath::kPacked || path == GemmPath::kDot || (auto_path && packed_wins));
-    if (dot_) {
-      w_nk_ = r.t();  // W_hh [N, K], contiguous: read where it lies
+           (path == GemmPath::kInPlace || (auto_path && unpacked && dot_wins(rows, steps, bf16_pairs)));
+    // (A width that is not a multiple of P would have the last row's last block read past the weight.)
+    strided_ = !dot_ && r.is_contiguous() && groups == 1 && r.size(1) % P == 0 && !bf16_pairs &&
+               (path == GemmPath::kInPlace ||
+                (auto_path && !PanelCache<acc_t>::keeps(weight) && strided_wins(rows, steps)));
+    packed_ = !dot_ && !strided_ &&
+              (path == GemmPath::kPacked || path == GemmPath::kInPlace || (auto_path && packed_wins));
+    if (dot_ || strided_) {
+      w_nk_ = dot_ ? r.t() : r;  // W_hh where it lies: [N, K] for the dot path, [K, N] for the strided one
       panels_ = Panels<acc_t>(K, groups, r.size(1) / groups);
-      dot_product_count().fetch_add(1, std::memory_order_relaxed);
+      in_place_product_count().fetch_add(1, std::memory_order_relaxed);
       return;
     }
 #ifdef FASTRNN_BF16_DOT
@@ -542,7 +561,7 @@ class HiddenGemm {
 
   // Whether the product runs tile by tile in by_blocks (the packed panels or the dot path), so that the
   // recurrence loops can fuse it with the cell; else the library GEMM (product()).
-  bool tiled() const { return packed_ || dot_; }
+  bool tiled() const { return packed_ || dot_ || strided_; }
   bool bf16() const { return bf16_; }
 
   // What tells two packings of one weight apart in the cache: the view of it packed (forward: W^T, stride(0)
@@ -711,9 +730,10 @@ class HiddenGemm {
           /*height=*/kDotTileRows, /*slice_k=*/k_);
       return;
     }
+    const int64_t ldp = strided_ ? n_ : P;  // the strided path's panels are W_hh's rows
     tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t, int64_t mr,
                                     acc_t* out, bool accumulate) {
-      panel_rows(a + m * k_ + k0, k_, slice, kc, mr, out, accumulate);
+      panel_rows(a + m * k_ + k0, k_, slice, ldp, kc, mr, out, accumulate);
     });
   }
 
@@ -756,8 +776,9 @@ class HiddenGemm {
           for (int64_t k0 = 0; k0 < K; k0 += slice_k) {
             const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
-              const acc_t* slice = dot_ ? w_nk_.const_data_ptr<acc_t>() + (g * width + j0) * K + k0
-                                        : panels_.panel(g, blk) + k0 * P;
+              const acc_t* slice = dot_       ? w_nk_.const_data_ptr<acc_t>() + (g * width + j0) * K + k0
+                                   : strided_ ? w_nk_.const_data_ptr<acc_t>() + k0 * n_ + g * width + j0
+                                              : panels_.panel(g, blk) + k0 * P;
               for (int64_t m = r0; m < r1; m += tile_height) {
                 const int64_t rows = std::min<int64_t>(tile_height, r1 - m);
                 tile(m0 + m, k0, kc, slice, j1 - j0, rows, buffer + (g * kChunkRows + m) * P,
@@ -774,6 +795,7 @@ class HiddenGemm {
   int64_t rows_, groups_, n_, k_;
   bool packed_;
   bool dot_ = false;  // the dot path: w_nk_ = W_hh where it lies, panels_ its shape alone
+  bool strided_ = false;  // the strided path: w_nk_ = W_hh where it lies, read as panel rows of stride n_
   bool bf16_ = false;
   bool amx_ = false;  // bf16_ on AMX
   at::Tensor w_nk_;
