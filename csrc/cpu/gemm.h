@@ -93,7 +93,7 @@ struct Panels {
     }
   }
 
-  // The shape alone, no data: the dot path (HiddenGemm) reads W_hh where it lies, block by block.
+  // The shape alone, no data: the dot and strided paths (HiddenGemm) read W_hh where it lies, block by block.
   Panels(int64_t K_, int64_t groups_, int64_t width_)
       : K(K_), groups(groups_), width(width_), blocks((width_ + P - 1) / P) {}
 

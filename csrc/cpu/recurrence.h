@@ -515,8 +515,9 @@ class HiddenGemm {
     // forward B=32, H=256 15 vs 33, B=128, H=256 54 vs 74. The AVX2 copy on the same CPU still loses at
     // B=64, H=512 (LSTM backward 2124 vs 1113, RNN forward 217 vs 174), hence the rule below for it.
     const bool wide = at::vec::Vectorized<acc_t>::size() * bytes == 64;
-    const bool unpacked = r.t().is_contiguous() && !PanelCache<acc_t>::keeps(weight);
-    const bool short_call = steps < kMinStepsToPack && unpacked;
+    // r = W_hh^T with W_hh contiguous (the forward's) / r = W_hh contiguous (the backward's); not kept packed.
+    const bool transposed = r.t().is_contiguous(), uncached = !PanelCache<acc_t>::keeps(weight);
+    const bool short_call = steps < kMinStepsToPack && transposed && uncached;
     const bool packed_wins = !short_call && (wide || groups > 1 || rows * K * bytes < kL1Bytes);
     const bool auto_path = path == GemmPath::kAuto;
 #ifdef FASTRNN_BF16_DOT
@@ -524,16 +525,14 @@ class HiddenGemm {
 #else
     const bool bf16_pairs = false;
 #endif
-    dot_ = r.t().is_contiguous() &&
-           (path == GemmPath::kInPlace || (auto_path && unpacked && dot_wins(rows, steps, bf16_pairs)));
+    dot_ = transposed && (path == GemmPath::kInPlace || (auto_path && uncached && dot_wins(rows, steps, bf16_pairs)));
     // (A width that is not a multiple of P would have the last row's last block read past the weight.)
     strided_ = !dot_ && r.is_contiguous() && groups == 1 && r.size(1) % P == 0 && !bf16_pairs &&
-               (path == GemmPath::kInPlace ||
-                (auto_path && !PanelCache<acc_t>::keeps(weight) && strided_wins(rows, steps)));
+               (path == GemmPath::kInPlace || (auto_path && uncached && strided_wins(rows, steps)));
     packed_ = !dot_ && !strided_ &&
               (path == GemmPath::kPacked || path == GemmPath::kInPlace || (auto_path && packed_wins));
     if (dot_ || strided_) {
-      w_nk_ = dot_ ? r.t() : r;  // W_hh where it lies: [N, K] for the dot path, [K, N] for the strided one
+      w_ = dot_ ? r.t() : r;
       panels_ = Panels<acc_t>(K, groups, r.size(1) / groups);
       in_place_product_count().fetch_add(1, std::memory_order_relaxed);
       return;
@@ -554,13 +553,13 @@ class HiddenGemm {
       panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, false),
                                        [&] { return Panels<acc_t>(r, groups); });
     } else {
-      w_nk_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
+      w_ = r.t().contiguous();  // [N, K]: the weight layout of fastrnn_cpu::linear, made once per call
       library_product_count().fetch_add(1, std::memory_order_relaxed);
     }
   }
 
-  // Whether the product runs tile by tile in by_blocks (the packed panels or the dot path), so that the
-  // recurrence loops can fuse it with the cell; else the library GEMM (product()).
+  // Whether the product runs tile by tile in by_blocks (the packed panels, the dot or the strided path), so
+  // that the recurrence loops can fuse it with the cell; else the library GEMM (product()).
   bool tiled() const { return packed_ || dot_ || strided_; }
   bool bf16() const { return bf16_; }
 
@@ -663,7 +662,7 @@ class HiddenGemm {
                                      .findSchemaOrThrow("fastrnn_cpu::linear", "")
                                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                        const std::optional<at::Tensor>&)>();
-      c.copy_(linear.call(a, w_nk_, std::nullopt));
+      c.copy_(linear.call(a, w_, std::nullopt));
       return;
     }
     const int64_t width = panels_.width;
@@ -722,7 +721,7 @@ class HiddenGemm {
     }
 #endif
     if (dot_) {
-      // One call a (tile of rows, group, column block), over the whole K: w_nk_'s rows [g * width + j0, + cols).
+      // One call a (tile of rows, group, column block), over the whole K: w_'s rows [g * width + j0, + cols).
       tiles(
           rows, begin, end, fn,
           [&](int64_t m, int64_t k0, int64_t kc, const acc_t* w, int64_t cols, int64_t mr, acc_t* out,
@@ -757,8 +756,8 @@ class HiddenGemm {
   // product for rows [0, product_rows) only (0: no product), fn for every row;
   // tile(m, k0, kc, slice, cols, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 +
   // kc) of the block's `cols` columns, mr <= height (by default the register tile's: 8 for fp32 in the AVX-512
-  // copy, gemm.h panel_tile_zmm, else 4, bf16 pairs too), kc <= slice_k; on the dot path slice points at
-  // W_hh's row of the block's first column, at k0.
+  // copy, gemm.h panel_tile_zmm, else 4, bf16 pairs too), kc <= slice_k; slice points at the panel's row k0,
+  // on the dot path at W_hh's row of the block's first column (at k0), on the strided path at W_hh[k0, j0].
   template <typename F, typename Tile>
   void tiles(int64_t product_rows, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
              int64_t slice_k = kSliceK) const {
@@ -776,8 +775,8 @@ class HiddenGemm {
           for (int64_t k0 = 0; k0 < K; k0 += slice_k) {
             const int64_t kc = std::min(slice_k, K - k0);
             for (int64_t g = 0; g < groups_; ++g) {
-              const acc_t* slice = dot_       ? w_nk_.const_data_ptr<acc_t>() + (g * width + j0) * K + k0
-                                   : strided_ ? w_nk_.const_data_ptr<acc_t>() + k0 * n_ + g * width + j0
+              const acc_t* slice = dot_       ? w_.const_data_ptr<acc_t>() + (g * width + j0) * K + k0
+                                   : strided_ ? w_.const_data_ptr<acc_t>() + k0 * n_ + g * width + j0
                                               : panels_.panel(g, blk) + k0 * P;
               for (int64_t m = r0; m < r1; m += tile_height) {
                 const int64_t rows = std::min<int64_t>(tile_height, r1 - m);
@@ -794,11 +793,11 @@ class HiddenGemm {
 
   int64_t rows_, groups_, n_, k_;
   bool packed_;
-  bool dot_ = false;  // the dot path: w_nk_ = W_hh where it lies, panels_ its shape alone
-  bool strided_ = false;  // the strided path: w_nk_ = W_hh where it lies, read as panel rows of stride n_
+  bool dot_ = false;      // the dot path: W_hh's rows (w_) times A's, panels_ its shape alone
+  bool strided_ = false;  // the strided path: W_hh (w_) read as panel rows of stride n_, panels_ its shape alone
   bool bf16_ = false;
   bool amx_ = false;  // bf16_ on AMX
-  at::Tensor w_nk_;
+  at::Tensor w_;  // W_hh where it lies: [N, K] for the library and dot paths (r^T), [K, N] for the strided one (r)
   Panels<acc_t> panels_;
 };
 
