@@ -539,7 +539,7 @@ class HiddenGemm {
     }
 #ifdef FASTRNN_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
-      bf16_ = packed_ && storage == at::kBFloat16 && bf16_dot_allowed();
+      bf16_ = packed_ && bf16_pairs;
       if (bf16_) {
         panels_ = PanelCache<acc_t>::get(weight, cache_layout(r, groups, true),
                                          [&] { return bf16_pair_panels(r, groups); });  // exact: r holds bf16 values
