@@ -1,6 +1,7 @@
 """Smoke tests of `python -m fastrnn bench|check|plot` on tiny sizes, and the pieces with exact answers
 (FLOP counts, percentiles). A few seconds in all; the timings themselves are not checked."""
 
+import collections
 import io
 import json
 
@@ -35,14 +36,19 @@ def test_percentile_matches_numpy():
         assert timing.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_interleaved_rounds_rotate_which_call_comes_first():
-    """measure_interleaved: every fn once a round, and each round starts one fn later, so no fn always follows
-    the same other one (a call right after torch.nn's large frees can be slow on some VMs: timing.py)."""
+def test_interleaved_rounds_take_every_order_so_each_call_follows_each_other_equally():
+    """measure_interleaved: every fn once a round, the rounds taking every order in turn, so that within the
+    rounds each fn comes right after each other one equally often (the call after another pays for the caches
+    and memory that one left: timing.py). A rotation alone (abc, bca, cab) had b after a in every round."""
     order = []
     calls = {name: (lambda name=name: order.append(name), None) for name in "abc"}
-    times = timing.measure_interleaved(calls, "cpu", timing.Repeats(warmup=0, min_reps=3, max_reps=3, budget_s=0))
-    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
-    assert "".join(order) == "abcbcacab"
+    times = timing.measure_interleaved(calls, "cpu", timing.Repeats(warmup=0, min_reps=6, max_reps=6, budget_s=0))
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, "b": 6, "c": 6}
+    rounds = ["".join(order[k : k + 3]) for k in range(0, 18, 3)]
+    assert sorted(rounds) == ["abc", "acb", "bac", "bca", "cab", "cba"]
+    follows = collections.Counter(r[i : i + 2] for r in rounds for i in range(2))
+    assert set(follows) == {x + y for x in "abc" for y in "abc" if x != y}
+    assert set(follows.values()) == {2}
 
 
 def test_cpu_case_set_is_the_twelve_targets_on_two_threads():

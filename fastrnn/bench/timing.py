@@ -5,6 +5,7 @@ backend are timed by the same code.
 """
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -66,9 +67,13 @@ def measure_interleaved(calls, device, repeats):
     """{name: seconds of each timed call} for several {name: (fn, reset)}, timed round-robin: each round
     calls every fn once, so a change in machine speed during the measurement (on a shared 2-core VM two
     back-to-back runs differed by up to 1.8x in p50 when each module was timed in a block of its own)
-    slows all of them alike and their ratios, the speedups, stay fair. Each round starts one fn later than
-    the one before, so no fn always runs right after the same other one (on a VM that hands freed memory
-    back to its host, the call right after torch.nn's large frees took 2-4x: docs/cpu.md, "Memory").
+    slows all of them alike and their ratios, the speedups, stay fair. The rounds take the orders of the fns
+    in turn (every permutation, then again), so each fn follows each other one equally often: the call right
+    after another pays for what that one left behind (on a VM that hands freed memory back to its host, the
+    call right after torch.nn's large frees took 2-4x: docs/cpu.md, "Memory"; at (50,1,64,128) the LSTM module
+    right after torch.nn's took ~35 us more than right after fastrnn's, the caches torch.nn's call had filled
+    (Intel Xeon with AMX, 2026-12-04). A rotation alone kept one cyclic order: with [torch.nn, auto, cpu], auto
+    followed torch.nn in 2 rounds of 3.)
     `reset()` runs before each call, untimed (e.g. dropping .grad so that backward does not time an
     accumulation). Rounds go on until there are min_reps, then until max_reps or budget_s per fn of timed
     calls in all."""
@@ -80,10 +85,9 @@ def measure_interleaved(calls, device, repeats):
     times = {name: [] for name in calls}
     budget = repeats.budget_s * len(calls)
     rounds, spent = 0, 0.0
-    names = list(calls)
+    orders = itertools.cycle(itertools.permutations(calls))
     while rounds < repeats.min_reps or (rounds < repeats.max_reps and spent < budget):
-        first = rounds % len(names)
-        for name in names[first:] + names[:first]:
+        for name in next(orders):
             fn, reset = calls[name]
             seconds = _timed_call(fn, reset, device)
             times[name].append(seconds)
