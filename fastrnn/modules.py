@@ -39,7 +39,7 @@ AUTO_FP32_TRAINING_MIN_GATES = 2_250_000
 # fastrnn's at any size (_fastrnn_trains_small_lstms_faster).
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
 # And fp32 LSTM inference from AUTO_TORCH_NN_MIN_BATCH with batch * hidden size at most this, under the same
-# condition on AMD CPUs (_fastrnn_runs_small_lstm_inference_faster).
+# condition on AMD and Intel CPUs (_fastrnn_runs_small_lstm_inference_faster).
 AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
 # GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
 # acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
@@ -153,9 +153,10 @@ def _fastrnn_trains_small_lstms_faster():
 
 def _fastrnn_runs_small_lstm_inference_faster():
     """Whether fp32 LSTM inference from batch 8 of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN stays
-    fastrnn's (_torch_nn_is_faster): on AMD CPUs under _fastrnn_trains_small_lstms_faster's condition (measured
-    faster on a Zen 5; on an Intel Xeon with AMX torch.nn's oneDNN LSTM was as fast or faster, 0.84-1.03)."""
-    return _fastrnn_trains_small_lstms_faster() and _cpu_vendor() == "amd"
+    fastrnn's (_torch_nn_is_faster): on AMD and Intel CPUs (the two measured: a Zen 5, and an Intel Xeon with AMX
+    since the cells run on pairs of vectors, 544590c; before them torch.nn's oneDNN LSTM was as fast or faster
+    there, 0.84-1.03) under _fastrnn_trains_small_lstms_faster's condition."""
+    return _fastrnn_trains_small_lstms_faster() and _cpu_vendor() in ("amd", "intel")
 
 
 @functools.cache
@@ -235,8 +236,11 @@ class _RecurrentMixin(_FastRNNModule):
           torch.nn's allocations warm), 2 layers 1.08-1.47, bidirectional 1.10-1.51; B = 12 H = 64 1.22-1.38; B = 16
           H = 64 1.26-1.33; above 1024: B = 8 H = 192 0.98-1.34 (the lows at T = 200), B = 8-16 H = 256 0.92-1.17,
           B = 16 H = 128 0.99-1.12; 1 thread, B = 8, H = 64-192: 1.10-1.17 at T = 16, 0.93-0.97 at T = 200; on an
-          Intel Xeon with AMX (family 6 model 167, AVX-512 copy, 2 threads, da4948d) torch.nn's as fast or faster:
-          B = 8 H = 64 1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64 0.84-0.85; bf16 forward 0.45-0.68 (1 thread),
+          Intel Xeon with AMX (family 6 model 167, AVX-512 copy, 2 threads) torch.nn's as fast or faster before the
+          cells ran on pairs of vectors (da4948d: B = 8 H = 64 1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64
+          0.84-0.85), fastrnn's since (544590c, medians of alternated calls, T = 16-200, I = H): B = 8 H = 64-128
+          1.03-1.35, B = 12 H = 64 1.17-1.20, B = 16 H = 64 1.06-1.11, 2 layers 1.05-1.32, bidirectional 1.07-1.35;
+          above 1024: B = 12-16 H = 96-128 0.90-1.01 (2 layers, bidirectional 0.90-1.01); bf16 forward 0.45-0.68 (1 thread),
           0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads, e4cc676). bf16 in
           inference only: fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge pages) measured faster,
           1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11 (2 threads; the benchmark's run: 0.98 / 1.25 /
