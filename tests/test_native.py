@@ -258,6 +258,44 @@ def test_kernels_with_an_odd_thread_count():
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_split_among_the_threads(threads, monkeypatch):
+    """A recurrence's rows (the batch) split among the threads, each taking every column block of its rows,
+    instead of the column blocks (recurrence.h, HiddenGemm::row_split_threads): from kMinSplitRows (4) rows a
+    thread with a W_hh of at most kMaxSplitBytes (1 MB), else by columns; FASTRNN_CPU_SPLIT=rows forces it from
+    one row a thread, =columns never. The counter shows the rule's limits; both ways every op matches the
+    reference ops (lengths sorted: finished rows skip the product inside a thread's rows; resets; 3 threads:
+    uneven shares; bf16). (Not bit for bit: a register tile of 1-2 rows sums odd and even k apart, gemm.h
+    panel_tile, and the two ways cut the rows into tiles differently.)"""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    split = torch.ops.fastrnn_cpu.row_split_recurrences
+    try:
+        def splits(B, H):
+            fwd, _ = rnn_args(3, B, H, False, torch.float32, None, False)
+            before = split()
+            torch.ops.fastrnn.rnn_fwd(*fwd)
+            return split() - before
+
+        # Two threads' 4 rows at least (as many threads as have 4 rows each), at most 1 MB of W_hh.
+        assert splits(8, 40) == 1
+        assert splits(7, 40) == 0
+        assert splits(4 * threads, 512) == 1  # W_hh 512 x 512 fp32: 1 MB
+        assert splits(4 * threads, 513) == 0
+        monkeypatch.setenv("FASTRNN_CPU_SPLIT", "columns")
+        assert splits(4 * threads, 40) == 0
+        monkeypatch.setenv("FASTRNN_CPU_SPLIT", "rows")
+        assert splits(2, 513) == 1
+
+        for mode in ("rows", "columns"):
+            monkeypatch.setenv("FASTRNN_CPU_SPLIT", mode)
+            check_kernels(torch.float32, 7, 9, 70, "sorted", True, "random")
+            check_kernels(torch.float64, 5, 8, 33, "var", False)
+            check_kernels(torch.bfloat16, 4, 10, 40, None, True)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gemm_path_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FASTRNN_CPU_GEMM", "mkl")
     fwd, _ = rnn_args(2, 2, 4, False, torch.float32, None, False)

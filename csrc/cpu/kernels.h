@@ -61,9 +61,9 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 10;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+constexpr int64_t kKernelsAbi = 11;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
                                     // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
-                                    // 9: library_products; 10: in_place_products
+                                    // 9: library_products; 10: in_place_products; 11: row_split_recurrences
 
 struct Kernels {
   int64_t abi;
@@ -97,6 +97,8 @@ struct Kernels {
   int64_t (*library_products)();
   // How many read W_hh where it lies, on the dot or the strided path (recurrence.h, in_place_products).
   int64_t (*in_place_products)();
+  // How many recurrences split their rows among the threads (recurrence.h, row_split_recurrences).
+  int64_t (*row_split_recurrences)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -160,6 +162,7 @@ inline void set_output_allocator(c10::Allocator* allocator) { output_allocator()
                                              &k::small_linear,                                                 \
                                              &k::set_output_allocator,                                         \
                                              &k::library_products,                                             \
-                                             &k::in_place_products};                                           \
+                                             &k::in_place_products,                                            \
+                                             &k::row_split_recurrences};                                       \
     return &table;                                                                                             \
   }

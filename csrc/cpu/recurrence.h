@@ -470,6 +470,14 @@ inline std::atomic<int64_t>& in_place_product_count() {
 }
 inline int64_t in_place_products() { return in_place_product_count().load(); }
 
+// And of the recurrences (HiddenGemm::run_steps) that split their rows among the threads:
+// torch.ops.fastrnn_cpu.row_split_recurrences().
+inline std::atomic<int64_t>& row_split_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+inline int64_t row_split_recurrences() { return row_split_count().load(); }
+
 template <typename acc_t>
 class HiddenGemm {
  public:
@@ -611,7 +619,7 @@ class HiddenGemm {
   template <typename F>
   void by_blocks(const acc_t* a, int64_t cost, const F& fn, int64_t product_rows = INT64_MAX) const {
     at::parallel_for(0, panels_.blocks, grain(a != nullptr, cost),
-                     [&](int64_t begin, int64_t end) { blocks_range(a, product_rows, begin, end, fn); });
+                     [&](int64_t begin, int64_t end) { blocks_range(a, product_rows, begin, end, 0, rows_, fn); });
   }
 
   // A whole recurrence: for s in [0, steps), by_blocks(a_of(s), cost, fn(s, ...), rows_of(s)), then
@@ -628,21 +636,69 @@ class HiddenGemm {
   // long steps keep a region a step.
   static constexpr int64_t kMaxPersistentStepCycles = 256 * 1024;
 
+  // Threads that split a recurrence's rows (the batch) among them, each taking every column block of its rows,
+  // instead of the column blocks: 0 where the column blocks are split. The rows of a recurrence never meet (row b
+  // of a step reads row b of the state), so split by rows a thread reads only the state it wrote itself, where
+  // split by columns each thread reads at every step the other threads' shares of the state, just written in
+  // their caches, and waits for them at the barrier. Each thread then streams all of W_hh a step instead of its
+  // share, so only from kMinSplitRows rows a thread and for a W_hh of at most kMaxSplitBytes (one core's L2 holds
+  // it). Ops, Intel Xeon with AMX, AVX-512 copy, 2 threads, us a step, columns / rows, forward and backward: B=8,
+  // H=128 RNN 2.22 / 1.75, 2.46 / 1.84; GRU 4.26 / 4.19, 8.21 / 5.04; LSTM 5.67 / 5.67, 9.17 / 5.80; B=32, H=256
+  // RNN 19.0 / 15.4, 20.1 / 14.7; GRU 44.5 / 41.5, 61.5 / 45.0; LSTM 59.1 / 56.0, 72.1 / 55.6; B=16, H=64 RNN
+  // 1.96 / 1.30, LSTM 4.43 / 3.89, 6.83 / 3.56; B=64, H=512 RNN (W_hh 1 MB) 108 / 98, 121 / 99. Against: 2 rows a
+  // thread (B=4, H=128) RNN 1.33 / 1.46, LSTM 3.38 / 4.67 forward; W_hh over 1 MB (B=64, H=512) GRU 327 / 355,
+  // LSTM 457 / 504 forward, backward equal. FASTRNN_CPU_SPLIT=rows|columns forces one (rows: from 1 row a thread,
+  // any W_hh; benchmarks and tests), read at each call.
+  static constexpr int64_t kMinSplitRows = 4;
+  static constexpr int64_t kMaxSplitBytes = 1 << 20;
+  int64_t row_split_threads() const {
+    const char* env = std::getenv("FASTRNN_CPU_SPLIT");
+    const std::string v = env == nullptr ? "" : env;
+    TORCH_CHECK(v.empty() || v == "rows" || v == "columns", "FASTRNN_CPU_SPLIT must be rows or columns, got '", v,
+                "'");
+    if (v == "columns" || at::in_parallel_region() ||
+        (v.empty() && k_ * n_ * static_cast<int64_t>(sizeof(acc_t)) > kMaxSplitBytes)) {
+      return 0;
+    }
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), v == "rows" ? rows_ : rows_ / kMinSplitRows);
+    return threads >= 2 ? threads : 0;
+  }
+
   // one_region = false: a region a step whatever the step's length (serial is too heavy for one thread).
   template <typename A, typename R, typename F, typename S>
   void run_steps(int64_t steps, int64_t cost, bool one_region, const A& a_of, const R& rows_of, const F& fn,
                  const S& serial) const {
-    const int64_t blocks = panels_.blocks, g = grain(true, cost);
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), (blocks + g - 1) / g);
-    auto step = [&](int64_t s, int64_t begin, int64_t end) {
-      blocks_range(a_of(s), rows_of(s), begin, end,
+    const int64_t blocks = panels_.blocks, g = grain(true, cost), split = row_split_threads();
+    const int64_t threads = split > 0 ? split : std::min<int64_t>(at::get_num_threads(), (blocks + g - 1) / g);
+    if (split > 0) {
+      row_split_count().fetch_add(1, std::memory_order_relaxed);
+    }
+    // Step s of the column blocks [begin, end) of rows [row0, row1).
+    auto step = [&](int64_t s, int64_t begin, int64_t end, int64_t row0, int64_t row1) {
+      blocks_range(a_of(s), rows_of(s), begin, end, row0, row1,
                    [&](int64_t m0, int64_t mr, int64_t j0, int64_t j1, const acc_t* tiles, int64_t gstride) {
                      fn(s, m0, mr, j0, j1, tiles, gstride);
                    });
     };
+    // Thread t of n: its rows (split > 0: all column blocks) or its column blocks (all rows).
+    auto share = [&](int64_t s, int64_t t, int64_t n) {
+      if (split > 0) {
+        step(s, 0, blocks, rows_ * t / n, rows_ * (t + 1) / n);
+      } else {
+        step(s, blocks * t / n, blocks * (t + 1) / n, 0, rows_);
+      }
+    };
     if (!one_region || blocks * block_cycles(true, cost) > kMaxPersistentStepCycles) {
       for (int64_t s = 0; s < steps; ++s) {
-        by_blocks(a_of(s), cost, [&](auto... args) { fn(s, args...); }, rows_of(s));
+        if (split > 0) {
+          at::parallel_for(0, split, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+              share(s, t, split);
+            }
+          });
+        } else {
+          by_blocks(a_of(s), cost, [&](auto... args) { fn(s, args...); }, rows_of(s));
+        }
         serial(s);
       }
       return;
@@ -654,9 +710,8 @@ class HiddenGemm {
       {
         // The team may be smaller than asked for (nested regions, OMP_THREAD_LIMIT): split by its real size.
         const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-        const int64_t begin = blocks * tid / team, end = blocks * (tid + 1) / team;
         for (int64_t s = 0; s < steps; ++s) {
-          step(s, begin, end);
+          share(s, tid, team);
           barrier.wait(team, [&] { serial(s); });  // on the last thread to finish step s
         }
       }
@@ -664,7 +719,7 @@ class HiddenGemm {
     }
 #endif
     for (int64_t s = 0; s < steps; ++s) {
-      step(s, 0, blocks);
+      step(s, 0, blocks, 0, rows_);
       serial(s);
     }
   }
@@ -707,11 +762,13 @@ class HiddenGemm {
     return std::max<int64_t>(1, kMinParallelCycles / block_cycles(product, cost));
   }
 
-  // by_blocks' work for the column blocks [begin, end), on the calling thread: the fp32/fp64 tile, or on bf16
-  // pairs the avx512_bf16 tile, with a rounded to bf16 first (once per thread and step: B*K values, e.g.
-  // 32K at B=64, K=512, where the whole bf16 step takes 640-800 us on one core: bench/cpu_bf16_steps.py).
+  // by_blocks' work for the column blocks [begin, end) of rows [row0, row1), on the calling thread: the fp32/fp64
+  // tile, or on bf16 pairs the avx512_bf16 tile, with a rounded to bf16 first (all of it, once per thread and step:
+  // B*K values, e.g. 32K at B=64, K=512, where the whole bf16 step takes 640-800 us on one core:
+  // bench/cpu_bf16_steps.py).
   template <typename F>
-  void blocks_range(const acc_t* a, int64_t product_rows, int64_t begin, int64_t end, const F& fn) const {
+  void blocks_range(const acc_t* a, int64_t product_rows, int64_t begin, int64_t end, int64_t row0, int64_t row1,
+                    const F& fn) const {
     const int64_t rows = a == nullptr ? 0 : product_rows;  // rows with a product (tiles)
 #ifdef FASTRNN_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -721,7 +778,7 @@ class HiddenGemm {
         if (amx_) {
           // One kernel call a (chunk of rows, group, column block), over the whole K: AMX tiles 16 rows.
           tiles(
-              rows, begin, end, fn,
+              rows, begin, end, row0, row1, fn,
               [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t, int64_t mr, float* out,
                   bool accumulate) {
                 bf16_amx_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
@@ -730,10 +787,9 @@ class HiddenGemm {
           bf16_amx_release();
           return;
         }
-        tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t, int64_t mr,
-                                        float* out, bool accumulate) {
-          bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate);
-        });
+        tiles(rows, begin, end, row0, row1, fn,
+              [&](int64_t m, int64_t k0, int64_t kc, const float* slice, int64_t, int64_t mr, float* out,
+                  bool accumulate) { bf16_pair_rows(a2 + m * pairs + k0, pairs, slice, kc, mr, out, accumulate); });
         return;
       }
     }
@@ -741,17 +797,16 @@ class HiddenGemm {
     if (dot_) {
       // One call a (tile of rows, group, column block), over the whole K: w_'s rows [g * width + j0, + cols).
       tiles(
-          rows, begin, end, fn,
+          rows, begin, end, row0, row1, fn,
           [&](int64_t m, int64_t k0, int64_t kc, const acc_t* w, int64_t cols, int64_t mr, acc_t* out,
               bool accumulate) { dot_rows(a + m * k_ + k0, k_, w, k_, kc, cols, mr, out, accumulate); },
           /*height=*/kDotTileRows, /*slice_k=*/k_);
       return;
     }
     const int64_t ldp = strided_ ? n_ : P;  // the strided path's panels are W_hh's rows
-    tiles(rows, begin, end, fn, [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t, int64_t mr,
-                                    acc_t* out, bool accumulate) {
-      panel_rows(a + m * k_ + k0, k_, slice, ldp, kc, mr, out, accumulate);
-    });
+    tiles(rows, begin, end, row0, row1, fn,
+          [&](int64_t m, int64_t k0, int64_t kc, const acc_t* slice, int64_t, int64_t mr, acc_t* out,
+              bool accumulate) { panel_rows(a + m * k_ + k0, k_, slice, ldp, kc, mr, out, accumulate); });
   }
 
   // a [rows, K] fp32 -> bf16 rows of (K + 1) / 2 32-bit pairs (an odd K padded with 0), in a buffer of the
@@ -770,23 +825,23 @@ class HiddenGemm {
     return buffer.data();
   }
 
-  // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16), the
-  // product for rows [0, product_rows) only (0: no product), fn for every row;
+  // The loop nest of blocks_range over panel rows (a panel row: one k of fp32/fp64, one pair of bf16) for rows
+  // [row0, row1), the product for rows [0, product_rows) only (0: no product), fn for every row;
   // tile(m, k0, kc, slice, cols, mr, out, accumulate) multiplies rows [m, m + mr) of A by panel rows [k0, k0 +
   // kc) of the block's `cols` columns, mr <= height (by default the register tile's: 8 for fp32 in the AVX-512
   // copy, gemm.h panel_tile_zmm, else 4, bf16 pairs too), kc <= slice_k; slice points at the panel's row k0,
   // on the dot path at W_hh's row of the block's first column (at k0), on the strided path at W_hh[k0, j0].
   template <typename F, typename Tile>
-  void tiles(int64_t product_rows, int64_t begin, int64_t end, const F& fn, const Tile& tile, int64_t height = 0,
-             int64_t slice_k = kSliceK) const {
+  void tiles(int64_t product_rows, int64_t begin, int64_t end, int64_t row0, int64_t row1, const F& fn,
+             const Tile& tile, int64_t height = 0, int64_t slice_k = kSliceK) const {
     const int64_t K = panels_.K, width = panels_.width;
     const int64_t tile_height = height > 0 ? height : (bf16_ ? 4 : tile_rows<acc_t>());
     const int64_t sub_rows = std::max<int64_t>(tile_height, kChunkRows / groups_ / tile_height * tile_height);
     alignas(64) acc_t buffer[4 * kChunkRows * P];  // [groups <= 4][rows <= kChunkRows][P]: 16 KB
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * P, j1 = std::min(width, j0 + P);
-      for (int64_t m0 = 0; m0 < rows_; m0 += kChunkRows) {
-        const int64_t mr = std::min(kChunkRows, rows_ - m0);
+      for (int64_t m0 = row0; m0 < row1; m0 += kChunkRows) {
+        const int64_t mr = std::min(kChunkRows, row1 - m0);
         const int64_t mp = std::clamp<int64_t>(product_rows - m0, 0, mr);  // rows of this chunk with a product
         for (int64_t r0 = 0; r0 < mp; r0 += sub_rows) {
           const int64_t r1 = std::min(mp, r0 + sub_rows);
