@@ -36,8 +36,10 @@ AUTO_TORCH_NN_FP16_MIN_BATCH = 32
 # (2.15 M) and the smallest measured faster (2.29 M; Intel Xeon, 2026-12-03).
 AUTO_FP32_TRAINING_MIN_GATES = 2_250_000
 # And fp32 LSTM training of at most this batch on fastrnn's AVX-512 copy with two threads or more, which stays
-# fastrnn's at any size (_fastrnn_trains_small_lstms_faster).
+# fastrnn's at any size (_fastrnn_trains_small_lstms_faster); on Intel CPUs of at most _INTEL (measured on a Xeon
+# with AMX since the cells run on pairs of vectors and the threads split the rows, 544590c-5a9c4a7).
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
+AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL = 16
 # And fp32 LSTM inference from AUTO_TORCH_NN_MIN_BATCH with batch * hidden size at most this, under the same
 # condition on AMD and Intel CPUs (_fastrnn_runs_small_lstm_inference_faster).
 AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
@@ -251,7 +253,11 @@ class _RecurrentMixin(_FastRNNModule):
           sizes of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8
           (1 thread); 2 layers or bidirectional 1.16-2.23 (2 threads; docs/benchmarks.md, "Issue 11's targets on an
           Ice Lake Xeon");
-        - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1), and at
+        - fp32 when a gradient will flow (training), from batch 3 (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1; on Intel
+          CPUs from batch 17, AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL + 1: on the Xeon with AMX, since the cells
+          run on pairs of vectors and the threads split the rows (544590c-5a9c4a7, 2 threads, medians of alternated
+          calls, I = H), forward+backward at B = 3-16, H = 64-256, T = 16-200 measured 0.99-1.46 (all but one row
+          from 1.00), 2 layers and bidirectional at B = 4-16 1.02-1.39, against 0.95-1.11 at B = 32-64), and at
           any batch with one thread or off fastrnn's AVX-512 copy (_fastrnn_trains_small_lstms_faster). Below it with
           2 threads fastrnn's forward+backward measured, one layer over T = 4-200, I = 64 or H, H = 64-256 (p10 of
           interleaved blocks; medians within a few %): B = 1 1.09-1.69, B = 2 1.06-1.67 with glibc's default malloc,
@@ -319,7 +325,9 @@ class _RecurrentMixin(_FastRNNModule):
                 return batch >= AUTO_TORCH_NN_MIN_BATCH and not (
                     batch * self.hidden_size <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN
                     and _fastrnn_runs_small_lstm_inference_faster())
-            if batch <= AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH and _fastrnn_trains_small_lstms_faster():
+            most = (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL if _cpu_vendor() == "intel"
+                    else AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH)
+            if batch <= most and _fastrnn_trains_small_lstms_faster():
                 return False
             gates = shape[0] * shape[1] * 4 * self.hidden_size if len(shape) == 3 else 0
             return gates < AUTO_FP32_TRAINING_MIN_GATES or not _fastrnn_trains_large_lstms_faster()

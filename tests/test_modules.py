@@ -343,8 +343,10 @@ def test_auto_hands_cpu_lstm_of_batch_8_and_more_to_torch_nn(dtype, monkeypatch)
     PackedSequence (torch.nn's packed LSTM has no oneDNN path: slower than fastrnn's), in fp16, with an
     explicit backend and under a torch.func transform, fastrnn's ops run."""
     # bf16 goes to torch.nn only where the CPU has avx512_bf16 (test_auto_rules_keyed_on_cpu_features): patched
-    # in, so the batch rule runs on any CPU.
+    # in, so the batch rule runs on any CPU; and an AMD CPU (on Intel CPUs fp32 training of batch 8 stays fastrnn's:
+    # test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads).
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: "amd")
     model = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle = nn.LSTM(4, 5, num_layers=2, bidirectional=True).to(dtype)
     oracle.load_state_dict(model.state_dict())
@@ -457,15 +459,16 @@ def test_large_lstm_training_rule_keyed_on_the_measured_paths(isa, blas, onednn_
 
 
 def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeypatch):
-    """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2), padded, any layers and
-    directions, a PackedSequence of one sequence too, stays fastrnn's where its AVX-512 copy runs and torch runs
-    two threads or more (measured faster, docs/api.md); from the next batch, at any batch with one thread and off
-    the AVX-512 copy, torch.nn's. So does inference from batch 8 up to batch * H =
+    """fp32 LSTM training of batch up to AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH (2; on Intel CPUs _INTEL, 16), padded,
+    any layers and directions, a PackedSequence of one sequence too, stays fastrnn's where its AVX-512 copy runs
+    and torch runs two threads or more (measured faster, docs/api.md); from the next batch, at any batch with one
+    thread and off the AVX-512 copy, torch.nn's. So does inference from batch 8 up to batch * H =
     AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN, on AMD and Intel CPUs (the two measured). Gradients against
     torch.nn in fp64. The capability and the vendor are patched, so the rule runs on any CPU."""
     from fastrnn.backends import native
 
     max_batch = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH
+    max_batch_intel = fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL
     model = fastrnn.LSTM(3, 6, num_layers=2, bidirectional=True)
     oracle = nn.LSTM(3, 6, num_layers=2, bidirectional=True)
     oracle.load_state_dict(model.state_dict())
@@ -474,6 +477,8 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
         for isa, n_threads, batch, runs_ours, vendor in (
                 ("avx512", 2, max_batch, True, "amd"), ("avx512", 2, 1, True, "amd"), ("avx512", 2, 1, True, "intel"),
                 ("avx512", 2, 1, True, "other"), ("avx512", 2, max_batch + 1, False, "amd"),
+                ("avx512", 2, max_batch_intel, True, "intel"), ("avx512", 2, max_batch_intel + 1, False, "intel"),
+                ("avx512", 1, max_batch_intel, False, "intel"),
                 ("avx512", 1, 1, False, "amd"), ("avx2", 2, 1, False, "amd")):
             monkeypatch.setattr(native, "cpu_capability", lambda: isa)
             monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: vendor)
@@ -617,12 +622,14 @@ def test_large_allocation_probe():
         assert out.stdout.split()[-1] == str(expected), (extra, out.stdout)
 
 
-def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn():
-    """Below batch 8, from batch 3 (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
+def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn(monkeypatch):
+    """On an AMD CPU (patched: Intel CPUs keep training up to batch 16, the test above), below batch 8, from batch 3
+    (the batches 1-2 of the test above stay fastrnn's with two threads), an fp32
     LSTM (one layer, 2 layers or 2 directions) runs torch.nn's forward when a gradient will flow (measured
     slower in fastrnn there: docs/api.md), fastrnn's kernels for inference and in bf16; a PackedSequence of one
     sequence in training too unless batches 1-2 stay fastrnn's here (_fastrnn_trains_small_lstms_faster), of
     two sequences fastrnn's (torch.nn's packed loop is slower there)."""
+    monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: "amd")
     x = torch.randn(5, fastrnn.modules.AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH + 1, 4)
     model = fastrnn.LSTM(4, 5)
     small_batches_ours = fastrnn.modules._fastrnn_trains_small_lstms_faster
