@@ -624,9 +624,9 @@ class HiddenGemm {
 
   // A whole recurrence: for s in [0, steps), by_blocks(a_of(s), cost, fn(s, ...), rows_of(s)), then
   // serial(s) on one thread once every thread is done with step s, before step s + 1 starts. a_of(s) ==
-  // nullptr: no product at that step. A short step (under kMaxPersistentStepCycles) runs all steps in ONE
-  // parallel region, each thread keeping the same column blocks at every step (its panels stay in its own
-  // caches) and the threads
+  // nullptr: no product at that step. The threads split the column blocks, or the rows (row_split_threads,
+  // below). A short step (under kMaxPersistentStepCycles) runs all steps in ONE parallel region, each thread
+  // keeping the same column blocks or rows at every step (its panels stay in its own caches) and the threads
   // meeting at a spinning barrier once a step (~0.1 us with 2 threads; the last to arrive runs serial(s)
   // before it lets the others go, where there were two barriers around serial(s) on thread 0) instead of a
   // fork and join (~1.0-1.4 us). Measured (ops, interleaved runs, one region against a region a step): GRU
