@@ -242,12 +242,13 @@ class _RecurrentMixin(_FastRNNModule):
           cells ran on pairs of vectors (da4948d: B = 8 H = 64 1.00-1.03, H = 128 0.88-0.95, B = 16 H = 64
           0.84-0.85), fastrnn's since (544590c, medians of alternated calls, T = 16-200, I = H): B = 8 H = 64-128
           1.03-1.35, B = 12 H = 64 1.17-1.20, B = 16 H = 64 1.06-1.11, 2 layers 1.05-1.32, bidirectional 1.07-1.35;
-          above 1024: B = 12-16 H = 96-128 0.90-1.01 (2 layers, bidirectional 0.90-1.01); bf16 forward 0.45-0.68 (1 thread),
-          0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads, e4cc676). bf16 in
-          inference only: fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge pages) measured faster,
-          1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11 (2 threads; the benchmark's run: 0.98 / 1.25 /
-          2.20 / 1.53), 2 layers 1.03-1.35, bidirectional 1.08-1.67, 1 thread 1.17 / 1.05 / 1.33 / 0.90 (Zen 5,
-          2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11 before the big-GEMM and memory changes of that session). bf16
+          above 1024: B = 12-16 H = 96-128 0.90-1.01 (2 layers, bidirectional 0.90-1.01); bf16 forward 0.45-0.68
+          (1 thread), 0.71 / 0.77 / 1.17 at (100,64,512,512) / (100,32,256,256) / (200,8,128,128) (2 threads,
+          e4cc676). bf16 in inference only: fastrnn's bf16 forward+backward (on avx512_bf16, outputs on huge
+          pages) measured faster, 1.17 / 1.26 / 1.47 / 1.29 at the four sizes of issue 11 (2 threads; the
+          benchmark's run: 0.98 / 1.25 / 2.20 / 1.53), 2 layers 1.03-1.35, bidirectional 1.08-1.67, 1 thread 1.17
+          / 1.05 / 1.33 / 0.90 (Zen 5, 2026-12-02 18:47-18:49 UTC, e4cc676; 0.87-1.11 before the big-GEMM and
+          memory changes of that session). bf16
           only on a CPU with avx512_bf16: on an Intel Xeon without it (Ice Lake, family 6 model 106, AVX-512
           F/BW/VL/DQ/VNNI, no AMX), where oneDNN emulates bf16, fastrnn won every bf16 LSTM row: one layer at the four
           sizes of issue 11 forward 1.39-1.48, forward+backward 1.15-1.42 (2 threads), 1.26-1.46 from B = 8
