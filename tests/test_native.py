@@ -726,6 +726,59 @@ def test_resets_of_every_capability(capability, path, dtype, T, B, H, lengths, r
     check_kernels(dtype, T, B, H, lengths, reverse, resets)
 
 
+def test_large_outputs_are_streamed(capability, monkeypatch):
+    """The outputs no op reads back (the forward's saved gates, the backward's dgx and dgh) are written with
+    streaming stores in the AVX2 and AVX-512 copies from kStreamMinBytes (32 MB) of fp32 (recurrence.h,
+    streamed); FASTRNN_CPU_STREAM=always|never forces it, anything else is an error. The counter shows the
+    rule; forced on, every op gives the same results bit for bit as forced off (unaligned rows and the tails
+    of odd widths take plain stores) and matches the reference ops."""
+    count = torch.ops.fastrnn_cpu.streamed_outputs
+    copy_streams = capability != "default"
+
+    def rnn_bwd_streams(T):  # dgx [T, 1024, 16] fp32: 32 MB at T = 512
+        B, H = 1024, 16
+        args = (rand(T, B, H, dtype=torch.float32), rand(B, H, dtype=torch.float32),
+                weight(H, H, torch.float32), torch.rand(T, B, H) - 0.5, None, None, False, False)
+        before = count()
+        torch.ops.fastrnn.rnn_bwd(*args)
+        return count() - before
+
+    monkeypatch.delenv("FASTRNN_CPU_STREAM", raising=False)
+    assert rnn_bwd_streams(512) == int(copy_streams)
+    assert rnn_bwd_streams(511) == 0
+    monkeypatch.setenv("FASTRNN_CPU_STREAM", "never")
+    assert rnn_bwd_streams(512) == 0
+    monkeypatch.setenv("FASTRNN_CPU_STREAM", "always")
+    assert rnn_bwd_streams(2) == int(copy_streams)
+    monkeypatch.setenv("FASTRNN_CPU_STREAM", "sometimes")
+    with pytest.raises(RuntimeError, match="FASTRNN_CPU_STREAM must be always or never"):
+        rnn_bwd_streams(2)
+
+    def outputs(op, args, mode):
+        monkeypatch.setenv("FASTRNN_CPU_STREAM", mode)
+        return getattr(torch.ops.fastrnn, op)(*args)
+
+    for T, B, H, lengths, reverse in ((9, 5, 70, "var", True), (3, 67, 64, None, False), (4, 3, 13, None, False)):
+        lengths = lengths_for(B, T, lengths)
+        calls = []
+        for proj in (0, 5):
+            fwd, bwd = lstm_args(T, B, H, proj, torch.float32, lengths, reverse)
+            calls += [("lstm_fwd", fwd + (True,)), ("lstm_bwd", bwd)]
+        fwd, bwd = gru_args(T, B, H, True, torch.float32, lengths, reverse)
+        calls += [("gru_fwd", fwd + (True,)), ("gru_bwd", bwd)]
+        fwd, bwd = rnn_args(T, B, H, False, torch.float32, lengths, reverse)
+        calls += [("rnn_bwd", bwd)]
+        for op, args in calls:
+            before = count()
+            streamed = outputs(op, args, "always")
+            assert count() - before == int(copy_streams), op
+            for a, b in zip(streamed, outputs(op, args, "never")):
+                assert torch.equal(a, b), (op, T, B, H)
+    monkeypatch.setenv("FASTRNN_CPU_STREAM", "always")
+    check_kernels(torch.float32, 9, 5, 70, "var", True, "random")
+    check_kernels(torch.bfloat16, 4, 6, 40, None, True)
+
+
 def test_activations_of_every_capability(capability):
     test_tanh_and_sigmoid_accuracy()
     test_saturation_is_finite()

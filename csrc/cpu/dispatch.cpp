@@ -242,6 +242,7 @@ int64_t panel_cache_hits() { return active().panel_cache_hits(); }
 int64_t library_products() { return active().library_products(); }
 int64_t in_place_products() { return active().in_place_products(); }
 int64_t row_split_recurrences() { return active().row_split_recurrences(); }
+int64_t streamed_outputs() { return active().streamed_outputs(); }
 
 // y = x W^T + bias for a small fp32 projection on the active copy's packed panels (small_linear.cpp).
 at::Tensor active_small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -319,6 +320,7 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("library_products() -> int", &library_products);
   m.def("in_place_products() -> int", &in_place_products);
   m.def("row_split_recurrences() -> int", &row_split_recurrences);
+  m.def("streamed_outputs() -> int", &streamed_outputs);
   m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
 

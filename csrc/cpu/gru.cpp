@@ -36,6 +36,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
   acc_t* next_p = h_next.data_ptr<acc_t>();
 
+  const bool stream = save && streamed(saved);  // written here, read by the backward
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 3, H, j0, j1);
     const acc_t* h_b = row(h_p, b, H);
@@ -68,7 +69,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
       store(next_b + j, h_new);
       store(y_b + j, h_new);
       if (save) {
-        store_gates(saved_b, H, j, r, z, n, ghn);
+        store_gates(saved_b, H, j, stream, r, z, n, ghn);
       }
     });
   };
@@ -110,6 +111,7 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   const acc_t* dh_p = dh.const_data_ptr<acc_t>();
   acc_t* direct_p = direct.data_ptr<acc_t>();
 
+  const bool stream = streamed(dgx);  // dgx and dgh: written here, read by the layer's GEMMs after the op
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
     scalar_t* dgx_b = row(dgx_p, t, B, b, G);
     scalar_t* dgh_b = row(dgh_p, t, B, b, G);
@@ -143,9 +145,9 @@ void gru_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
       V dar, daz, dan, dghn, dh_direct;
       cells::gru_bwd_cell(load<V>(dh_b + j) + load<V>(dy_b + j), r, z, n, ghn, load<V>(h_prev_b + j), dar, daz,
                           dan, dghn, dh_direct);
-      store_gates(dgx_b, H, j, dar, daz, dan);
-      store_gates(dgh_b, H, j, dar, daz, dghn);
-      store_gates(da_b, H, j, dar, daz, dghn);
+      store_gates(dgx_b, H, j, stream, dar, daz, dan);
+      store_gates(dgh_b, H, j, stream, dar, daz, dghn);
+      store_gates(da_b, H, j, false, dar, daz, dghn);
       store(direct_b + j, dh_direct);
     });
   };

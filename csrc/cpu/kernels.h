@@ -61,9 +61,10 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 11;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+constexpr int64_t kKernelsAbi = 12;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
                                     // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
-                                    // 9: library_products; 10: in_place_products; 11: row_split_recurrences
+                                    // 9: library_products; 10: in_place_products; 11: row_split_recurrences;
+                                    // 12: streamed_outputs
 
 struct Kernels {
   int64_t abi;
@@ -99,6 +100,8 @@ struct Kernels {
   int64_t (*in_place_products)();
   // How many recurrences split their rows among the threads (recurrence.h, row_split_recurrences).
   int64_t (*row_split_recurrences)();
+  // How many op outputs were written with streaming stores (recurrence.h, streamed_outputs).
+  int64_t (*streamed_outputs)();
 };
 
 // The six ops of one copy (lstm.cpp, gru.cpp, rnn.cpp) and small_linear (small_linear.cpp), in the namespace of
@@ -163,6 +166,7 @@ inline void set_output_allocator(c10::Allocator* allocator) { output_allocator()
                                              &k::set_output_allocator,                                         \
                                              &k::library_products,                                             \
                                              &k::in_place_products,                                            \
-                                             &k::row_split_recurrences};                                       \
+                                             &k::row_split_recurrences,                                        \
+                                             &k::streamed_outputs};                                            \
     return &table;                                                                                             \
   }

@@ -47,6 +47,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   const acc_t* h_p = h.const_data_ptr<acc_t>();                   // swapped with out_p by `after`
   acc_t* out_p = proj ? m.data_ptr<acc_t>() : h_next.data_ptr<acc_t>();  // where the cell writes m_t
 
+  const bool stream = save && streamed(gates);  // the saved gates and c_t: written here, read by the backward
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 4, H, j0, j1);
     const scalar_t* gx_b = row(gx_p, t, B, b, G);
@@ -82,8 +83,8 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
         store(y_b + j, m_new);
       }
       if (save) {
-        store_gates(gates_b, H, j, i, f, g, o);
-        store(cs_b + j, c_new);
+        store_gates(gates_b, H, j, stream, i, f, g, o);
+        store_gates(cs_b, H, j, stream, c_new);
       }
     });
   };
@@ -181,6 +182,7 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
     }
     proj_gemm->product(dht, dm);
   };
+  const bool stream = streamed(dgx);  // written here, read by the layer's GEMMs after the op
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
     scalar_t* dgx_b = row(dgx_p, t, B, b, G);
     acc_t* m_b = proj ? row(m_all_p, t, B, b, H) : nullptr;
@@ -218,8 +220,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
       cells::lstm_bwd_cell(dm_j, load<V>(dc_b + j), i, f, g, o, c_t, load<V>(c_prev_b + j), dai, daf, dag, dao,
                            dc_prev);
       store(dc_b + j, dc_prev);
-      store_gates(dgx_b, H, j, dai, daf, dag, dao);
-      store_gates(da_b, H, j, dai, daf, dag, dao);
+      store_gates(dgx_b, H, j, stream, dai, daf, dag, dao);
+      store_gates(da_b, H, j, false, dai, daf, dag, dao);
       if (proj) {
         store(m_b + j, o * cells::tanh(c_t));
       }

@@ -77,6 +77,7 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
   scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
   const acc_t* dh_p = dh.const_data_ptr<acc_t>();
 
+  const bool stream = streamed(dgx);  // written here, read by the layer's GEMMs after the op
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, acc_t* da_b) {
     prefetch_row_ahead(row(dy_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
     prefetch_row_ahead(row(y_p, t, B, 0, H), b, B, H, 1, H, j0, j1);
@@ -92,7 +93,7 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
     vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
       using V = decltype(v);
       const V d = cells::rnn_bwd_cell<Relu>(load<V>(dh_b + j) + load<V>(dy_b + j), load<V>(y_b + j));
-      store(dgx_b + j, d);
+      store_gates(dgx_b, H, j, stream, d);
       store(da_b + j, d);
     });
   };
