@@ -195,19 +195,15 @@ inline void store_stream(S* p, const V& v) {
   if constexpr (cells::IsPair<V>::value) {
     store_stream(p, v.lo);
     store_stream(p + v.lo.size(), v.hi);
-  } else if constexpr (std::is_same_v<S, float> && std::is_same_v<V, at::vec::Vectorized<float>> &&
-                       stream_store_bytes<V>() > 0) {
+  } else if constexpr (std::is_same_v<S, float> && stream_store_bytes<V>() > 0) {
     if (reinterpret_cast<uintptr_t>(p) % stream_store_bytes<V>() != 0) {
       store(p, v);
+      return;
     }
 #if defined(CPU_CAPABILITY_AVX512)
-    else {
-      _mm512_stream_ps(p, v);
-    }
+    _mm512_stream_ps(p, v);
 #elif defined(CPU_CAPABILITY_AVX2)
-    else {
-      _mm256_stream_ps(p, v);
-    }
+    _mm256_stream_ps(p, v);
 #endif
   } else {
     store(p, v);
