@@ -36,7 +36,8 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
   acc_t* next_p = h_next.data_ptr<acc_t>();
 
-  const bool stream = save && streamed(saved);  // written here, read by the backward
+  // The saved values, written here and read by the backward, and with them y (recurrence.h, streamed).
+  const bool stream = save && streamed(saved);
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 3, H, j0, j1);
     const acc_t* h_b = row(h_p, b, H);
@@ -67,7 +68,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
       cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
                           load<V>(h_b + j), r, z, n, h_new);
       store(next_b + j, h_new);
-      store(y_b + j, h_new);
+      store_gates(y_b, H, j, stream, h_new);
       if (save) {
         store_gates(saved_b, H, j, stream, r, z, n, ghn);
       }

@@ -47,7 +47,8 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   const acc_t* h_p = h.const_data_ptr<acc_t>();                   // swapped with out_p by `after`
   acc_t* out_p = proj ? m.data_ptr<acc_t>() : h_next.data_ptr<acc_t>();  // where the cell writes m_t
 
-  const bool stream = save && streamed(gates);  // the saved gates and c_t: written here, read by the backward
+  // The saved gates and c_t, written here and read by the backward, and with them y (recurrence.h, streamed).
+  const bool stream = save && streamed(gates);
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 4, H, j0, j1);
     const scalar_t* gx_b = row(gx_p, t, B, b, G);
@@ -80,7 +81,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
       store(c_b + j, c_new);
       store(out_b + j, m_new);
       if (!proj) {
-        store(y_b + j, m_new);
+        store_gates(y_b, H, j, stream, m_new);
       }
       if (save) {
         store_gates(gates_b, H, j, stream, i, f, g, o);

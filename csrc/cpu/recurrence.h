@@ -227,6 +227,12 @@ inline int64_t streamed_outputs() { return streamed_count().load(); }
 // LSTM 244 vs 255, GRU 189 vs 205 (the ops alone: LSTM forward with saved gates 518-528 against 589-599 us a
 // step, without them 517; backward 526 vs 609; GRU backward 465-482 vs 584-626). FASTRNN_CPU_STREAM=always|never
 // forces it either way (tests, benchmarks), read at each call.
+// The LSTM and GRU forwards write y with the saved outputs' choice: y is read after the op too (the next layer,
+// the weight gradient's GEMM, the GRU's backward), but a plain store of it costs the step a read for ownership
+// and L2 room as the saved outputs' did, and streaming it too measured faster. Module forward+backward at (100,64,512,512), y plain -> streamed, medians of calls
+// alternated in one process (2026-12-04, Intel Xeon with AMX): GRU 245 -> 237, 247 -> 242, 227 -> 221 ms; LSTM 316
+// -> 307, 311 -> 303. Not the RNN's y, which its backward reads at every step (80.0 -> 83.8 there), nor y alone
+// in inference (13 MB at that size: 2-3% faster forwards but within the host's noise; under the threshold).
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 inline bool streamed(const at::Tensor& out) {
   const char* env = std::getenv("FASTRNN_CPU_STREAM");
