@@ -729,9 +729,9 @@ def test_resets_of_every_capability(capability, path, dtype, T, B, H, lengths, r
 def test_large_outputs_are_streamed(capability, monkeypatch):
     """The outputs no op reads back (the forward's saved gates, with them the LSTM's and GRU's y, the backward's
     dgx and dgh) are written with streaming stores in the AVX2 and AVX-512 copies from kStreamMinBytes (32 MB)
-    of fp32 (recurrence.h, streamed); FASTRNN_CPU_STREAM=always|never forces it, anything else is an error. The counter shows the
-    rule; forced on, every op gives the same results bit for bit as forced off (unaligned rows and the tails
-    of odd widths take plain stores) and matches the reference ops."""
+    of fp32 (recurrence.h, streamed); FASTRNN_CPU_STREAM=always|never forces it, anything else is an error.
+    The counter shows the rule; forced on, every op gives the same results bit for bit as forced off
+    (unaligned rows and the tails of odd widths take plain stores) and matches the reference ops."""
     count = torch.ops.fastrnn_cpu.streamed_outputs
     copy_streams = capability != "default"
 

@@ -68,7 +68,7 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
       cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
                           load<V>(h_b + j), r, z, n, h_new);
       store(next_b + j, h_new);
-      store_gates(y_b, H, j, stream, h_new);
+      store_maybe_streamed(y_b + j, h_new, stream);
       if (save) {
         store_gates(saved_b, H, j, stream, r, z, n, ghn);
       }

@@ -81,7 +81,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
       store(c_b + j, c_new);
       store(out_b + j, m_new);
       if (!proj) {
-        store_gates(y_b, H, j, stream, m_new);
+        store_maybe_streamed(y_b + j, m_new, stream);
       }
       if (save) {
         store_gates(gates_b, H, j, stream, i, f, g, o);

@@ -229,10 +229,11 @@ inline int64_t streamed_outputs() { return streamed_count().load(); }
 // forces it either way (tests, benchmarks), read at each call.
 // The LSTM and GRU forwards write y with the saved outputs' choice: y is read after the op too (the next layer,
 // the weight gradient's GEMM, the GRU's backward), but a plain store of it costs the step a read for ownership
-// and L2 room as the saved outputs' did, and streaming it too measured faster. Module forward+backward at (100,64,512,512), y plain -> streamed, medians of calls
-// alternated in one process (2026-12-04, Intel Xeon with AMX): GRU 245 -> 237, 247 -> 242, 227 -> 221 ms; LSTM 316
-// -> 307, 311 -> 303. Not the RNN's y, which its backward reads at every step (80.0 -> 83.8 there), nor y alone
-// in inference (13 MB at that size: 2-3% faster forwards but within the host's noise; under the threshold).
+// and L2 room as the saved outputs' did, and streaming it too measured faster. Module forward+backward at
+// (100,64,512,512), y plain -> streamed, medians of calls alternated in one process (2026-12-04, Intel Xeon with
+// AMX): GRU 245 -> 237, 247 -> 242, 227 -> 221 ms; LSTM 316 -> 307, 311 -> 303. Not the RNN's y, which its
+// backward reads at every step (80.0 -> 83.8 there), nor y alone in inference (13 MB at that size: forwards 2-3%
+// faster streamed, within the host's noise; under the threshold).
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 inline bool streamed(const at::Tensor& out) {
   const char* env = std::getenv("FASTRNN_CPU_STREAM");
@@ -248,16 +249,22 @@ inline bool streamed(const at::Tensor& out) {
   return stream;
 }
 
+// store_stream where `stream`, else store.
+template <typename V, typename S>
+inline void store_maybe_streamed(S* p, const V& v, bool stream) {
+  if (stream) {
+    store_stream(p, v);
+  } else {
+    store(p, v);
+  }
+}
+
 // The values v_0, v_1, ... of unit j into a gate-major row: dst[k * H + j] = v_k (gates, their gradients),
 // with store_stream where `stream`.
 template <typename S, typename... V>
 inline void store_gates(S* dst, int64_t H, int64_t j, bool stream, const V&... v) {
   int64_t k = 0;
-  if (stream) {
-    (store_stream(dst + (k++) * H + j, v), ...);
-  } else {
-    (store(dst + (k++) * H + j, v), ...);
-  }
+  (store_maybe_streamed(dst + (k++) * H + j, v, stream), ...);
 }
 
 // Calls fn(V{}, j) for j in [j0, j1): in the AVX-512 copy with V = a Pair of Vectorized<acc_t> on two vectors
