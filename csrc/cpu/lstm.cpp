@@ -85,7 +85,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
       }
       if (save) {
         store_gates(gates_b, H, j, stream, i, f, g, o);
-        store_gates(cs_b, H, j, stream, c_new);
+        store_maybe_streamed(cs_b + j, c_new, stream);
       }
     });
   };

@@ -93,7 +93,7 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
     vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
       using V = decltype(v);
       const V d = cells::rnn_bwd_cell<Relu>(load<V>(dh_b + j) + load<V>(dy_b + j), load<V>(y_b + j));
-      store_gates(dgx_b, H, j, stream, d);
+      store_maybe_streamed(dgx_b + j, d, stream);
       store(da_b + j, d);
     });
   };
