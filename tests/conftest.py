@@ -74,3 +74,12 @@ def pytest_collection_modifyitems(config, items):
     keep = [item for k, item in enumerate(items) if k % n == i]
     config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % n != i])
     items[:] = keep
+
+
+def pytest_runtest_logreport(report):
+    """FASTRNN_TEST_FAILURE_LOG=path: each failure's report is appended there as it happens. scripts/gpu.sh
+    kills a pytest that runs past its time limit, and pytest prints failure details only at the end."""
+    path = os.environ.get("FASTRNN_TEST_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f}s)\n{report.longreprtext}\n\n")
