@@ -134,11 +134,12 @@ def scheme(request, monkeypatch):
 
 
 def make_lengths(B, T, device):
-    """Lengths from T down to 1 in a shuffled order (T at index 0 when B > 0), as packing produces."""
+    """Lengths from T down to 1 in a shuffled order, as packing produces. The order is drawn from its own
+    generator: two calls with the same sizes give the same lengths (test_deterministic runs a case twice)."""
     if B == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     lengths = torch.linspace(T, 1, B).round().long().clamp(1, T)
-    return lengths[torch.randperm(B)].to(device)
+    return lengths[torch.randperm(B, generator=torch.Generator().manual_seed(1000 * T + B))].to(device)
 
 
 def compare(name, ref, out, atol, rtol):
@@ -257,6 +258,13 @@ def check_against_reference(cell, shape, dtype, scheme, ops=None, device="cuda",
     # The oracle: the reference ops in fp64 on the same data.
     x64 = {k: (v.double() if v is not None else None) for k, v in x.items()}
     ref = run_cell(reference_ops(), cell, x64, lengths, reverse, mask)
+    if cell == "rnn_relu" and dtype in (torch.float16, torch.bfloat16):
+        # relu's derivative jumps at 0: where the rounded forward and the fp64 one put a pre-activation on
+        # either side of 0, dgx differs there by all of dy (seen on an H200: bf16, T=9, H=300, one element).
+        # So the backward is checked on the op's own forward (its y decides the derivative), in fp64; the
+        # forward is checked against the fp64 forward as for every cell.
+        ref["dgx"], ref["dh0"] = reference_ops().rnn_bwd(x64["dy"], x64["dh_n"], x64["w_hh"], out["y"].double(),
+                                                         lengths, mask, reverse, True)
     assert out.keys() == ref.keys()
     for name in ref:
         assert out[name].dtype == dtype or out[name].numel() == 0, f"{name}: dtype {out[name].dtype}"
