@@ -81,7 +81,11 @@ def build_modules(case, backends, device):
         module = getattr(fastrnn, _FASTRNN_CLASSES[case.cell])(case.I, case.H, backend=backend, **module_kwargs(case))
         module.load_state_dict(state)
         modules[backend] = module
-    return {name: m.to(device=device, dtype=case.torch_dtype) for name, m in modules.items()}
+    modules = {name: m.to(device=device, dtype=case.torch_dtype) for name, m in modules.items()}
+    # cuDNN at its best: .to() leaves torch.nn's weights in separate tensors, which cuDNN compacts into one
+    # buffer at every call (its warning says so); a user who cares about speed calls flatten_parameters().
+    baseline.flatten_parameters()
+    return modules
 
 
 def make_inputs(case, device):

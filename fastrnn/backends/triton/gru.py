@@ -19,10 +19,11 @@ from .recurrence import sigmoid, tanh
 
 
 @triton.jit
-def gru_cell_fwd(x_r, x_z, x_n, gh_r, gh_z, gh_n, h_prev):
-    """x_*: gx_t, gh_*: h_{t-1} W_hh^T + b_hh -> (r, z, n, h_t)."""
-    r = sigmoid(x_r + gh_r)
-    z = sigmoid(x_z + gh_z)
+def gru_cell_fwd(a_r, a_z, x_n, gh_n, h_prev):
+    """a_r, a_z: gx_t + b_hh + h_{t-1} W_hh^T of r and z; x_n: gx_t of n; gh_n: h_{t-1} W_hn^T + b_hn
+    -> (r, z, n, h_t)."""
+    r = sigmoid(a_r)
+    z = sigmoid(a_z)
     n = tanh(x_n + r * gh_n)
     return r, z, n, (1.0 - z) * n + z * h_prev
 
@@ -41,30 +42,35 @@ def gru_cell_bwd(dh, r, z, n, ghn, h_prev):
 
 
 @triton.jit
-def gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2,
-                     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr):
-    """acc_* = h_{t-1} W_hh^T for the tile; adds b_hh and gx_t, runs the cell, saves (r, z, n, ghn).
-    Returns h_t (meaningful where active)."""
-    ACC = acc_r.dtype
+def gru_inits(gx_ptr, b_ptr, rows, offs_n, H, act2, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The initial accumulators of the tile's h_{t-1} W_hh^T, and gx_t of n: (gx_r + b_hr, gx_z + b_hz,
+    b_hn, gx_n) (gx 0 outside act2; no bias: 0). The addends are the GEMM's accumulator init, and a row
+    that resets at t gets them as its GEMM result (rec.restart_rows says why). n's gx stays outside:
+    it is added to r * (h W_hn^T + b_hn)."""
+    x_r = rec.load_gate(gx_ptr, rows, offs_n, 3 * H, 0, H, act2, ACC)
+    x_z = rec.load_gate(gx_ptr, rows, offs_n, 3 * H, 1, H, act2, ACC)
+    x_n = rec.load_gate(gx_ptr, rows, offs_n, 3 * H, 2, H, act2, ACC)
+    b_n = tl.zeros_like(x_n)
     if HAS_BIAS:
         mask_n = offs_n < H
-        acc_r += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-        acc_z += tl.load(b_ptr + H + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-        acc_n += tl.load(b_ptr + 2 * H + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-    gx = gx_ptr + rows[:, None] * (3 * H) + offs_n[None, :]
-    r, z, n, h = gru_cell_fwd(
-        tl.load(gx, mask=act2, other=0.0).to(ACC),
-        tl.load(gx + H, mask=act2, other=0.0).to(ACC),
-        tl.load(gx + 2 * H, mask=act2, other=0.0).to(ACC),
-        acc_r, acc_z, acc_n, h_prev,
-    )
+        x_r += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        x_z += tl.load(b_ptr + H + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        b_n += tl.load(b_ptr + 2 * H + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+    return x_r, x_z, b_n, x_n
+
+
+@triton.jit
+def gru_fwd_epilogue(a_r, a_z, gh_n, x_n, h_prev, saved_ptr, rows, offs_n, H, inb, act2, SAVE: tl.constexpr):
+    """a_r, a_z: gx_t + b_hh + h_{t-1} W_hh^T; gh_n = h_{t-1} W_hn^T + b_hn; x_n = gx_t of n (gru_inits):
+    runs the cell, saves (r, z, n, ghn). Returns h_t (meaningful where active)."""
+    r, z, n, h = gru_cell_fwd(a_r, a_z, x_n, gh_n, h_prev)
     if SAVE:
         ty = saved_ptr.dtype.element_ty
         sv = saved_ptr + rows[:, None] * (4 * H) + offs_n[None, :]
         tl.store(sv, tl.where(act2, r, 0.0).to(ty), mask=inb)
         tl.store(sv + H, tl.where(act2, z, 0.0).to(ty), mask=inb)
         tl.store(sv + 2 * H, tl.where(act2, n, 0.0).to(ty), mask=inb)
-        tl.store(sv + 3 * H, tl.where(act2, acc_n, 0.0).to(ty), mask=inb)
+        tl.store(sv + 3 * H, tl.where(act2, gh_n, 0.0).to(ty), mask=inb)
     return h
 
 
@@ -111,7 +117,7 @@ def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, sa
                         REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
                         HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr,
                         BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Step s for BB rows x BN units: the three gates' h_{t-1} W_hh^T tiles, then the cell.
+    """Step s for BB rows x BN units: the three gates' h_{t-1} W_hh^T tiles (plus gru_inits), then the cell.
     h: [2, B, H] ping-pong (rec.ping_pong). A row that resets at t (active) takes h_{t-1} = 0 in the GEMM
     and the cell."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
@@ -122,16 +128,17 @@ def gru_fwd_step_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, sa
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, H)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * 3 * BN)
-    acc_r, acc_z, acc_n, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, 3, KP, BB, BN, BK, ACC, PREC)
+    rows = rec.rows_at(t, b64, B)
+    i_r, i_z, i_n, x_n = gru_inits(gx_ptr, b_ptr, rows, offs_n, H, act2, ACC, HAS_BIAS)
+    a_r, a_z, gh_n, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, i_r, i_z, i_n, i_n, 3, KP, BN, BK, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     h_prev = tl.load(h_src + state, mask=inb, other=0.0).to(ACC)
     if HAS_RESETS:  # cut rows are active, so the carry of inactive rows below keeps the stored h
-        cut = rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act)
-        acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
+        cut = rec.reset_rows(rst_ptr, rows, act)
+        a_r, a_z = rec.restart_rows(a_r, i_r, cut), rec.restart_rows(a_z, i_z, cut)
+        gh_n = rec.restart_rows(gh_n, i_n, cut)
         h_prev = rec.zero_rows(h_prev, cut)
-    rows = rec.rows_at(t, b64, B)
-    h = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2, HAS_BIAS,
-                         SAVE)
+    h = gru_fwd_epilogue(a_r, a_z, gh_n, x_n, h_prev, saved_ptr, rows, offs_n, H, inb, act2, SAVE)
     rec.carry_store(h, h_prev, act2, inb, h_dst, state, y_ptr, rows[:, None] * H + offs_n[None, :])
 
 
@@ -163,7 +170,7 @@ def gru_bwd_step_kernel(dy_ptr, dgx_ptr, dgh_ptr, w_ptr, len_ptr, rst_ptr, y_ptr
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (3 * SP * BN)
     rows_done = rec.rows_at(t_done, b64, B)
     dh_in, dh = rec.grad_state_in(dgh_ptr, rows_done * (3 * H), done, H, 3, SP, w_tile, dh_ptr, state, inb, dy_ptr,
-                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC, PREC,
+                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BN, BK, ACC, PREC,
                                   HAS_RESETS)
     _, _, _, direct = gru_bwd_epilogue(dh, saved_ptr, y_ptr, h0_ptr, len_ptr, dgx_ptr, dgh_ptr, t, T, B, H, offs_b,
                                        mask_b, b64, offs_n, inb_t, act2, prev2, REVERSE, HAS_LENGTHS)
@@ -198,15 +205,15 @@ def gru_fwd_persistent_kernel(gx_ptr, w_ptr, b_ptr, len_ptr, rst_ptr, h0_ptr, y_
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        zero = tl.zeros((BB, HP), dtype=ACC)
-        acc_r, acc_z, acc_n = rec.mma(h, w_r, zero, PREC), rec.mma(h, w_z, zero, PREC), rec.mma(h, w_n, zero, PREC)
+        i_r, i_z, i_n, x_n = gru_inits(gx_ptr, b_ptr, rows, offs_n, H, act2, ACC, HAS_BIAS)
+        a_r, a_z, gh_n = rec.mma(h, w_r, i_r, PREC), rec.mma(h, w_z, i_z, PREC), rec.mma(h, w_n, i_n, PREC)
         h_prev = h.to(ACC)
         if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces h below)
             cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
-            acc_r, acc_z, acc_n = rec.zero_rows(acc_r, cut), rec.zero_rows(acc_z, cut), rec.zero_rows(acc_n, cut)
+            a_r, a_z = rec.restart_rows(a_r, i_r, cut), rec.restart_rows(a_z, i_z, cut)
+            gh_n = rec.restart_rows(gh_n, i_n, cut)
             h_prev = rec.zero_rows(h_prev, cut)
-        h_t = gru_fwd_epilogue(acc_r, acc_z, acc_n, h_prev, gx_ptr, b_ptr, saved_ptr, rows, offs_n, H, inb, act2,
-                               HAS_BIAS, SAVE)
+        h_t = gru_fwd_epilogue(a_r, a_z, gh_n, x_n, h_prev, saved_ptr, rows, offs_n, H, inb, act2, SAVE)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)

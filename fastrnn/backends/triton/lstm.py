@@ -44,11 +44,22 @@ def lstm_cell_bwd(dm, dc, i, f, g, o, c, c_prev):
 
 
 @triton.jit
-def lstm_cut(acc_i, acc_f, acc_g, acc_o, cut):
-    """h_{t-1} W_hh^T of the four gates with the rows of `cut` ([BB] bool, the rows that reset at t)
-    set to 0: those rows start from h_{t-1} = 0. The GEMM's result is cut, not its operand
-    (rec.reset_rows says why)."""
-    return rec.zero_rows(acc_i, cut), rec.zero_rows(acc_f, cut), rec.zero_rows(acc_g, cut), rec.zero_rows(acc_o, cut)
+def lstm_gx(gx_ptr, rows, offs_n, H, act2, ACC: tl.constexpr):
+    """gx_t's four gates for the tile (0 outside act2): the initial accumulators of h_{t-1} W_hh^T, and
+    what a row that resets at t gets as its pre-activations (rec.restart_rows)."""
+    return (rec.load_gate(gx_ptr, rows, offs_n, 4 * H, 0, H, act2, ACC),
+            rec.load_gate(gx_ptr, rows, offs_n, 4 * H, 1, H, act2, ACC),
+            rec.load_gate(gx_ptr, rows, offs_n, 4 * H, 2, H, act2, ACC),
+            rec.load_gate(gx_ptr, rows, offs_n, 4 * H, 3, H, act2, ACC))
+
+
+@triton.jit
+def lstm_restart(a_i, a_f, a_g, a_o, x_i, x_f, x_g, x_o, cut):
+    """The pre-activations a_* = gx_t + h_{t-1} W_hh^T with the rows of `cut` ([BB] bool, the rows that
+    reset at t) set to gx_t (x_*): those rows start from h_{t-1} = 0. The GEMM's result is selected, not
+    its operand (rec.reset_rows says why)."""
+    return (rec.restart_rows(a_i, x_i, cut), rec.restart_rows(a_f, x_f, cut), rec.restart_rows(a_g, x_g, cut),
+            rec.restart_rows(a_o, x_o, cut))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,19 +67,10 @@ def lstm_cut(acc_i, acc_f, acc_g, acc_o, cut):
 
 
 @triton.jit
-def lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c_prev, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
-                      SAVE: tl.constexpr):
-    """acc_* = h_{t-1} W_hh^T for the tile; adds gx_t, runs the cell, saves gates and c_t.
-    Returns (c_t where active else c_{t-1}, m_t)."""
-    ACC = acc_i.dtype
-    gx = gx_ptr + rows[:, None] * (4 * H) + offs_n[None, :]
-    i, f, g, o, c, m = lstm_cell_fwd(
-        acc_i + tl.load(gx, mask=act2, other=0.0).to(ACC),
-        acc_f + tl.load(gx + H, mask=act2, other=0.0).to(ACC),
-        acc_g + tl.load(gx + 2 * H, mask=act2, other=0.0).to(ACC),
-        acc_o + tl.load(gx + 3 * H, mask=act2, other=0.0).to(ACC),
-        c_prev,
-    )
+def lstm_fwd_epilogue(a_i, a_f, a_g, a_o, c_prev, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2, SAVE: tl.constexpr):
+    """a_* = gx_t + h_{t-1} W_hh^T for the tile (gx_t is the GEMM's accumulator init, rec.restart_rows
+    says why): runs the cell, saves gates and c_t. Returns (c_t where active else c_{t-1}, m_t)."""
+    i, f, g, o, c, m = lstm_cell_fwd(a_i, a_f, a_g, a_o, c_prev)
     c = tl.where(act2, c, c_prev)
     if SAVE:
         ty = gates_ptr.dtype.element_ty
@@ -127,7 +129,7 @@ def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, c_ptr, m_ptr, y
                          HOUT, s, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
                          SAVE: tl.constexpr, PROJ: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Step s for BB rows x BN units: the four gates' h_{t-1} W_hh^T tiles, then the cell.
+    """Step s for BB rows x BN units: the four gates' gx_t + h_{t-1} W_hh^T tiles, then the cell.
     h: [2, B, Hout] ping-pong (rec.ping_pong); c: [B, H] in ACC, updated in place (each element is
     read and written by one program); m: [B, H], the input of lstm_proj_step_kernel (proj only).
     A row that resets at t (active) takes h_{t-1} = 0 (the projected h with proj_size) and c_{t-1} = 0;
@@ -140,17 +142,17 @@ def lstm_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, c_ptr, m_ptr, y
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, HOUT)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * 4 * BN)
-    acc_i, acc_f, acc_g, acc_o = rec.gemm_gates_out(h_src, b64 * HOUT, mask_b, HOUT, w_tile, 4, KP, BB, BN, BK,
-                                                    ACC, PREC)
     state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
+    x_i, x_f, x_g, x_o = lstm_gx(gx_ptr, rows, offs_n, H, act2, ACC)
+    a_i, a_f, a_g, a_o = rec.gemm_gates_out(h_src, b64 * HOUT, mask_b, HOUT, w_tile, x_i, x_f, x_g, x_o, 4, KP, BN,
+                                            BK, PREC)
     c_prev = tl.load(c_ptr + state, mask=inb, other=0.0)
     if HAS_RESETS:  # cut rows are active: the epilogue's carry of inactive rows keeps the stored c
         cut = rec.reset_rows(rst_ptr, rows, act)
-        acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
+        a_i, a_f, a_g, a_o = lstm_restart(a_i, a_f, a_g, a_o, x_i, x_f, x_g, x_o, cut)
         c_prev = rec.zero_rows(c_prev, cut)
-    c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c_prev, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
-                             SAVE)
+    c, m = lstm_fwd_epilogue(a_i, a_f, a_g, a_o, c_prev, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2, SAVE)
     tl.store(c_ptr + state, c, mask=inb)
     if PROJ:
         tl.store(m_ptr + state, m.to(m_ptr.dtype.element_ty), mask=inb)
@@ -172,7 +174,8 @@ def lstm_proj_step_kernel(m_ptr, w_ptr, len_ptr, h_ptr, y_ptr, T, B, H, HOUT, s,
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, HOUT)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * BN)
-    h, _, _, _ = rec.gemm_gates_out(m_ptr, b64 * H, act, H, w_tile, 1, KP, BB, BN, BK, ACC, PREC)
+    zero = tl.zeros((BB, BN), dtype=ACC)
+    h, _, _, _ = rec.gemm_gates_out(m_ptr, b64 * H, act, H, w_tile, zero, zero, zero, zero, 1, KP, BN, BK, PREC)
     state = b64[:, None] * HOUT + offs_n[None, :]
     h_prev = tl.load(h_src + state, mask=inb, other=0.0)
     rows = rec.rows_at(t, b64, B)
@@ -207,15 +210,16 @@ def lstm_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, c0_ptr, gates
         prev2 = act2 & ~cut[:, None]
     if PROJ:
         w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (SP * BN)
-        dm = rec.gemm_gates_in(dhs_ptr, rows * HOUT, act, HOUT, 1, SP, w_tile, BB, BN, BK, ACC, PREC)
+        dm = rec.gemm_gates_in(dhs_ptr, rows * HOUT, act, HOUT, 1, SP, w_tile, tl.zeros((BB, BN), dtype=ACC), BN, BK,
+                               PREC)
     else:
         t_done = t - 1 if REVERSE else t + 1
         done = mask_b & rec.in_time(t_done, T, offs_b)
         w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
         rows_done = rec.rows_at(t_done, b64, B)
         dh_in, dm = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
-                                      rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
-                                      PREC, HAS_RESETS)
+                                      rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BN, BK, ACC, PREC,
+                                      HAS_RESETS)
         tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     dc_in = tl.load(dc_ptr + state, mask=inb, other=0.0)
     _, _, _, _, dc = lstm_bwd_epilogue(dm, dc_in, gates_ptr, cs_ptr, c0_ptr, dgx_ptr, ms_ptr, t, T, B, H, b64, offs_n,
@@ -246,8 +250,8 @@ def lstm_proj_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, dh_ptr, 
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (4 * SP * BN)
     rows_done = rec.rows_at(t_done, b64, B)
     dh_in, dh = rec.grad_state_in(dgx_ptr, rows_done * (4 * H), done, H, 4, SP, w_tile, dh_ptr, state, inb, dy_ptr,
-                                  rows[:, None] * HOUT + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC,
-                                  PREC, HAS_RESETS)
+                                  rows[:, None] * HOUT + offs_n[None, :], act2, rst_ptr, rows_done, BN, BK, ACC, PREC,
+                                  HAS_RESETS)
     tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
     inb_t = inb & rec.in_time(t, T, offs_b)[:, None]
     tl.store(dhs_ptr + rows[:, None] * HOUT + offs_n[None, :], tl.where(act2, dh, 0.0).to(dhs_ptr.dtype.element_ty),
@@ -284,17 +288,16 @@ def lstm_fwd_persistent_kernel(gx_ptr, w_ptr, wr_ptr, len_ptr, rst_ptr, h0_ptr, 
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        zero = tl.zeros((BB, HP), dtype=ACC)
-        acc_i, acc_f = rec.mma(h, w_i, zero, PREC), rec.mma(h, w_f, zero, PREC)
-        acc_g, acc_o = rec.mma(h, w_g, zero, PREC), rec.mma(h, w_o, zero, PREC)
+        x_i, x_f, x_g, x_o = lstm_gx(gx_ptr, rows, offs_n, H, act2, ACC)
+        a_i, a_f = rec.mma(h, w_i, x_i, PREC), rec.mma(h, w_f, x_f, PREC)
+        a_g, a_o = rec.mma(h, w_g, x_g, PREC), rec.mma(h, w_o, x_o, PREC)
         if HAS_RESETS:
             # Rows that reset at t start from h = c = 0. They are active, so c_t replaces c below and the
             # carry of inactive rows is untouched: c can be zeroed in place.
             cut, rst_next = act & rst_next, rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
-            acc_i, acc_f, acc_g, acc_o = lstm_cut(acc_i, acc_f, acc_g, acc_o, cut)
+            a_i, a_f, a_g, a_o = lstm_restart(a_i, a_f, a_g, a_o, x_i, x_f, x_g, x_o, cut)
             c = rec.zero_rows(c, cut)
-        c, m = lstm_fwd_epilogue(acc_i, acc_f, acc_g, acc_o, c, gx_ptr, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2,
-                                 SAVE)
+        c, m = lstm_fwd_epilogue(a_i, a_f, a_g, a_o, c, gates_ptr, cs_ptr, rows, offs_n, H, inb, act2, SAVE)
         if PROJ:
             h_t = rec.mma(m.to(h.dtype), w_r, tl.zeros((BB, OP), dtype=ACC), PREC)
         else:

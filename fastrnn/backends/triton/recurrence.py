@@ -117,6 +117,23 @@ def resets_of_step(rst_ptr, s, T, offs_b, b64, B, mask_b, DESCENDING: tl.constex
 
 
 @triton.jit
+def restart_rows(pre, init, cut):
+    """pre = init + h_{t-1} @ W [BB, N] (a GEMM whose accumulator started at init) with the rows in `cut`
+    ([BB] bool) set back to init: the value with h_{t-1} = 0 (0 @ W + init). The addend is the GEMM's
+    accumulator init, and the reset a select on its result, in both paths: triton's combine pass folds
+    add(dot(a, b, 0), d) into dot(a, b, d) (the addend enters the MMA/FMA accumulator, other rounding),
+    which a zero_rows between dot and add blocked, so resets=None and an all-false mask rounded
+    differently (found on an H200, triton 3.6, 2026-12-04)."""
+    return tl.where(cut[:, None], init, pre)
+
+
+@triton.jit
+def load_gate(ptr, rows, offs_n, GH, gate, H, mask, ACC: tl.constexpr):
+    """[BB, N] in ACC: gate `gate` of a [T, B, GH] tensor at rows (t*B + b), units offs_n; 0 outside mask."""
+    return tl.load(ptr + rows[:, None] * GH + gate * H + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def zero_rows(x, cut):
     """x [BB, N] with the rows in `cut` ([BB] bool) set to 0: the state a reset step starts from, or the
     gradient that does not cross back over a reset."""
@@ -145,18 +162,15 @@ def mma(a, w, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def gemm_gates_out(a_ptr, a_rows, a_ok, K, w_ptr, G: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """The forward tile: A[rows, :K] @ W^T for the G gates of BN units, one accumulator per gate.
+def gemm_gates_out(a_ptr, a_rows, a_ok, K, w_ptr, acc0, acc1, acc2, acc3, G: tl.constexpr, KP: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The forward tile: acc_k + A[rows, :K] @ W_k^T for the G gates of BN units, one accumulator per gate.
 
     a_rows: int64 [BB] element offsets of the rows of A; a_ok: [BB] which rows to read (others are 0).
-    w_ptr: this tile of the packed weights [KP, G, BN] (pack_gates_out): each K row holds all G gates of
-    the tile's units side by side, so one program streams one contiguous block. The K loop is shared by
-    the G accumulators: A is loaded once per BK and used by every gate."""
-    acc0 = tl.zeros((BB, BN), dtype=ACC)
-    acc1 = tl.zeros((BB, BN), dtype=ACC)
-    acc2 = tl.zeros((BB, BN), dtype=ACC)
-    acc3 = tl.zeros((BB, BN), dtype=ACC)
+    acc0..acc3: [BB, BN] ACC initial accumulators (gx_t for the gates, or zeros; those of gates >= G are
+    returned as given). w_ptr: this tile of the packed weights [KP, G, BN] (pack_gates_out): each K row
+    holds all G gates of the tile's units side by side, so one program streams one contiguous block. The
+    K loop is shared by the G accumulators: A is loaded once per BK and used by every gate."""
     offs_n = tl.arange(0, BN)
     for k0 in range(0, KP, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -173,12 +187,12 @@ def gemm_gates_out(a_ptr, a_rows, a_ok, K, w_ptr, G: tl.constexpr, KP: tl.conste
 
 
 @triton.jit
-def gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, BB: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """The backward tile: A[rows, :NSEG*S] @ W for BN output units, A being NSEG gate segments of S.
+def gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, acc, BN: tl.constexpr,
+                  BK: tl.constexpr, PREC: tl.constexpr):
+    """The backward tile: acc + A[rows, :NSEG*S] @ W for BN output units, A being NSEG gate segments of S.
 
-    w_ptr: this tile of the packed weights [NSEG*SP, BN] (pack_gates_in), zero past S in each segment."""
-    acc = tl.zeros((BB, BN), dtype=ACC)
+    acc: [BB, BN] ACC initial accumulator. w_ptr: this tile of the packed weights [NSEG*SP, BN]
+    (pack_gates_in), zero past S in each segment."""
     offs_n = tl.arange(0, BN)
     for seg in tl.static_range(NSEG):
         for k0 in range(0, SP, BK):
@@ -224,8 +238,8 @@ def carry_store(h_new, h_prev, act2, inb, h_dst, state_off, y_ptr, y_off):
 
 @triton.jit
 def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, w_ptr, dh_ptr, state_off,
-                  inb, dy_ptr, dy_off, act2, rst_ptr, rows_done, BB: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HAS_RESETS: tl.constexpr):
+                  inb, dy_ptr, dy_off, act2, rst_ptr, rows_done, BN: tl.constexpr, BK: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr, HAS_RESETS: tl.constexpr):
     """The gradient reaching h_t for a tile of units, in a backward step kernel.
 
     The GEMM of step t+1 (dh_t += dGh_{t+1} W_hh) needs every unit of dGh_{t+1}, which the previous
@@ -233,11 +247,12 @@ def grad_state_in(a_ptr, a_rows, a_ok, S, NSEG: tl.constexpr, SP: tl.constexpr, 
     holds the part that does not go through W_hh (0 for LSTM/RNN, dh z for GRU, the whole gradient at
     an inactive step) and dGh is 0 at inactive steps. Returns (dh_in, dh_in + dy_t where active).
     With resets, no gradient crosses a reset: the GEMM rows of sequences that reset at step t+1
-    (rows_done = its t*B + b) are 0."""
-    g = gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG, SP, w_ptr, BB, BN, BK, ACC, PREC)
+    (rows_done = its t*B + b) are dh_buf alone. dh_buf is the GEMM's accumulator init, the reset a select
+    on its result (restart_rows says why)."""
+    init = tl.load(dh_ptr + state_off, mask=inb, other=0.0).to(ACC)
+    dh_in = gemm_gates_in(a_ptr, a_rows, a_ok, S, NSEG, SP, w_ptr, init, BN, BK, PREC)
     if HAS_RESETS:
-        g = zero_rows(g, reset_rows(rst_ptr, rows_done, a_ok))
-    dh_in = tl.load(dh_ptr + state_off, mask=inb, other=0.0) + g
+        dh_in = restart_rows(dh_in, init, reset_rows(rst_ptr, rows_done, a_ok))
     dy = tl.load(dy_ptr + dy_off, mask=act2, other=0.0).to(ACC)
     return dh_in, dh_in + dy
 

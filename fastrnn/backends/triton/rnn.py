@@ -37,13 +37,6 @@ def rnn_cell_bwd(dh, h, RELU: tl.constexpr):
 
 
 @triton.jit
-def rnn_fwd_epilogue(acc, gx_ptr, rows, offs_n, H, act2, RELU: tl.constexpr):
-    """acc = h_{t-1} W_hh^T for the tile -> h_t (meaningful where active)."""
-    gx = tl.load(gx_ptr + rows[:, None] * H + offs_n[None, :], mask=act2, other=0.0)
-    return rnn_cell_fwd(acc + gx.to(acc.dtype), RELU)
-
-
-@triton.jit
 def rnn_bwd_epilogue(dh, y_ptr, dgx_ptr, rows, offs_n, H, inb_t, act2, RELU: tl.constexpr):
     """Writes dgx_t (0 where inactive) and returns it; h_t is y_t at an active step."""
     off = rows[:, None] * H + offs_n[None, :]
@@ -63,7 +56,7 @@ def rnn_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, T, B, H, 
                         BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                         PREC: tl.constexpr):
     """Step s for BB rows x BN units. h: [2, B, H] ping-pong (rec.ping_pong). A row that resets at t
-    reads no h_{t-1} (its GEMM row is 0); the carry at inactive rows keeps the stored h."""
+    reads no h_{t-1} (its GEMM row is gx_t alone); the carry at inactive rows keeps the stored h."""
     offs_b, mask_b, b64 = rec.batch_block(B, BB)
     offs_n, mask_n = rec.unit_block(H, BN)
     t = rec.step_time(s, T, REVERSE)
@@ -72,12 +65,14 @@ def rnn_fwd_step_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h_ptr, y_ptr, T, B, H, 
     act2 = act[:, None] & inb
     h_src, h_dst = rec.ping_pong(h_ptr, s, B, H)
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (KP * BN)
-    acc, _, _, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, 1, KP, BB, BN, BK, ACC, PREC)
-    if HAS_RESETS:
-        acc = rec.zero_rows(acc, rec.reset_rows(rst_ptr, rec.rows_at(t, b64, B), act))
-    state = b64[:, None] * H + offs_n[None, :]
     rows = rec.rows_at(t, b64, B)
-    h = rnn_fwd_epilogue(acc, gx_ptr, rows, offs_n, H, act2, RELU)
+    # gx_t is the GEMM's accumulator init, and a reset row's result (rec.restart_rows says why)
+    x = rec.load_gate(gx_ptr, rows, offs_n, H, 0, H, act2, ACC)
+    a, _, _, _ = rec.gemm_gates_out(h_src, b64 * H, mask_b, H, w_tile, x, x, x, x, 1, KP, BN, BK, PREC)
+    if HAS_RESETS:
+        a = rec.restart_rows(a, x, rec.reset_rows(rst_ptr, rows, act))
+    state = b64[:, None] * H + offs_n[None, :]
+    h = rnn_cell_fwd(a, RELU)
     h_prev = tl.load(h_src + state, mask=inb, other=0.0)
     rec.carry_store(h, h_prev, act2, inb, h_dst, state, y_ptr, rows[:, None] * H + offs_n[None, :])
 
@@ -104,7 +99,7 @@ def rnn_bwd_step_kernel(dy_ptr, dgx_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, dh_ptr,
     w_tile = w_ptr + tl.program_id(1).to(tl.int64) * (SP * BN)
     rows_done = rec.rows_at(t_done, b64, B)
     dh_in, dh = rec.grad_state_in(dgx_ptr, rows_done * H, done, H, 1, SP, w_tile, dh_ptr, state, inb, dy_ptr,
-                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BB, BN, BK, ACC, PREC,
+                                  rows[:, None] * H + offs_n[None, :], act2, rst_ptr, rows_done, BN, BK, ACC, PREC,
                                   HAS_RESETS)
     rnn_bwd_epilogue(dh, y_ptr, dgx_ptr, rows, offs_n, H, inb_t, act2, RELU)
     tl.store(dh_ptr + state, tl.where(act2, 0.0, dh_in), mask=inb)
@@ -132,11 +127,12 @@ def rnn_fwd_persistent_kernel(gx_ptr, w_ptr, len_ptr, rst_ptr, h0_ptr, y_ptr, hn
         act = rec.active_rows(len_ptr, offs_b, mask_b, t, T, HAS_LENGTHS)
         act2 = act[:, None] & inb
         rows = rec.rows_at(t, b64, B)
-        acc = rec.mma(h, w, tl.zeros((BB, HP), dtype=ACC), PREC)
+        x = rec.load_gate(gx_ptr, rows, offs_n, H, 0, H, act2, ACC)  # the init (rec.restart_rows says why)
+        a = rec.mma(h, w, x, PREC)
         if HAS_RESETS:  # rows that reset at t start from h_{t-1} = 0 (active rows: h_t replaces it below)
-            acc = rec.zero_rows(acc, act & rst_next)
+            a = rec.restart_rows(a, x, act & rst_next)
             rst_next = rec.resets_of_step(rst_ptr, s + 1, T, offs_b, b64, B, mask_b, REVERSE)
-        h_t = rnn_fwd_epilogue(acc, gx_ptr, rows, offs_n, H, act2, RELU)
+        h_t = rnn_cell_fwd(a, RELU)
         tl.store(y_ptr + rows[:, None] * H + offs_n[None, :], tl.where(act2, h_t, 0.0).to(h.dtype), mask=inb)
         h = tl.where(act2, h_t.to(h.dtype), h)
     tl.store(hn_ptr + state, h, mask=inb)
