@@ -61,6 +61,26 @@ AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS_INTEL_UNCACHED = {"gru": 1, "rnn": 2}
 AUTO_TORCH_NN_SHORT_CALL_MAX_GATES_INTEL = 2**17
 # The dtypes any of the rules above can hand to torch.nn.
 _AUTO_CANDIDATE_DTYPES = (*AUTO_TORCH_NN_DTYPES, torch.float16)
+# On CUDA, backend="auto" hands padded fp32/bf16 calls of every cell to torch.nn (cuDNN) where fastrnn's
+# kernels measured slower (_cuda_torch_nn_is_faster): the cuda backend from this batch when H is at least
+# this, and wherever auto would run the triton or reference backend (no CUDA kernels built).
+AUTO_CUDA_TORCH_NN_MIN_BATCH = 64
+AUTO_CUDA_TORCH_NN_MIN_HIDDEN = 512
+
+
+def _cuda_torch_nn_is_faster(backend, batch, hidden_size):
+    """Whether torch.nn (cuDNN) measured faster than fastrnn's `backend` (the one auto resolves to on CUDA) for
+    a padded fp32/bf16 call of `batch` rows of `hidden_size` units. Measured on an H200 (torch 2.11, cuDNN
+    9.19, T = 100, I = H = 512 unless said; docs/benchmarks.md, "First GPU runs"), ratios torch.nn / fastrnn,
+    forward / forward+backward: the cuda backend at B = 64 LSTM 0.80 / 0.77 (fp32) and 0.92 / 0.90 (bf16)
+    against cuDNN with flattened weights, GRU 0.92 / 0.83 and 0.90 / 0.88, RNN 0.81 / 0.77 and 0.94 / 0.89
+    against cuDNN compacting its weights at every call (slower still flattened); at B = 1 and 8 (LSTM) 2.2-4.6,
+    and 1.35 / 1.38 at B = 16, T = 1024, H = 768 (bf16): kept. The triton backend 0.42-0.64 at every size
+    measured (B = 1, 8, 64; launch-bound), the reference backend slower still. Batches 17-63 are unmeasured
+    and stay fastrnn's."""
+    if backend != "cuda":
+        return True
+    return batch >= AUTO_CUDA_TORCH_NN_MIN_BATCH and hidden_size >= AUTO_CUDA_TORCH_NN_MIN_HIDDEN
 
 
 def _native_module():
@@ -227,7 +247,8 @@ class _RecurrentMixin(_FastRNNModule):
         return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
 
     def _torch_nn_is_faster(self, input):
-        """backend="auto" runs torch.nn's own forward where it measured faster than fastrnn's kernels (AVX-512
+        """backend="auto" runs torch.nn's own forward where it measured faster than fastrnn's kernels (on CUDA:
+        _torch_nn_is_faster_on_cuda; on the CPU as follows, AVX-512
         Zen 5, ratios torch.nn / fastrnn; docs/api.md, "Where auto hands the layer to torch.nn"): short calls of a
         small GRU (one step) or RNN (up to three; _short_call_is_faster_in_torch_nn), and LSTMs on the CPU, padded
         input, where torch.nn runs oneDNN's fused LSTM (aten::mkldnn_rnn_layer):
@@ -306,6 +327,8 @@ class _RecurrentMixin(_FastRNNModule):
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         dtype = data.dtype
+        if data.is_cuda:
+            return not packed and self._torch_nn_is_faster_on_cuda(data)
         # is_cpu and a fixed tuple: this check runs on every call of an auto module (device.type alone ~0.3 us).
         if not data.is_cpu or dtype not in _AUTO_CANDIDATE_DTYPES or data.dim() not in (2, 3):
             return False
@@ -335,6 +358,18 @@ class _RecurrentMixin(_FastRNNModule):
         if dtype == torch.float16:
             return not grad and batch >= AUTO_TORCH_NN_FP16_MIN_BATCH and _torch_fp16_gemm_is_native()
         return not grad and (_cpu_has_amx() or (_cpu_has_avx512_bf16() and batch >= AUTO_TORCH_NN_MIN_BATCH))
+
+    def _torch_nn_is_faster_on_cuda(self, data):
+        """The CUDA part of _torch_nn_is_faster: padded batched fp32/bf16 input, no compile, transform or
+        autocast (as on the CPU), where _cuda_torch_nn_is_faster says cuDNN measured faster."""
+        if data.dtype not in AUTO_TORCH_NN_DTYPES or data.dim() != 3:
+            return False
+        if torch.compiler.is_compiling() or autograd.transformed() or torch.is_autocast_enabled("cuda"):
+            return False
+        from .backends import resolve
+
+        batch = data.shape[0 if self.batch_first else 1]
+        return _cuda_torch_nn_is_faster(resolve(self.backend, data.device), batch, self.hidden_size)
 
     def _short_call_is_faster_in_torch_nn(self, data, grad):
         """The GRU/RNN part of _torch_nn_is_faster (padded input on the CPU, no compile, transform or autocast):

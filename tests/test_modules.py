@@ -651,3 +651,39 @@ def test_auto_hands_training_of_fp32_cpu_lstm_to_torch_nn(monkeypatch):
             with CountOps() as counter:
                 runs_ours()
             assert any("lstm_fwd" in c for c in counter.calls), counter.calls
+
+
+def test_auto_rule_on_cuda():
+    """backend="auto" on CUDA hands to torch.nn (cuDNN) where fastrnn's kernels measured slower on an H200
+    (fastrnn.modules._cuda_torch_nn_is_faster): the cuda backend from batch 64 with H >= 512; the triton and
+    reference backends always. Batches below 64, or H below 512, stay on the cuda backend (measured faster at
+    B = 1-16, unmeasured at 17-63)."""
+    rule = fastrnn.modules._cuda_torch_nn_is_faster
+    B, H = fastrnn.modules.AUTO_CUDA_TORCH_NN_MIN_BATCH, fastrnn.modules.AUTO_CUDA_TORCH_NN_MIN_HIDDEN
+    assert rule("cuda", B, H) and rule("cuda", 4 * B, 2 * H)
+    assert not rule("cuda", B - 1, H) and not rule("cuda", B, H - 1) and not rule("cuda", 1, 4096)
+    assert all(rule(backend, 1, 8) for backend in ("triton", "reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_auto_hands_large_cuda_calls_to_torch_nn(name):
+    """On CUDA tensors the module applies _cuda_torch_nn_is_faster to padded fp32/bf16 input (torch.nn's result
+    to the bit where it hands over) and keeps fastrnn's kernels with resets, under autocast and in fp64."""
+    H = fastrnn.modules.AUTO_CUDA_TORCH_NN_MIN_HIDDEN
+    model = getattr(fastrnn, name)(8, H).cuda()
+    oracle = getattr(nn, name)(8, H).cuda()
+    oracle.load_state_dict(model.state_dict())
+    concrete = fastrnn.backends.resolve("auto", torch.device("cuda"))
+    for batch in (8, fastrnn.modules.AUTO_CUDA_TORCH_NN_MIN_BATCH):
+        x = torch.randn(3, batch, 8, device="cuda")
+        hands_over = fastrnn.modules._cuda_torch_nn_is_faster(concrete, batch, H)
+        assert model.resolved_backend(x) == ("torch.nn" if hands_over else concrete)
+        if hands_over:
+            assert torch.equal(model(x)[0], oracle(x)[0])
+        assert model.resolved_backend(x, resets=torch.zeros(3, batch, dtype=torch.bool, device="cuda")) == concrete
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert model.resolved_backend(x) == concrete
+        assert model.double().resolved_backend(x.double()) == concrete
+        model.float()
