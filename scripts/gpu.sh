@@ -172,7 +172,12 @@ if [ $dry = 0 ]; then
 import torch, fastrnn._C
 assert torch._C._dispatch_has_kernel_for_dispatch_key('fastrnn::lstm_fwd', 'CUDA'), 'fastrnn._C has no CUDA kernels'
 print('fastrnn._C:', fastrnn._C.__file__, 'CUDA kernels registered')"
-  ldd fastrnn/_C*.so | grep -E 'stdc|gcc' >> "$out/build.log" 2>&1
+  { ldd fastrnn/_C*.so | grep -E 'stdc|gcc'
+    # libstdc++'s own code defined inside _C.so (0 with the system g++ on the CPU machines): on the first lease
+    # std::ostream::_M_insert<long> and codecvt members were, and formatting an integer there crashed.
+    own=$(nm -D --defined-only fastrnn/_C*.so | grep -cE '_ZNSo9_M_insert|codecvt')
+    echo "libstdc++ symbols defined in _C.so: $own"
+  } >> "$out/build.log" 2>&1
   # An op's shape error in a process of its own: it segfaulted on the first lease, which took a shard down.
   step error-messages 30 "$out/tests.log" "$py" -m pytest tests/test_cuda.py -k bad_inputs_raise -v -p no:cacheprovider
 else
