@@ -45,6 +45,13 @@ SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 # which torch has already loaded (torch/lib ships it), so there is one OpenMP runtime and one thread pool.
 COMMON_CXX_FLAGS = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
+# libstdc++ linked dynamically, whatever the compiler's default: a g++ that links it statically (the H200
+# machine's /opt/gcc/bin/g++, 2026-12-04) puts a second copy of its stream and locale code in the library,
+# and an integer formatted there into torch's error message stream finds no facet of that copy: the message
+# is cut short (gcc 12 with -static-libstdc++) or the process dies (every shape error of an op on the H200).
+# Named before the compiler's own libraries, the shared libstdc++ resolves those symbols first.
+if platform.system() == "Linux":
+    LINK_FLAGS += ["-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
 
 # The op library's own C++ sources (csrc/cuda/bindings.cpp and the .cu files join them when building CUDA).
 # -DCPU_CAPABILITY=DEFAULT: the default copy of the kernels and at::vec live in namespaces named DEFAULT.

@@ -5,7 +5,7 @@ The `install` test puts a copy of this checkout into a fresh virtualenv with a p
 with torch.utils.cpp_extension + ninja; two processes start at once and one compiles while the other waits
 on the lock. It takes minutes (venv + torch + a 4-file compile on 2 cores), so it is deselected by default
 (pyproject.toml) and .ci/run runs it once: pytest tests/test_install.py -m install.
-The other tests here run in the main suite: they compile nothing.
+The other tests here run in the main suite; one compiles a one-file extension twice (the libstdc++ link).
 """
 
 import os
@@ -192,3 +192,60 @@ def test_plain_pip_install_into_a_fresh_venv_compiles_on_first_use(tmp_path):
     info = subprocess.run([python, "-m", "fastrnn", "info"], capture_output=True, text=True, env=env, cwd=work)
     assert info.returncode == 0 and ": jit-cached, " in info.stdout, info.stdout + info.stderr
     print(f"first use (compile, 2 processes) {compile_s:.0f} s")
+
+
+# libstdc++'s own stream and locale code, which a library defines only when libstdc++ was linked into it.
+_LIBSTDCXX_OWN = re.compile(r"_ZNSo9_M_insert|codecvt")
+
+
+def _own_libstdcxx_symbols(path):
+    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if _LIBSTDCXX_OWN.search(line)]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None or sys.platform != "linux", reason="needs nm (binutils) on Linux")
+def test_the_libraries_use_the_shared_libstdcxx():
+    """No library of the extension (the op library and the capability copies next to it) carries a copy of
+    libstdc++'s stream code: the H200 machine's g++ linked one in, and formatting an op's error crashed there
+    (fastrnn/_build.py, LINK_FLAGS)."""
+    from fastrnn import _jit
+
+    where = _jit.load()[0].where  # the prebuilt library's file, or the first-use build's directory
+    directory = where if os.path.isdir(where) else os.path.dirname(where)
+    libraries = [os.path.join(directory, f) for f in os.listdir(directory) if f.startswith("_C") and f.endswith(".so")]
+    assert len(libraries) >= 2 or not fastrnn._build.is_x86_64(), libraries
+    for path in libraries:
+        assert _own_libstdcxx_symbols(path) == [], path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nm") is None or sys.platform != "linux", reason="needs nm (binutils) on Linux")
+def test_link_flags_override_a_static_libstdcxx_default(tmp_path):
+    """A compiler that links libstdc++ statically (forced here with -static-libstdc++) gives the library its own
+    stream code, and an integer formatted into a torch error message from it is lost (cut short here, a
+    segfault on the H200); _build.LINK_FLAGS's shared libstdc++ keeps the message whole."""
+    from torch.utils import cpp_extension
+
+    source = tmp_path / "check.cpp"
+    source.write_text(textwrap.dedent("""
+        #include <torch/extension.h>
+        void check(const at::Tensor& t) { TORCH_CHECK(t.dim() == 5, "shape ", t.sizes(), ", got ", t.dim(), " dims"); }
+        PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("check", &check); }
+    """))
+    messages = {}
+    for name, flags in (("static_only", ["-static-libstdc++"]),
+                        ("with_link_flags", ["-static-libstdc++", *fastrnn._build.LINK_FLAGS])):
+        build = tmp_path / name
+        build.mkdir()
+        try:
+            module = cpp_extension.load(name=f"fastrnn_link_{name}", sources=[str(source)], extra_ldflags=flags,
+                                        build_directory=str(build))
+        except (RuntimeError, subprocess.CalledProcessError) as e:  # no libstdc++.a to link statically
+            pytest.skip(f"cannot link libstdc++ statically here: {str(e).splitlines()[0]}")
+        with pytest.raises(RuntimeError) as raised:
+            module.check(torch.zeros(2, 3))
+        messages[name] = (str(raised.value).splitlines()[0], _own_libstdcxx_symbols(module.__file__))
+    text, own = messages["static_only"]
+    assert own and "shape [2, 3], got 2 dims" not in text, messages  # the failure this guards against
+    text, own = messages["with_link_flags"]
+    assert own == [] and text.startswith("shape [2, 3], got 2 dims"), messages
