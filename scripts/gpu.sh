@@ -23,14 +23,16 @@
 #   gpu-tests        pytest -m gpu: test_cuda's ops, the parity suite on CUDA
 #                    tensors (cuda and triton backends), in parallel shards     limit 170 s
 #   check            python -m fastrnn check (every backend vs torch.nn)        limit 45 s
-#   bench            python -m fastrnn bench --quick on cuda: fastrnns default
-#                    per cell in fp32 and bf16, LSTM at B = 1, 8 (fp32, bf16),
-#                    the long bf16 LSTM                                         limit 120 s
+#   bench            python -m fastrnn bench --quick on cuda (cuda, triton, auto):
+#                    fastrnns default per cell in fp32 and bf16, LSTM at
+#                    B = 1, 8 (fp32, bf16), the long bf16 LSTM                  limit 120 s
+#   crossover        the bench's crossover set, cuda backend                    limit 90 s
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
-# At their limits the first six steps take 490 s; expected (a guess until the first lease) about 300 s,
-# leaving ~240 s of the 540 s for the last two. The step timings land in summary.txt for the next plan.
+# Measured on the first lease (H200, 2026-12-04): env 9 s, build 98, cuda-graphs 21, gpu-tests 160, check 26,
+# bench 91 (then with the reference backend), triton-cuda 35, profile 29: 469 s. The budget clips the last
+# steps first (triton-cuda, profile) if the crossover sweep runs long.
 #
 # Build estimate, from CPU seconds measured on this project's CPU machine (AMD EPYC Zen 5, 2026-12-02;
 # CPU seconds, not wall time, because 4 engineers share its 2 cores):
@@ -208,7 +210,13 @@ if [ $dry = 0 ]; then
   step check 45 "$out/check.log" "$py" -m fastrnn check --device cuda
   # The cuda quick set is the GPU set: fp32 and bf16, B in 1/8/64, the fastrnns default size,
   # B=16 T=1024 H=768 bf16 (fastrnn/bench/cases.py).
-  step bench 120 "$out/bench.log" "$py" -m fastrnn bench --quick --device cuda --results "$out/bench"
+  # Not the reference backend: it takes most of the step's time and nobody runs it for speed; auto's rows
+  # record what it resolved to (torch.nn where it hands over).
+  step bench 120 "$out/bench.log" "$py" -m fastrnn bench --quick --device cuda --backends cuda,triton,auto \
+    --results "$out/bench"
+  # Where auto hands over to cuDNN: B = 16-128, H = 256-1024, every cell (fastrnn/bench/cases.py).
+  step crossover 90 "$out/bench.log" "$py" -m fastrnn bench --cases crossover --device cuda --backends cuda \
+    --no-plot --no-memory --results "$out/bench"
   # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
   pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
 else

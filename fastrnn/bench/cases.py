@@ -89,6 +89,9 @@ FASTRNNS_DEFAULT = (100, 64, 512, 512)
 # DESIGN.md section 7's small-batch sweep: B in 1..16, H in 128..1024 (I = H, T = 100).
 SWEEP_BATCHES = (1, 2, 4, 8, 16)
 SWEEP_HIDDEN = (128, 256, 512, 1024)
+# The batches and widths around auto's hand-over to cuDNN on CUDA (the "crossover" set).
+CROSSOVER_BATCHES = (16, 32, 64, 128)
+CROSSOVER_HIDDEN = (256, 512, 1024)
 # DESIGN.md section 7's long sequence: T=1024, B=16, H=768, bf16.
 LONG_SEQUENCE = (1024, 16, 768, 768)
 # CleanRL's ppo_atari_lstm rollout: LSTM(512, 128), 128 steps x 8 environments, episodes ending anywhere
@@ -162,6 +165,14 @@ _SETS = {
     "rl": {dev: CaseSet("rl", (RL_ROLLOUT,), help="CleanRL's LSTM rollout with episode resets") for dev in ("cpu", "cuda")},
     "micro": {
         dev: CaseSet("micro", _each_cell(((50, 1, 64, 128), (100, 32, 256, 256))), help="microbenchmark sizes")
+        for dev in ("cpu", "cuda")
+    },
+    # Where backend="auto" on CUDA changes hands (fastrnn.modules._cuda_torch_nn_is_faster): measured faster
+    # at B = 1-16 and slower at B = 64, H = 512 on an H200; this fills in the batches and widths around it.
+    "crossover": {
+        dev: CaseSet("crossover", _sweep(CROSSOVER_BATCHES, CROSSOVER_HIDDEN, CELLS),
+                     help="every cell at T = 100, I = H, B = 16-128, H = 256-1024, fp32: where auto on CUDA "
+                          "hands over to cuDNN (scripts/gpu.sh)")
         for dev in ("cpu", "cuda")
     },
     # Tiny sizes for the smoke test of the command (tests/test_bench.py): seconds, not a measurement.
