@@ -27,12 +27,14 @@
 #                    fastrnns default per cell in fp32 and bf16, LSTM at
 #                    B = 1, 8 (fp32, bf16), the long bf16 LSTM                  limit 120 s
 #   crossover        the bench's crossover set, cuda backend                    limit 90 s
+#   memcheck,        compute-sanitizer over 8 of test_cuda.py's op tests, and
+#   racecheck        the 4 persistent ones                                      limits 90 s, 60 s
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
 # Measured on the first lease (H200, 2026-12-04): env 9 s, build 98, cuda-graphs 21, gpu-tests 160, check 26,
 # bench 91 (then with the reference backend), triton-cuda 35, profile 29: 469 s. The budget clips the last
-# steps first (triton-cuda, profile) if the crossover sweep runs long.
+# steps first (triton-cuda, profile) if the crossover sweep and the sanitizer run long.
 #
 # Build estimate, from CPU seconds measured on this project's CPU machine (AMD EPYC Zen 5, 2026-12-02;
 # CPU seconds, not wall time, because 4 engineers share its 2 cores):
@@ -218,6 +220,19 @@ if [ $dry = 0 ]; then
   step crossover 90 "$out/bench.log" "$py" -m fastrnn bench --cases crossover --device cuda --backends cuda \
     --no-plot --no-memory --results "$out/bench"
   # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
+  # compute-sanitizer on a few of the CUDA backend's op tests (T=7, B=5, H=37, lengths, reverse; every cell,
+  # both schemes, fp32): out-of-bounds accesses (memcheck), and shared-memory races in the persistent kernels
+  # (racecheck). Never run before; torch's own API probes are not errors here (--report-api-errors no).
+  if command -v compute-sanitizer > /dev/null; then
+    sanitize="compute-sanitizer --error-exitcode 1 --report-api-errors no --leak-check none"
+    sel="test_ops_match_reference and float32 and T7-B5-H37"
+    step memcheck 90 "$out/tests.log" $sanitize --tool memcheck "$py" -m pytest tests/test_cuda.py -k "$sel" -q \
+      -p no:cacheprovider
+    step racecheck 60 "$out/tests.log" $sanitize --tool racecheck "$py" -m pytest tests/test_cuda.py \
+      -k "$sel and persistent" -q -p no:cacheprovider
+  else
+    record memcheck "SKIPPED" 0 "no compute-sanitizer on PATH"
+  fi
   pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
 else
   # Quick CPU forms: the GPU selections collect and skip with their reasons; a few interpreter tests of
