@@ -250,27 +250,34 @@ fi
 # ---- profile -------------------------------------------------------------------------------------------
 # One case per scheme (the cuda backend's step and persistent schemes, triton's step and persistent
 # kernels): the top kernels by CUDA time, forward + backward of an LSTM at T=100, B=8, H=256 (64 for
-# triton's persistent kernels), fp32.
+# triton's persistent kernels), fp32; first the cuda backend and cuDNN at B=64, I=H=512, with wall times.
 # Not named profile.py: the script's directory comes first on sys.path, and cProfile (imported by torch on
 # the way) would import the script as the standard library's `profile` module.
 cat > "$scratch/profile_schemes.py" << 'PROFILE'
-import contextlib, os, sys, torch, fastrnn
+import contextlib, os, sys, time, torch, fastrnn
 from torch.profiler import ProfilerActivity, profile
 device = sys.argv[1]
 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-def run(backend, label, setup=contextlib.nullcontext, H=256):
+def run(backend, label, setup=contextlib.nullcontext, H=256, B=8, I=256):
     torch.manual_seed(0)
-    m = fastrnn.LSTM(256, H, backend=backend).to(device)
-    x = torch.randn(100, 8, 256, device=device, requires_grad=True)
+    m = (torch.nn.LSTM(I, H) if backend == "torch.nn" else fastrnn.LSTM(I, H, backend=backend)).to(device)
+    if backend == "torch.nn" and device == "cuda":
+        m.flatten_parameters()
+    x = torch.randn(100, B, I, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with setup():
         for _ in range(2):
             m(x)[0].sum().backward()
+        walls = []  # without the profiler: host-bound if the wall time is far above the device time below
+        for _ in range(5):
+            sync(); t0 = time.perf_counter(); m(x)[0].sum().backward(); sync()
+            walls.append(time.perf_counter() - t0)
         with profile(activities=acts) as prof:
             m(x)[0].sum().backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(f"--- {label}\n" + prof.key_averages().table(sort_by=key, row_limit=12))
+    print(f"--- {label}: B={B} I={I} H={H}, forward+backward wall {1e3 * sorted(walls)[2]:.3f} ms (median of 5)\n"
+          + prof.key_averages().table(sort_by=key, row_limit=12))
 def env(name, value):
     @contextlib.contextmanager
     def ctx():
@@ -282,6 +289,9 @@ def env(name, value):
     return ctx
 if device == "cuda":
     from fastrnn.backends.triton import force_kernel
+    # Where the cuda backend lost to cuDNN on the first lease (the step scheme runs at B = 64): host or device?
+    run("cuda", "cuda backend, its own choice", B=64, I=512, H=512)
+    run("torch.nn", "torch.nn (cuDNN)", B=64, I=512, H=512)
     run("cuda", "cuda step scheme", env("FASTRNN_CUDA_SCHEME", "step"))
     run("cuda", "cuda persistent scheme", env("FASTRNN_CUDA_SCHEME", "persistent"))
     run("triton", "triton step kernels", lambda: force_kernel("step"))
