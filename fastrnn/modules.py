@@ -71,13 +71,13 @@ AUTO_CUDA_TORCH_NN_MIN_HIDDEN = 512
 def _cuda_torch_nn_is_faster(backend, batch, hidden_size):
     """Whether torch.nn (cuDNN) measured faster than fastrnn's `backend` (the one auto resolves to on CUDA) for
     a padded fp32/bf16 call of `batch` rows of `hidden_size` units. Measured on an H200 (torch 2.11, cuDNN
-    9.19, T = 100, I = H = 512 unless said; docs/benchmarks.md, "First GPU runs"), ratios torch.nn / fastrnn,
-    forward / forward+backward: the cuda backend at B = 64 LSTM 0.80 / 0.77 (fp32) and 0.92 / 0.90 (bf16)
-    against cuDNN with flattened weights, GRU 0.92 / 0.83 and 0.90 / 0.88, RNN 0.81 / 0.77 and 0.94 / 0.89
-    against cuDNN compacting its weights at every call (slower still flattened); at B = 1 and 8 (LSTM) 2.2-4.6,
-    and 1.35 / 1.38 at B = 16, T = 1024, H = 768 (bf16): kept. The triton backend 0.42-0.64 at every size
-    measured (B = 1, 8, 64; launch-bound), the reference backend slower still. Batches 17-63 are unmeasured
-    and stay fastrnn's."""
+    9.19, 7986282 and f244118, T = 100, I = H = 512 unless said; docs/benchmarks.md, "First GPU runs"),
+    ratios torch.nn / fastrnn, forward / forward+backward: the cuda backend at B = 64 LSTM 0.80 / 0.77
+    (fp32) and 0.92 / 0.90 (bf16) against cuDNN with flattened weights, GRU 0.92 / 0.83 and 0.90 / 0.88,
+    RNN 0.81 / 0.77 and 0.94 / 0.89 against cuDNN compacting its weights at every call (slower still
+    flattened); at B = 1 and 8 (LSTM) 2.2-4.6, and 1.35 / 1.38 at B = 16, T = 1024, H = 768 (bf16): kept.
+    The triton backend 0.42-0.64 at every size measured (B = 1, 8, 64; launch-bound), the reference backend
+    slower still. Batches 17-63 are unmeasured and stay fastrnn's."""
     if backend != "cuda":
         return True
     return batch >= AUTO_CUDA_TORCH_NN_MIN_BATCH and hidden_size >= AUTO_CUDA_TORCH_NN_MIN_HIDDEN

@@ -32,7 +32,7 @@
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
-# Measured on the first lease (H200, 2026-12-04): env 9 s, build 98, cuda-graphs 21, gpu-tests 160, check 26,
+# Measured on the first lease (H200, 2026-12-04, 7986282): env 9 s, build 98, cuda-graphs 21, gpu-tests 160, check 26,
 # bench 91 (then with the reference backend), triton-cuda 35, profile 29: 469 s. The budget clips the last
 # steps first (triton-cuda, profile) if the crossover sweep and the sanitizer run long.
 #
