@@ -32,9 +32,9 @@
 #   triton-cuda      tests/test_triton.py on CUDA tensors, shards (triton
 #                    compiles each kernel variant, ~1-3 s each, hundreds)      what is left, <= 90 s
 #   profile          torch.profiler, one case per scheme                        what is left, <= 60 s
-# Measured on the first lease (H200, 2026-12-04, 7986282): env 9 s, build 98, cuda-graphs 21, gpu-tests 160, check 26,
-# bench 91 (then with the reference backend), triton-cuda 35, profile 29: 469 s. The budget clips the last
-# steps first (triton-cuda, profile) if the crossover sweep and the sanitizer run long.
+# Measured on the first lease (H200, 2026-12-04, 7986282): env 9 s, build 98, cuda-graphs 21, gpu-tests
+# 160, check 26, bench 91 (then with the reference backend), triton-cuda 35, profile 29: 469 s. The budget
+# clips the last steps first (triton-cuda, profile) if the crossover sweep and the sanitizer run long.
 #
 # Build estimate, from CPU seconds measured on this project's CPU machine (AMD EPYC Zen 5, 2026-12-02;
 # CPU seconds, not wall time, because 4 engineers share its 2 cores):
@@ -219,7 +219,6 @@ if [ $dry = 0 ]; then
   # Where auto hands over to cuDNN: B = 16-128, H = 256-1024, every cell (fastrnn/bench/cases.py).
   step crossover 90 "$out/bench.log" "$py" -m fastrnn bench --cases crossover --device cuda --backends cuda \
     --no-plot --no-memory --results "$out/bench"
-  # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
   # compute-sanitizer on a few of the CUDA backend's op tests (T=7, B=5, H=37, lengths, reverse; every cell,
   # both schemes, fp32): out-of-bounds accesses (memcheck), and shared-memory races in the persistent kernels
   # (racecheck). Never run before; torch's own API probes are not errors here (--report-api-errors no).
@@ -233,6 +232,7 @@ if [ $dry = 0 ]; then
   else
     record memcheck "SKIPPED" 0 "no compute-sanitizer on PATH"
   fi
+  # test_triton.py's op tests follow the device: on CUDA tensors here (not the slow compile-only ones).
   pytest_shards triton-cuda 90 "$shards" tests/test_triton.py -m "not slow and not gpu"
 else
   # Quick CPU forms: the GPU selections collect and skip with their reasons; a few interpreter tests of

@@ -196,6 +196,8 @@ def test_plain_pip_install_into_a_fresh_venv_compiles_on_first_use(tmp_path):
 
 # libstdc++'s own stream and locale code, which a library defines only when libstdc++ was linked into it.
 _LIBSTDCXX_OWN = re.compile(r"_ZNSo9_M_insert|codecvt")
+needs_nm = pytest.mark.skipif(shutil.which("nm") is None or sys.platform != "linux",
+                              reason="needs nm (binutils) on Linux")
 
 
 def _own_libstdcxx_symbols(path):
@@ -203,7 +205,7 @@ def _own_libstdcxx_symbols(path):
     return [line for line in out.stdout.splitlines() if _LIBSTDCXX_OWN.search(line)]
 
 
-@pytest.mark.skipif(shutil.which("nm") is None or sys.platform != "linux", reason="needs nm (binutils) on Linux")
+@needs_nm
 def test_the_libraries_use_the_shared_libstdcxx():
     """No library of the extension (the op library and the capability copies next to it) carries a copy of
     libstdc++'s stream code: the H200 machine's g++ linked one in, and formatting an op's error crashed there
@@ -219,7 +221,7 @@ def test_the_libraries_use_the_shared_libstdcxx():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nm") is None or sys.platform != "linux", reason="needs nm (binutils) on Linux")
+@needs_nm
 def test_link_flags_override_a_static_libstdcxx_default(tmp_path):
     """A compiler that links libstdc++ statically (forced here with -static-libstdc++) gives the library its own
     stream code, and an integer formatted into a torch error message from it is lost (cut short here, a
