@@ -203,7 +203,7 @@ def packed_projection(backend, x, w_ih, training):
     """Whether an input projection runs on fastrnn's packed panels (fastrnn_cpu::small_linear, the step
     products' kernel with W_ih packed once and kept) instead of torch's or oneDNN's GEMM: fp32 on the cpu
     backend's AVX-512 copy, on CPUs where fp32 products take oneDNN (not Intel's: MKL runs AVX-512 there and
-    was not measured against it), for W_ih up to PACKED_PROJECTION_MAX_WEIGHT_BYTES and at least 2 rows (T*B);
+    was not measured against it), for W_ih up to PACKED_PROJECTION_MAX_WEIGHT_BYTES and at least 2 rows of x;
     in training only where the product would take fastrnn_cpu::linear anyway (native_gemm: from
     NATIVE_GEMM_MIN_FLOPS_TRAINING), whose autograd formula it shares, so that the custom op's Python autograd
     layer (~20 us a call) stays off small layers. Measured (Zen 5, 2 threads, fastest of 200-400 interleaved
@@ -212,7 +212,7 @@ def packed_projection(backend, x, w_ih, training):
     (4 MB, repacked each call) - / 4169 / 4523; one row (a GEMV) [1,64]x[64,512] 4.1 / - / 4.7, two rows 6.6 / -
     / 4.9 (docs/cpu.md, "The input projection on the packed panels")."""
     if (backend != "cpu" or x.dtype != torch.float32 or w_ih.dtype != torch.float32
-            or x.shape[0] * x.shape[1] < 2 or w_ih.numel() * 4 > PACKED_PROJECTION_MAX_WEIGHT_BYTES
+            or x.numel() < 2 * x.shape[-1] or w_ih.numel() * 4 > PACKED_PROJECTION_MAX_WEIGHT_BYTES
             or torch.compiler.is_compiling() or transformed()):
         return False
     if training and 2 * x.numel() * w_ih.shape[0] < NATIVE_GEMM_MIN_FLOPS_TRAINING:
@@ -221,24 +221,65 @@ def packed_projection(backend, x, w_ih, training):
     return native.cpu_capability() == "avx512" and native.blas() == "onednn"
 
 
-def input_projection(x, w_ih, b_in, backend):
-    """Gx [T, B, G*H] = x W_ih^T + b over all T*B rows, one GEMM. On the cpu backend in fp32 with a W_ih of up
-    to 1 MB on fastrnn's packed panels (packed_projection), in fp32 and fp16 otherwise (native_gemm) through
-    fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA); both differentiable twice
-    through linear's autograd formula (so dx and dW_ih run on fastrnn_cpu::mm); otherwise F.linear."""
+def padded(rows, batch_sizes):
+    """A PackedSequence's rows [N, F] (its data, or their projection) -> padded, time-major [T, B, F] with zeros
+    past each length (what the ops take with lengths); rows itself when batch_sizes is None.
+
+    One index_copy, whose backward is one gather. torch's _pad_packed_sequence copies a slice a step, and its
+    autograd then copies the whole gradient once a step: GRU (100,64,512,512), lengths over [50, 100],
+    forward+backward 743 ms with it against 209 with this (Intel Xeon with AMX, 2 threads)."""
+    if batch_sizes is None:
+        return rows
+    steps, batch, n = batch_sizes.numel(), int(batch_sizes[0]), rows.shape[0]
+    # Packed row i, the b-th sequence of step t (rows start[t] .. start[t] + batch_sizes[t] - 1), goes to
+    # padded row t * batch + b = i + (t * batch - start[t]).
+    start = torch.cumsum(batch_sizes, 0) - batch_sizes
+    shift = torch.repeat_interleave(torch.arange(steps) * batch - start, batch_sizes, output_size=n)
+    index = (shift + torch.arange(n)).to(rows.device)
+    # In place into the fresh zeros: torch.index_copy would copy them first (1.6 against 1.0 ms at 13 MB).
+    out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, index, rows)
+    return out.view(steps, batch, *rows.shape[1:])
+
+
+# A PackedSequence's rows are projected before they are padded (input_projection) where the padded Gx is under
+# this size on the CPU: N rows instead of T * B in the projection, dx and dW_ih (a quarter fewer at lengths spread
+# over [T/2, T]). Above it (past glibc's largest mmap threshold) the padded Gx, a fresh allocation at every call,
+# faults its pages in, where a padded x, smaller, does not and the projection's output comes from fastrnn's output
+# cache: x is padded first there. Forward, lengths over [T/2, T], T=100, Intel Xeon with AMX, 2 threads, ms, pad
+# then project / project then pad (torch's pad): [64 rows, I=512] to G*H = 512 10.4 / 8.1, 1536 37.6 / 32.1; at
+# 32 rows, 256 to 256, 768, 1024 1.7 / 1.4, 4.2 / 3.5, 5.8 / 4.9; G*H = 2048 at 64 rows (52 MB) the pad alone
+# 14-28 ms of which 11 the fresh zeros (docs/cpu.md, "Packed input").
+PROJECT_BEFORE_PADDING_MAX_BYTES = 32 << 20
+
+
+def projects_before_padding(x, w_ih, batch_sizes):
+    """Whether the first layer projects a PackedSequence's rows x [N, I] before padding them (the rule above);
+    on other devices (not measured) x is padded first, as before the rule."""
+    padded_bytes = batch_sizes.numel() * int(batch_sizes[0]) * w_ih.shape[0] * x.element_size()
+    return x.device.type == "cpu" and padded_bytes < PROJECT_BEFORE_PADDING_MAX_BYTES
+
+
+def input_projection(x, w_ih, b_in, backend, batch_sizes=None):
+    """Gx [T, B, G*H] = x W_ih^T + b, one GEMM over the rows of x: x [T, B, I], or with batch_sizes a
+    PackedSequence's rows [N, I], projected before they are padded (a GEMM over N rows, not T * B: at lengths
+    spread over [T/2, T] a quarter fewer; docs/cpu.md, "Packed input"). On the cpu backend in fp32 with a W_ih
+    of up to 1 MB on fastrnn's packed panels (packed_projection), in fp32 and fp16 otherwise (native_gemm)
+    through fastrnn_cpu::linear (oneDNN's matmul, which JIT-compiles for the running ISA); both differentiable
+    twice through linear's autograd formula (so dx and dW_ih run on fastrnn_cpu::mm); otherwise F.linear."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
-    if packed_projection(backend, x, w_ih, training):
-        T, B = x.shape[:2]
+    rows = x.reshape(-1, x.shape[-1])
+    if packed_projection(backend, rows, w_ih, training):
         # Not training: nothing requires grad, and packed_projection rules out compile and transforms.
-        gx = _native().small_linear(x.reshape(T * B, x.shape[2]), w_ih, b_in, grad=training)
-        return gx.view(T, B, w_ih.shape[0])
-    if native_gemm(backend, x.dtype, 2 * x.numel() * w_ih.shape[0], training, w_ih.numel() * 4,
-                   x.shape[0] * x.shape[1] * w_ih.shape[0] * 4):
-        T, B = x.shape[:2]
+        gx = _native().small_linear(rows, w_ih, b_in, grad=training)
+    elif native_gemm(backend, x.dtype, 2 * rows.numel() * w_ih.shape[0], training, w_ih.numel() * 4,
+                     rows.shape[0] * w_ih.shape[0] * 4):
         b = None if b_in is None else b_in.float()
-        gx = _native().linear(x.reshape(T * B, x.shape[2]).float(), w_ih.float(), b).view(T, B, w_ih.shape[0])
-        return gx.to(x.dtype)
-    return F.linear(x, w_ih, b_in).contiguous()
+        gx = _native().linear(rows.float(), w_ih.float(), b).to(x.dtype)
+    else:
+        gx = F.linear(rows, w_ih, b_in)
+    if batch_sizes is not None:
+        return padded(gx, batch_sizes)
+    return gx.view(*x.shape[:-1], w_ih.shape[0])
 
 
 def function_for(plain, forward_mode, *tensors):
@@ -274,39 +315,40 @@ def apply(function, *args):
 
 
 # The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
-# `b_in` is the bias folded into Gx.
+# `b_in` is the bias folded into Gx. With batch_sizes, x is a PackedSequence's rows [N, I] (input_projection).
 
 
-def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend):
+def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, batch_sizes=None):
     """y, h_n, c_n."""
-    gx = input_projection(x, w_ih, b_in, backend)
+    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
     function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
     if function is not None:
         y, h_n, c_n, _, _ = apply(
-            function, gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in
+            function, gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes
         )
         return y, h_n, c_n
     y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False)
     return y, h_n, c_n
 
 
-def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, resets, reverse, backend):
+def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, resets, reverse, backend, batch_sizes=None):
     """y, h_n."""
-    gx = input_projection(x, w_ih, b_in, backend)
+    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
     function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
     if function is not None:
-        y, h_n, _ = apply(function, gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in)
+        y, h_n, _ = apply(function, gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in,
+                          batch_sizes)
         return y, h_n
     y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, False)
     return y, h_n
 
 
-def rnn(x, w_ih, b_in, w_hh, h0, lengths, resets, reverse, relu, backend):
+def rnn(x, w_ih, b_in, w_hh, h0, lengths, resets, reverse, relu, backend, batch_sizes=None):
     """y, h_n (the op saves nothing beyond y)."""
-    gx = input_projection(x, w_ih, b_in, backend)
+    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
     function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
     if function is not None:
-        return apply(function, gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in)
+        return apply(function, gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes)
     return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
 
 
@@ -369,11 +411,11 @@ def differentiable_backward(recurrence, projection, inputs, cotangents):
     """The create_graph backward: the gradients of `recurrence(gx, *inputs)` (torch ops only), themselves
     differentiable by autograd and by the torch.func transforms (torch.func.vjp composes with both).
 
-    projection: the saved (x, W_ih, b) that Gx came from, so that Gx is rebuilt with its history.
-    Returns one gradient (or None) for gx and for each input.
+    projection: the saved (x, W_ih, b, batch_sizes) that Gx came from (input_projection), so that Gx is rebuilt
+    with its history. Returns one gradient (or None) for gx and for each input.
     """
-    x, w_ih, b_in = projection
-    gx = F.linear(x, w_ih, b_in)
+    x, w_ih, b_in, batch_sizes = projection
+    gx = padded(F.linear(x, w_ih, b_in), batch_sizes)
     fn, present, expand = _over_present(recurrence, (gx, *inputs))
     _, pullback = torch.func.vjp(fn, *present)
     return expand(pullback(tuple(cotangents)))
@@ -405,15 +447,15 @@ class LSTMFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in):
+    def forward(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes):
         return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in = inputs
+        gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes = inputs
         y, _, _, gates, cs = output
         ctx.mark_non_differentiable(gates, cs)
-        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in)
+        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in, batch_sizes)
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
@@ -421,12 +463,12 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
-        w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
         dy, dh_n, dc_n = zeros_where_missing((dy, dh_n, dc_n), (y, h0, c0))
         if torch.is_grad_enabled():
-            grads = differentiable_backward(lstm_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
-                                            (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
-            return (*grads, None, None, None, None, None, None, None)
+            grads = differentiable_backward(lstm_in_torch_ops(lengths, resets, ctx.reverse),
+                                            (x, w_ih, b_in, batch_sizes), (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
+            return (*grads, None, None, None, None, None, None, None, None)
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, resets,
             ctx.reverse,
@@ -434,7 +476,7 @@ class LSTMFunction(torch.autograd.Function):
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
         dw_hr = dw_hr if w_hr is not None else None
-        return dgx, dw_hh, dh0, dc0, dw_hr, None, None, None, None, None, None, None
+        return dgx, dw_hh, dh0, dc0, dw_hr, None, None, None, None, None, None, None, None
 
 
 class LSTMForwardModeFunction(LSTMFunction):
@@ -451,15 +493,15 @@ class GRUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in):
+    def forward(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes):
         return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in = inputs
+        gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes = inputs
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
-        ctx.save_for_backward(w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in)
+        ctx.save_for_backward(w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in, batch_sizes)
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
@@ -467,19 +509,19 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, _dsaved):
-        w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
         dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
-            grads = differentiable_backward(gru_in_torch_ops(lengths, resets, ctx.reverse), (x, w_ih, b_in),
-                                            (w_hh, b_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None, None)
+            grads = differentiable_backward(gru_in_torch_ops(lengths, resets, ctx.reverse),
+                                            (x, w_ih, b_in, batch_sizes), (w_hh, b_hh, h0), (dy, dh_n))
+            return (*grads, None, None, None, None, None, None, None, None)
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, resets, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgh, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
         db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
-        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None, None
+        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None, None, None
 
 
 class GRUForwardModeFunction(GRUFunction):
@@ -496,14 +538,14 @@ class RNNFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in):
+    def forward(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes):
         return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in = inputs
+        gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes = inputs
         y, _ = output
-        ctx.save_for_backward(w_hh, h0, lengths, resets, y, x, w_ih, b_in)
+        ctx.save_for_backward(w_hh, h0, lengths, resets, y, x, w_ih, b_in, batch_sizes)
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(gx, w_hh, h0, lengths, resets)
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
@@ -511,18 +553,18 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n):
-        w_hh, h0, lengths, resets, y, x, w_ih, b_in = ctx.saved_tensors
+        w_hh, h0, lengths, resets, y, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
         dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
-            grads = differentiable_backward(rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu), (x, w_ih, b_in),
-                                            (w_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None, None, None)
+            grads = differentiable_backward(rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu),
+                                            (x, w_ih, b_in, batch_sizes), (w_hh, h0), (dy, dh_n))
+            return (*grads, None, None, None, None, None, None, None, None, None)
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, resets, ctx.reverse, ctx.relu
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, None, None, None, None, None, None, None, None
+        return dgx, dw_hh, dh0, None, None, None, None, None, None, None, None, None
 
 
 class RNNForwardModeFunction(RNNFunction):

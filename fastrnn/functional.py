@@ -29,36 +29,44 @@ class LayerWeights(NamedTuple):
     w_hr: Optional[Tensor]
 
 
-def recurrence(cell, x, h0, c0, weights, lengths, resets, reverse, backend):
+def recurrence(cell, x, h0, c0, weights, lengths, resets, reverse, backend, batch_sizes=None):
     """One layer, one direction. x [T, B, I] -> y [T, B, Hout], h_n [B, Hout], c_n [B, H] (LSTM) or None.
+    With batch_sizes, x is a PackedSequence's rows [N, I], projected, then padded (autograd.input_projection).
 
     LSTM and RNN fold both biases into the input projection; GRU keeps b_hh for the recurrence, since
     b_hn sits inside r * (W_hn h + b_hn).
     """
     w = weights
     if cell == "gru":
-        y, h_n = autograd.gru(x, w.w_ih, w.b_ih, w.w_hh, w.b_hh, h0, lengths, resets, reverse, backend)
+        y, h_n = autograd.gru(x, w.w_ih, w.b_ih, w.w_hh, w.b_hh, h0, lengths, resets, reverse, backend,
+                              batch_sizes)
         return y, h_n, None
     bias = None if w.b_ih is None else w.b_ih + w.b_hh
     if cell == "lstm":
-        return autograd.lstm(x, w.w_ih, bias, w.w_hh, h0, c0, w.w_hr, lengths, resets, reverse, backend)
-    y, h_n = autograd.rnn(x, w.w_ih, bias, w.w_hh, h0, lengths, resets, reverse, cell == "rnn_relu", backend)
+        return autograd.lstm(x, w.w_ih, bias, w.w_hh, h0, c0, w.w_hr, lengths, resets, reverse, backend,
+                             batch_sizes)
+    y, h_n = autograd.rnn(x, w.w_ih, bias, w.w_hh, h0, lengths, resets, reverse, cell == "rnn_relu", backend,
+                          batch_sizes)
     return y, h_n, None
 
 
 def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dropout, training, backend,
-            resets=None):
+            resets=None, batch_sizes=None):
     """The multi-layer network on padded, time-major input.
 
-    x [T, B, I]; h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in torch's order
-    (layer-major, forward before reverse); lengths [B] int64 on x's device or None; resets [T, B] bool on
+    x [T, B, I], or with batch_sizes (host int64 [T], as a PackedSequence holds it) the packed rows [N, I]
+    that lengths come from: the first layer projects them before padding where autograd.projects_before_padding
+    says so, else they are padded first. h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in
+    torch's order (layer-major, forward before reverse); lengths [B] int64 on x's device or None; resets [T, B] bool on
     x's device or None (episode starts, docs/api.md "Episode resets"; the same in every layer).
     Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
     """
-    if x.shape[0] == 0:
+    if (x.shape[0] if batch_sizes is None else batch_sizes.numel()) == 0:
         # torch.nn's message (ATen's RNN.cpp); the recurrence ops take T >= 1.
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backends.resolve(backend, x.device)
+    if batch_sizes is not None and not autograd.projects_before_padding(x, weights[0].w_ih, batch_sizes):
+        x, batch_sizes = autograd.padded(x, batch_sizes), None
     num_directions = 2 if bidirectional else 1
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)
     resets_of = (resets, reverse_resets(resets) if bidirectional else None)
@@ -70,7 +78,7 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
             k = layer * num_directions + direction
             y, h, c = recurrence(
                 cell, layer_input, h0[k], c0[k] if c0 is not None else None, weights[k], lengths,
-                resets_of[direction], direction == 1, backend,
+                resets_of[direction], direction == 1, backend, batch_sizes if layer == 0 else None,
             )
             outputs.append(y)
             h_n.append(h)
@@ -92,16 +100,15 @@ def reverse_resets(resets):
     return torch.cat([resets[1:], torch.zeros_like(resets[:1])])
 
 
-def unpack(data, batch_sizes):
-    """Packed rows (sorted by decreasing length) -> padded x [T, B, *] in the same order, lengths [B] on the
-    host; lengths None when every sequence has the full length T (a single sequence, or equal lengths):
-    then the packed rows already are the time-major [T, B, *] tensor, and x is a view of them (no copy, and
-    the ops skip the lengths test). batch_sizes is on the host: deciding costs no synchronisation."""
+def packed_lengths(batch_sizes):
+    """A PackedSequence's batch_sizes [T] -> the lengths [B] of its sequences in packed order (decreasing),
+    on the host; None when every sequence has the full length T (a single sequence, or equal lengths): then
+    the packed rows already are the time-major [T, B, *] tensor (a view, no copy, and the ops skip the
+    lengths test). batch_sizes is on the host: deciding costs no synchronisation."""
     T = batch_sizes.numel()
-    if T and batch_sizes[0] == batch_sizes[-1]:
-        return data.view(T, data.shape[0] // T, *data.shape[1:]), None
-    padded, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, T)
-    return padded, lengths
+    if T == 0 or batch_sizes[0] == batch_sizes[-1]:
+        return None
+    return (batch_sizes.unsqueeze(1) > torch.arange(int(batch_sizes[0]))).sum(0)
 
 
 def pack(padded, lengths):

@@ -464,8 +464,13 @@ class _RecurrentMixin(_FastRNNModule):
                     "torch.nn.utils.rnn.pad_packed_sequence, or run without resets)"
                 )
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            x, host_lengths = functional.unpack(data, batch_sizes)
-            batch = x.shape[1]
+            host_lengths = functional.packed_lengths(batch_sizes)
+            steps = batch_sizes.numel()
+            batch = int(batch_sizes[0]) if steps else 0
+            # All lengths equal: the packed rows are the padded input. Else the first layer projects the rows
+            # and pads the projection (functional.stacked).
+            x = data.view(steps, batch, *data.shape[1:]) if host_lengths is None and steps else data
+            ragged_batch_sizes = None if host_lengths is None and steps else batch_sizes
             check_input = data
         else:
             if input.dim() not in (2, 3):
@@ -477,7 +482,7 @@ class _RecurrentMixin(_FastRNNModule):
                 hx = self._check_hidden_dims(hx, is_batched)
             x = input.transpose(0, 1) if self.batch_first else input
             resets = _time_major_resets(resets, x, self.batch_first, is_batched)
-            host_lengths = None
+            host_lengths = ragged_batch_sizes = None
             batch = x.shape[1]
             check_input = input
         if hx is None:
@@ -502,7 +507,7 @@ class _RecurrentMixin(_FastRNNModule):
             y, h_n, c_n = functional.stacked(
                 self._cell_name(), x.contiguous(), h0, c0, weights, lengths,
                 num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
-                training=self.training, backend=self.backend, resets=resets,
+                training=self.training, backend=self.backend, resets=resets, batch_sizes=ragged_batch_sizes,
             )
 
         hidden = (h_n, c_n) if lstm else h_n

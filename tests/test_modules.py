@@ -304,6 +304,33 @@ def test_cell_bad_input_raises_like_torch(cell):
         assert type(got.value) is type(expected.value) and str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("first", ["project", "pad"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_rows_projected_or_padded_first(cell, first, device, backend, monkeypatch):
+    """A PackedSequence of unequal lengths: the first layer projects its rows and pads the projection where
+    the padded Gx is small (autograd.projects_before_padding), else pads the rows first; both orders give
+    torch.nn's outputs and gradients, with 2 layers and both directions, and the order taken is the one asked
+    for (every first-layer projection sees the packed rows, or none does)."""
+    from fastrnn import autograd
+
+    limit = 1 << 62 if first == "project" else 0
+    monkeypatch.setattr(autograd, "PROJECT_BEFORE_PADDING_MAX_BYTES", limit)
+    seen = []
+    projection = autograd.input_projection
+
+    def spy(x, w_ih, b_in, backend, batch_sizes=None):
+        seen.append(batch_sizes is not None)
+        return projection(x, w_ih, b_in, backend, batch_sizes)
+
+    monkeypatch.setattr(autograd, "input_projection", spy)
+    case = Case(cell, T=6, B=4, layers=2, bidirectional=True, packed="unsorted")
+    ref, out = run_case(case, backend, device)
+    assert_all_close(ref, out, **FP64_TOL)
+    projected = first == "project" and device == "cpu"  # other devices pad first (not measured there)
+    assert seen == [projected] * 2 + [False] * 2
+
+
 def test_packed_input_with_wrong_hx_is_rejected():
     x = pack_padded_sequence(torch.zeros(5, 3, 4), torch.tensor([5, 3, 2]))
     with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 3, 6\), got \[1, 2, 6\]"):

@@ -264,9 +264,9 @@ def test_rows_split_among_the_threads(threads, monkeypatch):
     instead of the column blocks (recurrence.h, HiddenGemm::row_split_threads): from kMinSplitRows (4) rows a
     thread with a W_hh of at most kMaxSplitBytes (1 MB), else by columns; FASTRNN_CPU_SPLIT=rows forces it from
     one row a thread, =columns never. The counter shows the rule's limits; both ways every op matches the
-    reference ops (lengths sorted: finished rows skip the product inside a thread's rows; resets; 3 threads:
-    uneven shares; bf16). (Not bit for bit: a register tile of 1-2 rows sums odd and even k apart, gemm.h
-    panel_tile, and the two ways cut the rows into tiles differently.)"""
+    reference ops (lengths sorted: the rows still running are shared among the threads, the finished ones
+    after them; resets; 3 threads: uneven shares; bf16). (Not bit for bit: a register tile of 1-2 rows sums
+    odd and even k apart, gemm.h panel_tile, and the two ways cut the rows into tiles differently.)"""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     split = torch.ops.fastrnn_cpu.row_split_recurrences

@@ -779,10 +779,19 @@ class HiddenGemm {
                      fn(s, m0, mr, j0, j1, tiles, gstride);
                    });
     };
-    // Thread t of n: its rows (split > 0: all column blocks) or its column blocks (all rows).
+    // Thread t of n: its rows (split > 0: all column blocks) or its column blocks (all rows). Split by rows,
+    // the rows with a product (rows_of(s): a PackedSequence's rows still running) are shared evenly, then the
+    // rest (their cells only carry the state): an even split of all rows left the finished rows' thread idle.
+    // rnn_fwd at T=100, B=64, H=512 (W_hh 1 MB: split by rows), lengths spread over [50, 100] (3/4 of the rows'
+    // steps), Intel Xeon with AMX, 2 threads, ms, with lengths / without: 10.4 / 11.6 before, 9.1-9.5 / 11.3-12.0.
     auto share = [&](int64_t s, int64_t t, int64_t n) {
       if (split > 0) {
-        step(s, 0, blocks, rows_ * t / n, rows_ * (t + 1) / n);
+        const int64_t active = std::clamp<int64_t>(a_of(s) == nullptr ? 0 : rows_of(s), 0, rows_);
+        step(s, 0, blocks, active * t / n, active * (t + 1) / n);
+        if (active < rows_) {
+          const int64_t rest = rows_ - active;
+          step(s, 0, blocks, active + rest * t / n, active + rest * (t + 1) / n);
+        }
       } else {
         step(s, blocks * t / n, blocks * (t + 1) / n, 0, rows_);
       }
