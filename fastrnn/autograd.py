@@ -241,22 +241,27 @@ def padded(rows, batch_sizes):
     return out.view(steps, batch, *rows.shape[1:])
 
 
-# A PackedSequence's rows are projected before they are padded (input_projection) where the padded Gx is under
-# this size on the CPU: N rows instead of T * B in the projection, dx and dW_ih (a quarter fewer at lengths spread
-# over [T/2, T]). Above it (past glibc's largest mmap threshold) the padded Gx, a fresh allocation at every call,
-# faults its pages in, where a padded x, smaller, does not and the projection's output comes from fastrnn's output
-# cache: x is padded first there. Forward, lengths over [T/2, T], T=100, Intel Xeon with AMX, 2 threads, ms, pad
-# then project / project then pad (torch's pad): [64 rows, I=512] to G*H = 512 10.4 / 8.1, 1536 37.6 / 32.1; at
-# 32 rows, 256 to 256, 768, 1024 1.7 / 1.4, 4.2 / 3.5, 5.8 / 4.9; G*H = 2048 at 64 rows (52 MB) the pad alone
-# 14-28 ms of which 11 the fresh zeros (docs/cpu.md, "Packed input").
+# A PackedSequence's rows are projected before they are padded (input_projection) on the CPU where the padded Gx
+# is under this size and, in inference, no wider than x (G*H <= I): the projection (and in training dx and dW_ih)
+# then runs over N rows instead of T * B, a quarter fewer at lengths spread over [T/2, T]. Otherwise x is padded
+# first. Measured (Intel Xeon with AMX, 2 threads, modules, cpu backend, lengths over [T/2, T], the two orders
+# alternated call by call, ms p10, pad first / project first): training LSTM (100,32,256,256) 41.5 / 38.8,
+# (200,8,128,128) 8.65 / 8.20, GRU (100,32,256,256) 32.9 / 31.0, RNN 12.9 / 11.7; inference RNN (100,64,512,512)
+# 30.7 / 26.9, (100,32,256,256) 4.66 / 4.28, but a wider Gx lost there: LSTM (100,32,256,256) 13.1 / 16.0, GRU
+# (100,64,256,256) 19.3 / 25.0, equal at (200,8,128,128). From 32 MB (past glibc's largest mmap threshold) the
+# padded Gx, a fresh allocation at every call, faults its pages in (pad alone at (100,64,512,512), LSTM: 14-28 ms,
+# 11 of them the zeros), where the projection of a padded x writes into fastrnn's output cache.
 PROJECT_BEFORE_PADDING_MAX_BYTES = 32 << 20
 
 
-def projects_before_padding(x, w_ih, batch_sizes):
+def projects_before_padding(x, w_ih, b_in, batch_sizes):
     """Whether the first layer projects a PackedSequence's rows x [N, I] before padding them (the rule above);
-    on other devices (not measured) x is padded first, as before the rule."""
+    on other devices (not measured) x is padded first."""
     padded_bytes = batch_sizes.numel() * int(batch_sizes[0]) * w_ih.shape[0] * x.element_size()
-    return x.device.type == "cpu" and padded_bytes < PROJECT_BEFORE_PADDING_MAX_BYTES
+    if x.device.type != "cpu" or padded_bytes >= PROJECT_BEFORE_PADDING_MAX_BYTES:
+        return False
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in))
+    return training or w_ih.shape[0] <= x.shape[-1]
 
 
 def input_projection(x, w_ih, b_in, backend, batch_sizes=None):

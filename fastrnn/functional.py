@@ -65,7 +65,8 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
         # torch.nn's message (ATen's RNN.cpp); the recurrence ops take T >= 1.
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backends.resolve(backend, x.device)
-    if batch_sizes is not None and not autograd.projects_before_padding(x, weights[0].w_ih, batch_sizes):
+    if batch_sizes is not None and not autograd.projects_before_padding(x, weights[0].w_ih, weights[0].b_ih,
+                                                                         batch_sizes):
         x, batch_sizes = autograd.padded(x, batch_sizes), None
     num_directions = 2 if bidirectional else 1
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)

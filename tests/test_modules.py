@@ -331,6 +331,22 @@ def test_packed_rows_projected_or_padded_first(cell, first, device, backend, mon
     assert seen == [projected] * 2 + [False] * 2
 
 
+def test_packed_rows_projection_rule():
+    """autograd.projects_before_padding: on the CPU under 32 MB of padded Gx, in training, or in inference where Gx
+    is no wider than x (measured: a wider Gx lost in inference); never from 32 MB."""
+    from fastrnn.autograd import projects_before_padding
+
+    batch_sizes = torch.tensor([4, 4, 3, 1])  # T = 4, B = 4: 16 padded rows
+    x = torch.zeros(12, 8)
+    narrow, wide = torch.zeros(8, 8), torch.zeros(32, 8, requires_grad=True)
+    assert projects_before_padding(x, narrow, None, batch_sizes)
+    assert projects_before_padding(x, wide, None, batch_sizes)  # training: wide requires grad
+    with torch.no_grad():
+        assert not projects_before_padding(x, wide, None, batch_sizes)
+    big = torch.tensor([1 << 17, 1 << 17])  # 2 x 2^17 rows of 32 floats: 32 MB
+    assert not projects_before_padding(torch.zeros(1 << 18, 8), wide, None, big)
+
+
 def test_packed_input_with_wrong_hx_is_rejected():
     x = pack_padded_sequence(torch.zeros(5, 3, 4), torch.tensor([5, 3, 2]))
     with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 3, 6\), got \[1, 2, 6\]"):
