@@ -331,6 +331,29 @@ def test_packed_rows_projected_or_padded_first(cell, first, device, backend, mon
     assert seen == [projected] * 2 + [False] * 2
 
 
+def test_padded_equals_torch_pad():
+    """autograd.padded (the index_copy with a gradient to take, torch's pad without) equals
+    torch.nn.utils.rnn.pad_packed_sequence, and so does its gradient, twice differentiable."""
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    from fastrnn.autograd import padded
+
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([5, 4, 2, 1]))
+    rows = packed.data.clone().requires_grad_()
+    expected, _ = pad_packed_sequence(packed._replace(data=rows))
+    with torch.no_grad():
+        assert torch.equal(padded(rows, packed.batch_sizes), expected)
+    got = padded(rows, packed.batch_sizes)
+    assert torch.equal(got, expected)
+    weight = torch.randn_like(expected)
+    (g_expected,) = torch.autograd.grad((expected * weight).sum(), rows, create_graph=True)
+    (g_got,) = torch.autograd.grad((got * weight).sum(), rows, create_graph=True)
+    assert torch.equal(g_got, g_expected)
+    assert torch.autograd.gradcheck(lambda r: padded(r, packed.batch_sizes), (rows,))
+    assert torch.autograd.gradgradcheck(lambda r: padded(r, packed.batch_sizes), (rows,))
+
+
 def test_packed_rows_projection_rule():
     """autograd.projects_before_padding: on the CPU under 32 MB of padded Gx, in training, or in inference where Gx
     is no wider than x (measured: a wider Gx lost in inference); never from 32 MB."""
