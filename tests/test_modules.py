@@ -308,14 +308,13 @@ def test_cell_bad_input_raises_like_torch(cell):
 @pytest.mark.parametrize("first", ["project", "pad"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_packed_rows_projected_or_padded_first(cell, first, device, backend, monkeypatch):
-    """A PackedSequence of unequal lengths: the first layer projects its rows and pads the projection where
-    the padded Gx is small (autograd.projects_before_padding), else pads the rows first; both orders give
-    torch.nn's outputs and gradients, with 2 layers and both directions, and the order taken is the one asked
-    for (every first-layer projection sees the packed rows, or none does)."""
+    """A PackedSequence of unequal lengths: the first layer projects its rows and pads the projection, or pads
+    the rows first (autograd.projects_before_padding chooses; forced here); both orders give torch.nn's outputs
+    and gradients, with 2 layers and both directions, and the order taken is the one asked for (every
+    first-layer projection sees the packed rows, or none does)."""
     from fastrnn import autograd
 
-    limit = 1 << 62 if first == "project" else 0
-    monkeypatch.setattr(autograd, "PROJECT_BEFORE_PADDING_MAX_BYTES", limit)
+    monkeypatch.setattr(autograd, "projects_before_padding", lambda *args: first == "project")
     seen = []
     projection = autograd.input_projection
 
@@ -327,8 +326,7 @@ def test_packed_rows_projected_or_padded_first(cell, first, device, backend, mon
     case = Case(cell, T=6, B=4, layers=2, bidirectional=True, packed="unsorted")
     ref, out = run_case(case, backend, device)
     assert_all_close(ref, out, **FP64_TOL)
-    projected = first == "project" and device == "cpu"  # other devices pad first (not measured there)
-    assert seen == [projected] * 2 + [False] * 2
+    assert seen == [first == "project"] * 2 + [False] * 2
 
 
 def test_padded_equals_torch_pad():
@@ -355,8 +353,8 @@ def test_padded_equals_torch_pad():
 
 
 def test_packed_rows_projection_rule():
-    """autograd.projects_before_padding: on the CPU under 32 MB of padded Gx, in training, or in inference where Gx
-    is no wider than x (measured: a wider Gx lost in inference); never from 32 MB."""
+    """autograd.projects_before_padding on the CPU: always in training; in inference where Gx is no wider than x
+    and the padded Gx is under 32 MB (measured: a wider Gx lost in inference)."""
     from fastrnn.autograd import projects_before_padding
 
     batch_sizes = torch.tensor([4, 4, 3, 1])  # T = 4, B = 4: 16 padded rows
@@ -366,8 +364,11 @@ def test_packed_rows_projection_rule():
     assert projects_before_padding(x, wide, None, batch_sizes)  # training: wide requires grad
     with torch.no_grad():
         assert not projects_before_padding(x, wide, None, batch_sizes)
-    big = torch.tensor([1 << 17, 1 << 17])  # 2 x 2^17 rows of 32 floats: 32 MB
-    assert not projects_before_padding(torch.zeros(1 << 18, 8), wide, None, big)
+    big = torch.tensor([1 << 17, 1 << 17])  # 2 x 2^17 rows of 8 floats: 8 MB; of 32: 32 MB
+    x_big = torch.zeros(1 << 18, 8)
+    assert projects_before_padding(x_big, narrow, None, big)
+    assert projects_before_padding(x_big, wide, None, big)  # training, whatever the size
+    assert not projects_before_padding(torch.zeros(1 << 18, 32), torch.zeros(32, 32), None, big)  # 32 MB
 
 
 def test_packed_input_with_wrong_hx_is_rejected():
