@@ -246,17 +246,18 @@ def padded(rows, batch_sizes):
 
 
 # A PackedSequence's rows are projected before they are padded (input_projection) on the CPU in training, and in
-# inference where Gx is no wider than x (G*H <= I) and the padded Gx is under this size: the projection (and in
-# training dx and dW_ih) then runs over N rows instead of T * B, a quarter fewer at lengths spread over [T/2, T].
-# Otherwise x is padded first. Measured (Intel Xeon with AMX, 2 threads, modules, cpu backend, lengths over
-# [T/2, T], the two orders alternated call by call, ms p10, pad first / project first): training LSTM
-# (100,64,512,512) 293 / 284, (100,32,256,256) 41.5 / 38.8, (200,8,128,128) 8.65 / 8.20, GRU (100,64,512,512) 223
-# / 209 (1 thread: 407 / 377), (100,32,256,256) 32.9 / 31.0, RNN 12.9 / 11.7; inference RNN (100,64,512,512) 30.7
-# / 26.9, (100,32,256,256) 4.66 / 4.28, but a wider Gx lost there: LSTM (100,32,256,256) 13.1 / 16.0, GRU
-# (100,64,256,256) 19.3 / 25.0, equal at (200,8,128,128). From 32 MB (past glibc's largest mmap threshold) the
-# padded Gx, a fresh allocation at every call, faults its pages in (the pad alone at (100,64,512,512), LSTM: 14-28
-# ms, 11 of them the zeros), where the projection of a padded x writes into fastrnn's output cache; in training
-# the smaller backward GEMMs still make up for it (above).
+# inference where the padded Gx is under this size: the projection (and in training dx and dW_ih) then runs over N
+# rows instead of T * B, a quarter fewer at lengths spread over [T/2, T]. Otherwise x is padded first. Measured
+# (Intel Xeon with AMX, 2 threads, modules, cpu backend, lengths over [T/2, T], the two orders alternated call by
+# call, ms p10, pad first / project first): training LSTM (100,64,512,512) 293 / 284, (100,32,256,256) 41.5 /
+# 38.8, (200,8,128,128) 8.65 / 8.20, GRU (100,64,512,512) 223 / 209 (1 thread: 407 / 377), (100,32,256,256) 32.9 /
+# 31.0, RNN 12.9 / 11.7; inference RNN (100,64,512,512) 30.7 / 26.9, (100,32,256,256) 4.66 / 4.28, GRU
+# (100,32,256,256) 9.45 / 8.99, LSTM (100,16,256,256) 6.81 / 6.44, LSTM and GRU (200,8,128,128) and LSTM
+# (100,32,256,256) within 2%, LSTM (50,4,64,128) 0.476 / 0.492. From 32 MB (past glibc's largest mmap threshold)
+# the padded Gx, a fresh allocation at every call, faults its pages in, where the projection of a padded x writes
+# into fastrnn's output cache: inference GRU (100,64,512,512) 67.3 / 70.4, LSTM 95.6 / 99.9 (with malloc's
+# mapping and trimming turned off, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_: 69.3 / 65.5, 97.9 / 91.3);
+# in training the backward's smaller dx and dW_ih make up for it (above).
 PROJECT_BEFORE_PADDING_MAX_BYTES = 32 << 20
 
 
@@ -268,7 +269,7 @@ def projects_before_padding(x, w_ih, b_in, batch_sizes):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in)):
         return True
     padded_bytes = batch_sizes.numel() * int(batch_sizes[0]) * w_ih.shape[0] * x.element_size()
-    return w_ih.shape[0] <= x.shape[-1] and padded_bytes < PROJECT_BEFORE_PADDING_MAX_BYTES
+    return padded_bytes < PROJECT_BEFORE_PADDING_MAX_BYTES
 
 
 def input_projection(x, w_ih, b_in, backend, batch_sizes=None):
