@@ -59,6 +59,7 @@ OP_LIBRARY_SOURCES = [
     "csrc/ops.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/linear.cpp",  # fastrnn_cpu::linear / mm through oneDNN's matmul (ISA-neutral: oneDNN JITs)
     "csrc/cpu/output_cache.cpp",  # the blocks the CPU ops' large outputs are made in, one cache per process
+    "csrc/cpu/pad.cpp",  # fastrnn_cpu::pad_rows: a PackedSequence's rows padded into that cache
 ]
 OP_LIBRARY_CXX_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
 

@@ -221,55 +221,49 @@ def packed_projection(backend, x, w_ih, training):
     return native.cpu_capability() == "avx512" and native.blas() == "onednn"
 
 
+def padded_row_index(batch_sizes, device):
+    """The padded row (t * B + b, B = batch_sizes[0]) of each of a PackedSequence's rows, [N] int64 on `device`:
+    packed row i, the b-th sequence of step t (rows start[t] .. start[t] + batch_sizes[t] - 1), goes to padded
+    row i + (t * B - start[t])."""
+    steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+    start = torch.cumsum(batch_sizes, 0) - batch_sizes
+    rows = int(start[-1] + batch_sizes[-1])
+    shift = torch.repeat_interleave(torch.arange(steps) * batch - start, batch_sizes, output_size=rows)
+    return (shift + torch.arange(rows)).to(device)
+
+
 def padded(rows, batch_sizes):
     """A PackedSequence's rows [N, F] (its data, or their projection) -> padded, time-major [T, B, F] with zeros
     past each length (what the ops take with lengths); rows itself when batch_sizes is None.
 
-    With a gradient to take, one index_copy, whose backward is one gather: torch's _pad_packed_sequence copies a
-    slice a step, and its autograd then copies the whole gradient once a step: GRU (100,64,512,512), lengths over
-    [50, 100], forward+backward 743 ms with it against 209 with this (Intel Xeon with AMX, 2 threads)."""
+    On the CPU (eager, no torch.func transform) fastrnn_cpu::pad_rows, into fastrnn's output cache: a padded Gx
+    past 32 MB is then no fresh allocation that faults its pages in at every call. Elsewhere one index_copy_ into
+    fresh zeros. Either's backward is one gather: torch's _pad_packed_sequence copies a slice a step, and its
+    autograd then copies the whole gradient once a step: GRU (100,64,512,512), lengths over [50, 100],
+    forward+backward 743 ms with it against 209 with the index_copy (Intel Xeon with AMX, 2 threads)."""
     if batch_sizes is None:
         return rows
-    steps, batch, n = batch_sizes.numel(), int(batch_sizes[0]), rows.shape[0]
-    if not (torch.is_grad_enabled() and rows.requires_grad):
-        # No gradient: torch's pad costs fewer small ops than building the index (LSTM (50,4,64,128) packed
-        # inference 0.458 against 0.488 ms p10).
-        return torch._VF._pad_packed_sequence(rows, batch_sizes, False, 0.0, steps)[0]
-    # Packed row i, the b-th sequence of step t (rows start[t] .. start[t] + batch_sizes[t] - 1), goes to
-    # padded row t * batch + b = i + (t * batch - start[t]).
-    start = torch.cumsum(batch_sizes, 0) - batch_sizes
-    shift = torch.repeat_interleave(torch.arange(steps) * batch - start, batch_sizes, output_size=n)
-    index = (shift + torch.arange(n)).to(rows.device)
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not transformed():
+        grad = torch.is_grad_enabled() and rows.requires_grad
+        return _native().pad_rows(rows, batch_sizes, grad=grad)
+    steps, batch = batch_sizes.numel(), int(batch_sizes[0])
     # In place into the fresh zeros: torch.index_copy would copy them first (1.6 against 1.0 ms at 13 MB).
-    out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, index, rows)
+    out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, padded_row_index(batch_sizes, rows.device),
+                                                                      rows)
     return out.view(steps, batch, *rows.shape[1:])
 
 
-# A PackedSequence's rows are projected before they are padded (input_projection) on the CPU in training, and in
-# inference where the padded Gx is under this size: the projection (and in training dx and dW_ih) then runs over N
-# rows instead of T * B, a quarter fewer at lengths spread over [T/2, T]. Otherwise x is padded first. Measured
-# (Intel Xeon with AMX, 2 threads, modules, cpu backend, lengths over [T/2, T], the two orders alternated call by
-# call, ms p10, pad first / project first): training LSTM (100,64,512,512) 293 / 284, (100,32,256,256) 41.5 /
-# 38.8, (200,8,128,128) 8.65 / 8.20, GRU (100,64,512,512) 223 / 209 (1 thread: 407 / 377), (100,32,256,256) 32.9 /
-# 31.0, RNN 12.9 / 11.7; inference RNN (100,64,512,512) 30.7 / 26.9, (100,32,256,256) 4.66 / 4.28, GRU
-# (100,32,256,256) 9.45 / 8.99, LSTM (100,16,256,256) 6.81 / 6.44, LSTM and GRU (200,8,128,128) and LSTM
-# (100,32,256,256) within 2%, LSTM (50,4,64,128) 0.476 / 0.492. From 32 MB (past glibc's largest mmap threshold)
-# the padded Gx, a fresh allocation at every call, faults its pages in, where the projection of a padded x writes
-# into fastrnn's output cache: inference GRU (100,64,512,512) 67.3 / 70.4, LSTM 95.6 / 99.9 (with malloc's
-# mapping and trimming turned off, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_: 69.3 / 65.5, 97.9 / 91.3);
-# in training the backward's smaller dx and dW_ih make up for it (above).
-PROJECT_BEFORE_PADDING_MAX_BYTES = 32 << 20
-
-
-def projects_before_padding(x, w_ih, b_in, batch_sizes):
-    """Whether the first layer projects a PackedSequence's rows x [N, I] before padding them (the rule above);
-    on other devices (not measured) x is padded first."""
-    if x.device.type != "cpu":
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_in)):
-        return True
-    padded_bytes = batch_sizes.numel() * int(batch_sizes[0]) * w_ih.shape[0] * x.element_size()
-    return padded_bytes < PROJECT_BEFORE_PADDING_MAX_BYTES
+def projects_before_padding(x):
+    """Whether the first layer projects a PackedSequence's rows x [N, I] before padding them (input_projection):
+    the projection, and in training dx and dW_ih, then run over the N rows instead of T * B (a quarter fewer at
+    lengths spread over [T/2, T]) and the pad copies G*H values a row instead of I. On the CPU, where the pad
+    writes into the output cache (padded): modules, cpu backend, lengths over [T/2, T], the two orders alternated
+    call by call (Intel Xeon with AMX, 2 threads, ms p10, pad first / project first), inference GRU
+    (100,64,512,512) 70.5 / 64.3, LSTM 99.6 / 90.8, RNN 25.2 / 22.9, GRU (100,32,256,256) 9.90 / 8.93, LSTM 13.3 /
+    12.2, LSTM (200,8,128,128) 2.68 / 2.61, (50,4,64,128) 0.463 / 0.453; training GRU (100,64,512,512) 238 / 219,
+    LSTM 303 / 288, RNN 86.1 / 77.5, LSTM (100,32,256,256) 47.4 / 42.6, (200,8,128,128) 9.67 / 9.14. Other
+    devices (not measured) pad x first."""
+    return x.device.type == "cpu"
 
 
 def input_projection(x, w_ih, b_in, backend, batch_sizes=None):

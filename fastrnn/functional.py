@@ -56,7 +56,7 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
 
     x [T, B, I], or with batch_sizes (host int64 [T], as a PackedSequence holds it) the packed rows [N, I]
     that lengths come from: the first layer projects them before padding where autograd.projects_before_padding
-    says so, else they are padded first. h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in
+    says so (the CPU), else they are padded first. h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in
     torch's order (layer-major, forward before reverse); lengths [B] int64 on x's device or None; resets [T, B] bool on
     x's device or None (episode starts, docs/api.md "Episode resets"; the same in every layer).
     Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
@@ -65,8 +65,7 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
         # torch.nn's message (ATen's RNN.cpp); the recurrence ops take T >= 1.
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backends.resolve(backend, x.device)
-    if batch_sizes is not None and not autograd.projects_before_padding(x, weights[0].w_ih, weights[0].b_ih,
-                                                                         batch_sizes):
+    if batch_sizes is not None and not autograd.projects_before_padding(x):
         x, batch_sizes = autograd.padded(x, batch_sizes), None
     num_directions = 2 if bidirectional else 1
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)

@@ -329,44 +329,43 @@ def test_packed_rows_projected_or_padded_first(cell, first, device, backend, mon
     assert seen == [first == "project"] * 2 + [False] * 2
 
 
-def test_padded_equals_torch_pad():
-    """autograd.padded (the index_copy with a gradient to take, torch's pad without) equals
-    torch.nn.utils.rnn.pad_packed_sequence, and so does its gradient, twice differentiable."""
+@pytest.mark.parametrize("path", ["pad_rows", "index_copy"])
+def test_padded_equals_torch_pad(path, monkeypatch):
+    """autograd.padded (fastrnn_cpu::pad_rows on the CPU; index_copy_ elsewhere, under torch.compile and the
+    torch.func transforms) equals torch.nn.utils.rnn.pad_packed_sequence, and so does its gradient, twice
+    differentiable; in bf16 too, and with and without a gradient to take."""
     from torch.nn.utils.rnn import pad_packed_sequence
 
-    from fastrnn.autograd import padded
+    from fastrnn import autograd
 
+    if path == "index_copy":
+        monkeypatch.setattr(autograd, "transformed", lambda: True)
     x = torch.randn(5, 4, 3, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([5, 4, 2, 1]))
     rows = packed.data.clone().requires_grad_()
     expected, _ = pad_packed_sequence(packed._replace(data=rows))
     with torch.no_grad():
-        assert torch.equal(padded(rows, packed.batch_sizes), expected)
-    got = padded(rows, packed.batch_sizes)
+        assert torch.equal(autograd.padded(rows, packed.batch_sizes), expected)
+        assert torch.equal(autograd.padded(rows.bfloat16(), packed.batch_sizes), expected.bfloat16())
+    got = autograd.padded(rows, packed.batch_sizes)
     assert torch.equal(got, expected)
     weight = torch.randn_like(expected)
     (g_expected,) = torch.autograd.grad((expected * weight).sum(), rows, create_graph=True)
     (g_got,) = torch.autograd.grad((got * weight).sum(), rows, create_graph=True)
     assert torch.equal(g_got, g_expected)
-    assert torch.autograd.gradcheck(lambda r: padded(r, packed.batch_sizes), (rows,))
-    assert torch.autograd.gradgradcheck(lambda r: padded(r, packed.batch_sizes), (rows,))
+    assert torch.autograd.gradcheck(lambda r: autograd.padded(r, packed.batch_sizes), (rows,))
+    assert torch.autograd.gradgradcheck(lambda r: autograd.padded(r, packed.batch_sizes), (rows,))
 
 
-def test_packed_rows_projection_rule():
-    """autograd.projects_before_padding on the CPU: always in training; in inference under 32 MB of padded Gx."""
-    from fastrnn.autograd import projects_before_padding
-
-    batch_sizes = torch.tensor([4, 4, 3, 1])  # T = 4, B = 4: 16 padded rows
-    x, w = torch.zeros(12, 8), torch.zeros(32, 8, requires_grad=True)
-    assert projects_before_padding(x, w, None, batch_sizes)
-    with torch.no_grad():
-        assert projects_before_padding(x, w, None, batch_sizes)
-    big = torch.tensor([1 << 17, 1 << 17])  # 2 x 2^17 padded rows of 32 floats: 32 MB
-    x_big = torch.zeros(1 << 18, 8)
-    assert projects_before_padding(x_big, w, None, big)  # training, whatever the size
-    with torch.no_grad():
-        assert not projects_before_padding(x_big, w, None, big)
-        assert projects_before_padding(x_big, w[:31], None, big)
+def test_pad_rows_checks_its_arguments():
+    pad_rows = torch.ops.fastrnn_cpu.pad_rows
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        pad_rows(torch.zeros(5, 2), torch.tensor([2, 3]))
+    with pytest.raises(RuntimeError, match="batch_sizes sum to 5, rows has 4"):
+        pad_rows(torch.zeros(4, 2), torch.tensor([3, 2]))
+    with pytest.raises(RuntimeError, match="batch_sizes must be a 1-D int64 CPU tensor"):
+        pad_rows(torch.zeros(5, 2), torch.tensor([3.0, 2.0]))
+    assert pad_rows(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)).shape == (0, 0, 2)
 
 
 def test_packed_input_with_wrong_hx_is_rejected():

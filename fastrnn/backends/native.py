@@ -71,6 +71,25 @@ def _mm_backward(ctx, grad):
     return da, db
 
 
+# fastrnn_cpu::pad_rows (csrc/cpu/pad.cpp): the padded batch (batch_sizes[0]) is data, not shape.
+@torch.library.register_fake("fastrnn_cpu::pad_rows")
+def _pad_rows_fake(rows, batch_sizes):
+    return rows.new_empty(batch_sizes.shape[0], torch.library.get_ctx().new_dynamic_size(), rows.shape[1])
+
+
+# Its gradient: the padded gradient's rows gathered back into packed order (one index_select, differentiable).
+def _pad_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _pad_rows_backward(ctx, grad):
+    from ..autograd import padded_row_index
+
+    (batch_sizes,) = ctx.saved_tensors
+    return grad.reshape(-1, grad.shape[2]).index_select(0, padded_row_index(batch_sizes, grad.device)), None
+
+
+torch.library.register_autograd("fastrnn_cpu::pad_rows", _pad_rows_backward, setup_context=_pad_rows_setup)
 torch.library.register_autograd("fastrnn_cpu::linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("fastrnn_cpu::small_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("fastrnn_cpu::mm", _mm_backward, setup_context=_mm_setup)
@@ -143,6 +162,16 @@ def small_linear(x, w, bias=None, grad=True):
         return torch.ops.fastrnn_cpu.small_linear(x, w, bias)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.fastrnn_cpu.small_linear.default(x, w, bias)
+
+
+def pad_rows(rows, batch_sizes, grad=True):
+    """A PackedSequence's rows [N, F] -> padded [T, B, F], zeros past each length, as torch's
+    _pad_packed_sequence, into fastrnn's output cache (csrc/cpu/pad.cpp). Differentiable (the gather back);
+    grad=False as in small_linear()."""
+    if grad:
+        return torch.ops.fastrnn_cpu.pad_rows(rows, batch_sizes)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastrnn_cpu.pad_rows.default(rows, batch_sizes)
 
 
 def mm(a, b):
