@@ -247,9 +247,9 @@ def padded(rows, batch_sizes):
         grad = torch.is_grad_enabled() and rows.requires_grad
         return _native().pad_rows(rows, batch_sizes, grad=grad)
     steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+    index = padded_row_index(batch_sizes, rows.device)
     # In place into the fresh zeros: torch.index_copy would copy them first (1.6 against 1.0 ms at 13 MB).
-    out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, padded_row_index(batch_sizes, rows.device),
-                                                                      rows)
+    out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, index, rows)
     return out.view(steps, batch, *rows.shape[1:])
 
 

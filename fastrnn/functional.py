@@ -56,9 +56,10 @@ def stacked(cell, x, h0, c0, weights, lengths, *, num_layers, bidirectional, dro
 
     x [T, B, I], or with batch_sizes (host int64 [T], as a PackedSequence holds it) the packed rows [N, I]
     that lengths come from: the first layer projects them before padding where autograd.projects_before_padding
-    says so (the CPU), else they are padded first. h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D LayerWeights in
-    torch's order (layer-major, forward before reverse); lengths [B] int64 on x's device or None; resets [T, B] bool on
-    x's device or None (episode starts, docs/api.md "Episode resets"; the same in every layer).
+    says so (the CPU), else they are padded first. h0 [L*D, B, Hout]; c0 [L*D, B, H] or None; weights: L*D
+    LayerWeights in torch's order (layer-major, forward before reverse); lengths [B] int64 on x's device or None;
+    resets [T, B] bool on x's device or None (episode starts, docs/api.md "Episode resets"; the same in every
+    layer).
     Returns y [T, B, D*Hout], h_n [L*D, B, Hout], c_n [L*D, B, H] or None.
     """
     if (x.shape[0] if batch_sizes is None else batch_sizes.numel()) == 0:

@@ -467,8 +467,8 @@ class _RecurrentMixin(_FastRNNModule):
             host_lengths = functional.packed_lengths(batch_sizes)
             steps = batch_sizes.numel()
             batch = int(batch_sizes[0]) if steps else 0
-            # All lengths equal: the packed rows are the padded input. Else the first layer projects the rows
-            # and pads the projection (functional.stacked).
+            # All lengths equal: the packed rows are the padded input. Else functional.stacked pads them, or on
+            # the CPU the first layer's projection of them.
             x = data.view(steps, batch, *data.shape[1:]) if host_lengths is None and steps else data
             ragged_batch_sizes = None if host_lengths is None and steps else batch_sizes
             check_input = data
