@@ -237,16 +237,20 @@ def padded(rows, batch_sizes):
     past each length (what the ops take with lengths); rows itself when batch_sizes is None.
 
     On the CPU (eager, no torch.func transform) fastrnn_cpu::pad_rows, into fastrnn's output cache: a padded Gx
-    past 32 MB is then no fresh allocation that faults its pages in at every call. Elsewhere one index_copy_ into
-    fresh zeros. Either's backward is one gather: torch's _pad_packed_sequence copies a slice a step, and its
-    autograd then copies the whole gradient once a step: GRU (100,64,512,512), lengths over [50, 100],
-    forward+backward 743 ms with it against 209 with the index_copy (Intel Xeon with AMX, 2 threads)."""
+    past 32 MB is then no fresh allocation that faults its pages in at every call. Elsewhere, with a gradient to
+    take, one index_copy_ into fresh zeros. Either's backward is one gather: torch's _pad_packed_sequence copies a
+    slice a step, and its autograd then copies the whole gradient once a step: GRU (100,64,512,512), lengths over
+    [50, 100], forward+backward 743 ms with it against 209 with the index_copy (Intel Xeon with AMX, 2 threads).
+    Elsewhere without a gradient, torch's pad as before (the index costs a host-to-device copy on CUDA, which
+    waits for the stream; neither measured on a GPU)."""
     if batch_sizes is None:
         return rows
+    grad = torch.is_grad_enabled() and rows.requires_grad
     if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not transformed():
-        grad = torch.is_grad_enabled() and rows.requires_grad
         return _native().pad_rows(rows, batch_sizes, grad=grad)
     steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+    if not grad:
+        return torch._VF._pad_packed_sequence(rows, batch_sizes, False, 0.0, steps)[0]
     index = padded_row_index(batch_sizes, rows.device)
     # In place into the fresh zeros: torch.index_copy would copy them first (1.6 against 1.0 ms at 13 MB).
     out = rows.new_zeros(steps * batch, *rows.shape[1:]).index_copy_(0, index, rows)

@@ -331,9 +331,9 @@ def test_packed_rows_projected_or_padded_first(cell, first, device, backend, mon
 
 @pytest.mark.parametrize("path", ["pad_rows", "index_copy"])
 def test_padded_equals_torch_pad(path, monkeypatch):
-    """autograd.padded (fastrnn_cpu::pad_rows on the CPU; index_copy_ elsewhere, under torch.compile and the
-    torch.func transforms) equals torch.nn.utils.rnn.pad_packed_sequence, and so does its gradient, twice
-    differentiable; in bf16 too, and with and without a gradient to take."""
+    """autograd.padded (fastrnn_cpu::pad_rows on the CPU; elsewhere, under torch.compile and the torch.func
+    transforms, index_copy_ with a gradient to take, torch's pad without) equals
+    torch.nn.utils.rnn.pad_packed_sequence, and so does its gradient, twice differentiable; in bf16 too."""
     from torch.nn.utils.rnn import pad_packed_sequence
 
     from fastrnn import autograd
