@@ -469,8 +469,10 @@ class _RecurrentMixin(_FastRNNModule):
             batch = int(batch_sizes[0]) if steps else 0
             # All lengths equal: the packed rows are the padded input. Else functional.stacked pads them, or on
             # the CPU the first layer's projection of them.
-            x = data.view(steps, batch, *data.shape[1:]) if host_lengths is None and steps else data
-            ragged_batch_sizes = None if host_lengths is None and steps else batch_sizes
+            # (No steps at all: stacked raises torch.nn's error.)
+            ragged = host_lengths is not None or steps == 0
+            x = data if ragged else data.view(steps, batch, *data.shape[1:])
+            ragged_batch_sizes = batch_sizes if ragged else None
             check_input = data
         else:
             if input.dim() not in (2, 3):
