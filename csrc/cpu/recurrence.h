@@ -783,7 +783,8 @@ class HiddenGemm {
     // the rows with a product (rows_of(s): a PackedSequence's rows still running) are shared evenly, then the
     // rest (their cells only carry the state): an even split of all rows left the finished rows' thread idle.
     // rnn_fwd at T=100, B=64, H=512 (W_hh 1 MB: split by rows), lengths spread over [50, 100] (3/4 of the rows'
-    // steps), Intel Xeon with AMX, 2 threads, ms, with lengths / without: 10.4 / 11.6 before, 9.1-9.5 / 11.3-12.0.
+    // steps), Intel Xeon with AMX (AVX-512 copy), 2 threads, ms, with lengths / without: 10.4 / 11.6 at
+    // 4347ef3, 9.1-9.5 / 11.3-12.0 at 42e6b98.
     auto share = [&](int64_t s, int64_t t, int64_t n) {
       if (split > 0) {
         const int64_t active = std::clamp<int64_t>(a_of(s) == nullptr ? 0 : rows_of(s), 0, rows_);
