@@ -263,10 +263,10 @@ def projects_before_padding(x):
     lengths spread over [T/2, T]) and the pad copies G*H values a row instead of I. On the CPU, where the pad
     writes into the output cache (padded): modules, cpu backend, lengths over [T/2, T], the two orders alternated
     call by call (Intel Xeon with AMX, AVX-512 copy, 2 threads, 52b9034, ms p10, pad first / project first),
-    inference GRU (100,64,512,512) 70.5 / 64.3, LSTM 99.6 / 90.8, RNN 25.2 / 22.9, GRU (100,32,256,256) 9.90 / 8.93, LSTM 13.3 /
-    12.2, LSTM (200,8,128,128) 2.68 / 2.61, (50,4,64,128) 0.463 / 0.453; training GRU (100,64,512,512) 238 / 219,
-    LSTM 303 / 288, RNN 86.1 / 77.5, LSTM (100,32,256,256) 47.4 / 42.6, (200,8,128,128) 9.67 / 9.14. Other
-    devices (not measured) pad x first."""
+    inference GRU (100,64,512,512) 70.5 / 64.3, LSTM 99.6 / 90.8, RNN 25.2 / 22.9, GRU (100,32,256,256) 9.90 /
+    8.93, LSTM 13.3 / 12.2, LSTM (200,8,128,128) 2.68 / 2.61, (50,4,64,128) 0.463 / 0.453; training GRU
+    (100,64,512,512) 238 / 219, LSTM 303 / 288, RNN 86.1 / 77.5, LSTM (100,32,256,256) 47.4 / 42.6,
+    (200,8,128,128) 9.67 / 9.14. Other devices (not measured) pad x first."""
     return x.device.type == "cpu"
 
 
