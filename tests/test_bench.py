@@ -330,3 +330,9 @@ def test_issue_11_targets_are_checked_on_the_auto_rows():
                          "noise: on the 1 line(s) where auto ran torch.nn itself the ratio spans 1.20x-1.20x "
                          "(1.00x on a quiet machine)"]
     assert report.targets([row(gru, "cpu", 0.1, "cpu")]) == []
+    # With the run's numbers the line says what the target asks: FLOPs x target / torch.nn's time, against the
+    # best GEMM measured in the run and the FMA peak (2 GFLOP in 10 ms at 3x: 600 GFLOP/s).
+    rates = {"flops": 2e9, "torch_p50_s": 0.01, "gemm_flops_per_s": 400e9, "fma_peak_flops_per_s": 500e9}
+    line = report.targets([{**row(gru, "auto", 2.5, "cpu"), **rates}])[1]
+    assert line == ("  missed: gru-T50-B1-I64-H128 fwd 2.50x < 3.0x (auto ran cpu): needs 600 GFLOP/s "
+                    "(150% of the best GEMM, 120% of the FMA peak)")

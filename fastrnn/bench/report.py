@@ -174,7 +174,7 @@ def targets(rows):
     lines = [f"issue 11 targets (torch.nn / auto, {checked[0][0]['threads']} threads): "
              f"{len(checked) - len(missed)} of {len(checked)} met"]
     lines += [f"  missed: {row['case']} {row['pass']} {_ratio(row['speedup'])} < {target:.1f}x "
-              f"(auto ran {row.get('resolved_backend')})" for row, target in missed]
+              f"(auto ran {row.get('resolved_backend')}){_needed_rate(row, target)}" for row, target in missed]
     # Where auto ran torch.nn itself, the ratio is 1.00 but for the noise (and a few us of auto's own checks):
     # the spread of those lines says how far this run's ratios can be trusted.
     same = [row["speedup"] for row, _ in checked if row.get("resolved_backend") == "torch.nn"]
@@ -182,6 +182,20 @@ def targets(rows):
         lines.append(f"noise: on the {len(same)} line(s) where auto ran torch.nn itself the ratio spans "
                      f"{_ratio(min(same))}-{_ratio(max(same))} (1.00x on a quiet machine)")
     return lines
+
+
+def _needed_rate(row, target):
+    """What a missed target asks of the machine: the layer's FLOPs (only the products, roofline.py) in torch.nn's
+    time divided by the target, as GFLOP/s and as a share of the best GEMM path measured in the same run and of the
+    FMA peak. A share near or past 100% of the best GEMM says the target is out of reach for the whole layer,
+    sequential steps and all, on this machine; '' where the row lacks the numbers."""
+    flops, torch_s = row.get("flops"), row.get("torch_p50_s")
+    if not flops or not torch_s:
+        return ""
+    needed = flops * target / torch_s
+    peaks = (("gemm_flops_per_s", "best GEMM"), ("fma_peak_flops_per_s", "FMA peak"))
+    shares = [f"{100 * needed / row[key]:.0f}% of the {name}" for key, name in peaks if row.get(key)]
+    return f": needs {needed / 1e9:.0f} GFLOP/s" + (f" ({', '.join(shares)})" if shares else "")
 
 
 def _align(lines, markdown=False):
