@@ -729,7 +729,8 @@ def test_resets_of_every_capability(capability, path, dtype, T, B, H, lengths, r
 def test_large_outputs_are_streamed(capability, monkeypatch):
     """The outputs no op reads back (the forward's saved gates, with them the LSTM's and GRU's y, the backward's
     dgx and dgh) are written with streaming stores in the AVX2 and AVX-512 copies from kStreamMinBytes (32 MB)
-    of fp32 (recurrence.h, streamed); FASTRNN_CPU_STREAM=always|never forces it, anything else is an error.
+    of fp32, and in inference the LSTM's and GRU's y from kStreamMinBytesInference (2 MB; recurrence.h,
+    streamed); FASTRNN_CPU_STREAM=always|never forces it, anything else is an error.
     The counter shows the rule; forced on, every op gives the same results bit for bit as forced off
     (unaligned rows and the tails of odd widths take plain stores) and matches the reference ops."""
     count = torch.ops.fastrnn_cpu.streamed_outputs
@@ -750,6 +751,17 @@ def test_large_outputs_are_streamed(capability, monkeypatch):
     assert rnn_bwd_streams(512) == 0
     monkeypatch.setenv("FASTRNN_CPU_STREAM", "always")
     assert rnn_bwd_streams(2) == int(copy_streams)
+    def gru_fwd_streams(T):  # inference: y [T, 64, 64] fp32, 2 MB at T = 128
+        B, H = 64, 64
+        args = (rand(T, B, 3 * H, dtype=torch.float32), weight(3 * H, H, torch.float32), rand(3 * H, dtype=torch.float32),
+                rand(B, H, dtype=torch.float32), None, None, False, False)
+        before = count()
+        torch.ops.fastrnn.gru_fwd(*args)
+        return count() - before
+
+    monkeypatch.delenv("FASTRNN_CPU_STREAM")
+    assert gru_fwd_streams(128) == int(copy_streams)
+    assert gru_fwd_streams(127) == 0
     monkeypatch.setenv("FASTRNN_CPU_STREAM", "sometimes")
     with pytest.raises(RuntimeError, match="FASTRNN_CPU_STREAM must be always or never"):
         rnn_bwd_streams(2)
@@ -764,8 +776,10 @@ def test_large_outputs_are_streamed(capability, monkeypatch):
         for proj in (0, 5):
             fwd, bwd = lstm_args(T, B, H, proj, torch.float32, lengths, reverse)
             calls += [("lstm_fwd", fwd + (True,)), ("lstm_bwd", bwd)]
+            if not proj:  # inference: y alone (with proj_size y is a copy of the projection's product)
+                calls += [("lstm_fwd", fwd + (False,))]
         fwd, bwd = gru_args(T, B, H, True, torch.float32, lengths, reverse)
-        calls += [("gru_fwd", fwd + (True,)), ("gru_bwd", bwd)]
+        calls += [("gru_fwd", fwd + (True,)), ("gru_fwd", fwd + (False,)), ("gru_bwd", bwd)]
         fwd, bwd = rnn_args(T, B, H, False, torch.float32, lengths, reverse)
         calls += [("rnn_bwd", bwd)]
         for op, args in calls:

@@ -36,8 +36,9 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
   acc_t* next_p = h_next.data_ptr<acc_t>();
 
-  // The saved values, written here and read by the backward, and with them y (recurrence.h, streamed).
-  const bool stream = save && streamed(saved);
+  // The saved values, written here and read by the backward, and with them y; in
+  // inference y alone, from a smaller size (recurrence.h, streamed).
+  const bool stream = save ? streamed(saved) : streamed(y, kStreamMinBytesInference);
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 3, H, j0, j1);
     const acc_t* h_b = row(h_p, b, H);

@@ -47,8 +47,9 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   const acc_t* h_p = h.const_data_ptr<acc_t>();                   // swapped with out_p by `after`
   acc_t* out_p = proj ? m.data_ptr<acc_t>() : h_next.data_ptr<acc_t>();  // where the cell writes m_t
 
-  // The saved gates and c_t, written here and read by the backward, and with them y (recurrence.h, streamed).
-  const bool stream = save && streamed(gates);
+  // The saved gates and c_t, written here and read by the backward, and with them y; in
+  // inference y alone, from a smaller size (recurrence.h, streamed).
+  const bool stream = save ? streamed(gates) : !proj && streamed(y, kStreamMinBytesInference);
   auto cell = [&](int64_t t, int64_t b, int64_t j0, int64_t j1, const acc_t* hid_b, int64_t gs) {
     prefetch_row_ahead(row(gx_p, t, B, 0, G), b, B, G, 4, H, j0, j1);
     const scalar_t* gx_b = row(gx_p, t, B, b, G);

@@ -234,15 +234,24 @@ inline int64_t streamed_outputs() { return streamed_count().load(); }
 // AMX): GRU 245 -> 237, 247 -> 242, 227 -> 221 ms; LSTM 316 -> 307, 311 -> 303. Not the RNN's y, which its
 // backward reads at every step (80.0 -> 83.8 there), nor y alone in inference (13 MB at that size: forwards 2-3%
 // faster streamed, within the host's noise; under the threshold).
+// In inference (nothing saved) the LSTM's and GRU's y streams from kStreamMinBytesInference: its only reader is
+// after the op (the next layer, the caller), and module forwards, streamed against plain, alternated call by
+// call (Intel Xeon with AMX, 2 threads, 2026-12-04, ms p10, never -> always) gained from y = 3.3 MB: GRU / LSTM
+// (100,32,256,256) 9.67 -> 9.50 / 13.82 -> 13.56; (100,64,256,256) 20.60 -> 20.06 / 30.45 -> 29.05;
+// (100,64,512,512) 68.4 -> 66.7, 70.1 -> 69.5 / 99.0 -> 93.9, 102.3 -> 97.7; 2 layers there (the second layer's
+// projection reads y) 139.8 -> 138.5 / 203.0 -> 194.3; (200,64,512,512) 146.7 -> 142.1 / 198.8 -> 193.2; at y =
+// 0.8-1.6 MB within noise either way ((200,8,128,128) GRU 1.90 -> 1.97, (100,16,256,256), (100,32,128,128),
+// (100,8,512,512)). The RNN's op cannot tell inference from training (its backward reads y), so its y never streams.
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
-inline bool streamed(const at::Tensor& out) {
+constexpr int64_t kStreamMinBytesInference = int64_t{2} << 20;
+inline bool streamed(const at::Tensor& out, int64_t min_bytes = kStreamMinBytes) {
   const char* env = std::getenv("FASTRNN_CPU_STREAM");
   const std::string v = env == nullptr ? "" : env;
   TORCH_CHECK(v.empty() || v == "always" || v == "never", "FASTRNN_CPU_STREAM must be always or never, got '", v,
               "'");
   const bool stream = stream_store_bytes<at::vec::Vectorized<float>>() > 0 && out.scalar_type() == at::kFloat &&
                       out.numel() > 0 &&
-                      (v.empty() ? static_cast<int64_t>(out.nbytes()) >= kStreamMinBytes : v == "always");
+                      (v.empty() ? static_cast<int64_t>(out.nbytes()) >= min_bytes : v == "always");
   if (stream) {
     streamed_count().fetch_add(1, std::memory_order_relaxed);
   }
