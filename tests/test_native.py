@@ -751,10 +751,11 @@ def test_large_outputs_are_streamed(capability, monkeypatch):
     assert rnn_bwd_streams(512) == 0
     monkeypatch.setenv("FASTRNN_CPU_STREAM", "always")
     assert rnn_bwd_streams(2) == int(copy_streams)
+
     def gru_fwd_streams(T):  # inference: y [T, 64, 64] fp32, 2 MB at T = 128
         B, H = 64, 64
-        args = (rand(T, B, 3 * H, dtype=torch.float32), weight(3 * H, H, torch.float32), rand(3 * H, dtype=torch.float32),
-                rand(B, H, dtype=torch.float32), None, None, False, False)
+        args = (rand(T, B, 3 * H, dtype=torch.float32), weight(3 * H, H, torch.float32),
+                rand(3 * H, dtype=torch.float32), rand(B, H, dtype=torch.float32), None, None, False, False)
         before = count()
         torch.ops.fastrnn.gru_fwd(*args)
         return count() - before

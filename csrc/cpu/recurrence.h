@@ -232,8 +232,7 @@ inline int64_t streamed_outputs() { return streamed_count().load(); }
 // and L2 room as the saved outputs' did, and streaming it too measured faster. Module forward+backward at
 // (100,64,512,512), y plain -> streamed, medians of calls alternated in one process (2026-12-04, Intel Xeon with
 // AMX): GRU 245 -> 237, 247 -> 242, 227 -> 221 ms; LSTM 316 -> 307, 311 -> 303. Not the RNN's y, which its
-// backward reads at every step (80.0 -> 83.8 there), nor y alone in inference (13 MB at that size: forwards 2-3%
-// faster streamed, within the host's noise; under the threshold).
+// backward reads at every step (80.0 -> 83.8 there).
 // In inference (nothing saved) the LSTM's and GRU's y streams from kStreamMinBytesInference: its only reader is
 // after the op (the next layer, the caller), and module forwards, streamed against plain, alternated call by
 // call (Intel Xeon with AMX, 2 threads, 2026-12-04, ms p10, never -> always) gained from y = 3.3 MB: GRU / LSTM
