@@ -9,19 +9,19 @@
 TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "lstm_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, Tensor? resets, "
-      "bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool reverse, bool save, Tensor? b_gx=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lstm_bwd(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor c0, Tensor? w_hr, Tensor gates, "
       "Tensor cs, Tensor? lengths, Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gru_fwd(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, "
-      "bool save) -> (Tensor, Tensor, Tensor)");
+      "bool save, Tensor? b_gx=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gru_bwd(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor h0, Tensor saved, Tensor? lengths, "
       "Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "rnn_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu) "
-      "-> (Tensor, Tensor)");
+      "rnn_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu, "
+      "Tensor? b_gx=None) -> (Tensor, Tensor)");
   m.def(
       "rnn_bwd(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, Tensor? resets, bool reverse, "
       "bool relu) -> (Tensor, Tensor)");

@@ -325,42 +325,58 @@ def apply(function, *args):
     return _FUNCTION_APPLY.__get__(None, function)(*_functorch_utils.unwrap_dead_wrappers(args))
 
 
+def split_input_bias(b_in, backend):
+    """(the projection's bias, the op's b_gx): where the input bias b_in (folded into Gx) is added.
+
+    On the cpu backend in the recurrence op's cell (b_gx, docs/contract.md): torch's addmm (MKL) writes the bias
+    into all of Gx before the product adds to it, one more pass over the layer's largest tensor, while the cell
+    adds it from a vector in L1 as it reads gx_t. F.linear with / without its bias, fp32 (Intel Xeon with AMX,
+    2 threads, ms p10): [3200,256]x[256,768] 3.57 / 3.27, [1600,128]x[128,512] 0.614 / 0.545. Elsewhere in the
+    projection: cuBLAS adds it in the GEMM's epilogue, and the CUDA and Triton ops would add it in a pass of
+    their own."""
+    return (None, b_in) if backend == "cpu" else (b_in, None)
+
+
 # The recurrence of one layer and one direction, x [T, B, I] -> y [T, B, Hout] and the final states.
-# `b_in` is the bias folded into Gx. With batch_sizes, x is a PackedSequence's rows [N, I] (input_projection).
+# `b_in` is the input bias (folded into Gx; split_input_bias says where it is added). With batch_sizes, x is a
+# PackedSequence's rows [N, I] (input_projection).
 
 
 def lstm(x, w_ih, b_in, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, batch_sizes=None):
     """y, h_n, c_n."""
-    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
-    function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr)
+    b_proj, b_gx = split_input_bias(b_in, backend)
+    gx = input_projection(x, w_ih, b_proj, backend, batch_sizes)
+    function = function_for(LSTMFunction, LSTMForwardModeFunction, gx, w_hh, h0, c0, w_hr, b_gx)
     if function is not None:
-        y, h_n, c_n, _, _ = apply(
-            function, gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes
-        )
+        y, h_n, c_n, _, _ = apply(function, gx, w_hh, h0, c0, w_hr, b_gx, lengths, resets, reverse, backend, x,
+                                  w_ih, b_proj, batch_sizes)
         return y, h_n, c_n
-    y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False)
+    y, h_n, c_n, _, _ = ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, False, b_gx)
     return y, h_n, c_n
 
 
 def gru(x, w_ih, b_in, w_hh, b_hh, h0, lengths, resets, reverse, backend, batch_sizes=None):
     """y, h_n."""
-    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
-    function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0)
+    b_proj, b_gx = split_input_bias(b_in, backend)
+    gx = input_projection(x, w_ih, b_proj, backend, batch_sizes)
+    function = function_for(GRUFunction, GRUForwardModeFunction, gx, w_hh, b_hh, h0, b_gx)
     if function is not None:
-        y, h_n, _ = apply(function, gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in,
+        y, h_n, _ = apply(function, gx, w_hh, b_hh, h0, b_gx, lengths, resets, reverse, backend, x, w_ih, b_proj,
                           batch_sizes)
         return y, h_n
-    y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, False)
+    y, h_n, _ = ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, False, b_gx)
     return y, h_n
 
 
 def rnn(x, w_ih, b_in, w_hh, h0, lengths, resets, reverse, relu, backend, batch_sizes=None):
     """y, h_n (the op saves nothing beyond y)."""
-    gx = input_projection(x, w_ih, b_in, backend, batch_sizes)
-    function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0)
+    b_proj, b_gx = split_input_bias(b_in, backend)
+    gx = input_projection(x, w_ih, b_proj, backend, batch_sizes)
+    function = function_for(RNNFunction, RNNForwardModeFunction, gx, w_hh, h0, b_gx)
     if function is not None:
-        return apply(function, gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes)
-    return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
+        return apply(function, gx, w_hh, h0, b_gx, lengths, resets, reverse, relu, backend, x, w_ih, b_proj,
+                     batch_sizes)
+    return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu, b_gx)
 
 
 def without_autocast(backward):
@@ -386,16 +402,17 @@ def without_autocast(backward):
 
 
 def lstm_in_torch_ops(lengths, resets, reverse):
-    return lambda gx, w_hh, h0, c0, w_hr: reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse,
-                                                             False)[:3]
+    return lambda gx, w_hh, h0, c0, w_hr, b_gx: reference.lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets,
+                                                                   reverse, False, b_gx)[:3]
 
 
 def gru_in_torch_ops(lengths, resets, reverse):
-    return lambda gx, w_hh, b_hh, h0: reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, False)[:2]
+    return lambda gx, w_hh, b_hh, h0, b_gx: reference.gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, False,
+                                                              b_gx)[:2]
 
 
 def rnn_in_torch_ops(lengths, resets, reverse, relu):
-    return lambda gx, w_hh, h0: reference.rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu)
+    return lambda gx, w_hh, h0, b_gx: reference.rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu, b_gx)
 
 
 def _over_present(fn, args):
@@ -422,11 +439,12 @@ def differentiable_backward(recurrence, projection, inputs, cotangents):
     """The create_graph backward: the gradients of `recurrence(gx, *inputs)` (torch ops only), themselves
     differentiable by autograd and by the torch.func transforms (torch.func.vjp composes with both).
 
-    projection: the saved (x, W_ih, b, batch_sizes) that Gx came from (input_projection), so that Gx is rebuilt
-    with its history. Returns one gradient (or None) for gx and for each input.
+    projection: the saved (x, W_ih, b, batch_sizes) that Gx came from (input_projection; b the projection's
+    bias, None where the op took it as b_gx), so that Gx is rebuilt with its history. Returns one gradient (or
+    None) for gx and for each input.
     """
-    x, w_ih, b_in, batch_sizes = projection
-    gx = padded(F.linear(x, w_ih, b_in), batch_sizes)
+    x, w_ih, b_proj, batch_sizes = projection
+    gx = padded(F.linear(x, w_ih, b_proj), batch_sizes)
     fn, present, expand = _over_present(recurrence, (gx, *inputs))
     _, pullback = torch.func.vjp(fn, *present)
     return expand(pullback(tuple(cotangents)))
@@ -454,32 +472,41 @@ def zeros_where_missing(grads, likes):
     return tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grads, likes))
 
 
+def input_bias_grad(ctx, index, b_gx, dgx):
+    """The gradient of the op's b_gx (input `index` of the Function): the sum of dgx over all T*B rows, as the
+    projection's autograd sums it where the bias is added there."""
+    if b_gx is None or not ctx.needs_input_grad[index]:
+        return None
+    return dgx.sum((0, 1))
+
+
 class LSTMFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes):
-        return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, True)
+    def forward(gx, w_hh, h0, c0, w_hr, b_gx, lengths, resets, reverse, backend, x, w_ih, b_proj, batch_sizes):
+        return ops(backend)["lstm_fwd"](gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, True, b_gx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes = inputs
+        gx, w_hh, h0, c0, w_hr, b_gx, lengths, resets, reverse, backend, x, w_ih, b_proj, batch_sizes = inputs
         y, _, _, gates, cs = output
         ctx.mark_non_differentiable(gates, cs)
-        ctx.save_for_backward(w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in, batch_sizes)
+        ctx.save_for_backward(w_hh, h0, c0, w_hr, b_gx, lengths, resets, y, gates, cs, x, w_ih, b_proj, batch_sizes)
         ctx.set_materialize_grads(False)
-        ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, lengths, resets)
+        ctx.save_for_forward(gx, w_hh, h0, c0, w_hr, b_gx, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
-        w_hh, h0, c0, w_hr, lengths, resets, y, gates, cs, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
+        w_hh, h0, c0, w_hr, b_gx, lengths, resets, y, gates, cs, x, w_ih, b_proj, batch_sizes = ctx.saved_tensors
         dy, dh_n, dc_n = zeros_where_missing((dy, dh_n, dc_n), (y, h0, c0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(lstm_in_torch_ops(lengths, resets, ctx.reverse),
-                                            (x, w_ih, b_in, batch_sizes), (w_hh, h0, c0, w_hr), (dy, dh_n, dc_n))
-            return (*grads, None, None, None, None, None, None, None, None)
+                                            (x, w_ih, b_proj, batch_sizes), (w_hh, h0, c0, w_hr, b_gx),
+                                            (dy, dh_n, dc_n))
+            return (*grads,) + (None,) * 8
         dgx, dh0, dc0, dw_hr = ops(ctx.backend)["lstm_bwd"](
             dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh, c0, w_hr, gates, cs, lengths, resets,
             ctx.reverse,
@@ -487,102 +514,103 @@ class LSTMFunction(torch.autograd.Function):
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
         dw_hr = dw_hr if w_hr is not None else None
-        return dgx, dw_hh, dh0, dc0, dw_hr, None, None, None, None, None, None, None, None
+        return (dgx, dw_hh, dh0, dc0, dw_hr, input_bias_grad(ctx, 5, b_gx, dgx)) + (None,) * 8
 
 
 class LSTMForwardModeFunction(LSTMFunction):
     """LSTMFunction with a jvp rule, for forward-mode AD (see function_for)."""
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, *_):
-        gx, w_hh, h0, c0, w_hr, lengths, resets = ctx.saved_tensors
+    def jvp(ctx, dgx, dw_hh, dh0, dc0, dw_hr, db_gx, *_):
+        gx, w_hh, h0, c0, w_hr, b_gx, lengths, resets = ctx.saved_tensors
         recurrence = lstm_in_torch_ops(lengths, resets, ctx.reverse)
-        return (*forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr), (dgx, dw_hh, dh0, dc0, dw_hr)), None, None)
+        tangents = forward_tangents(recurrence, (gx, w_hh, h0, c0, w_hr, b_gx), (dgx, dw_hh, dh0, dc0, dw_hr, db_gx))
+        return (*tangents, None, None)
 
 
 class GRUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes):
-        return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, True)
+    def forward(gx, w_hh, b_hh, h0, b_gx, lengths, resets, reverse, backend, x, w_ih, b_proj, batch_sizes):
+        return ops(backend)["gru_fwd"](gx, w_hh, b_hh, h0, lengths, resets, reverse, True, b_gx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, b_hh, h0, lengths, resets, reverse, backend, x, w_ih, b_in, batch_sizes = inputs
+        gx, w_hh, b_hh, h0, b_gx, lengths, resets, reverse, backend, x, w_ih, b_proj, batch_sizes = inputs
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
-        ctx.save_for_backward(w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in, batch_sizes)
+        ctx.save_for_backward(w_hh, b_hh, h0, b_gx, lengths, resets, y, saved, x, w_ih, b_proj, batch_sizes)
         ctx.set_materialize_grads(False)
-        ctx.save_for_forward(gx, w_hh, b_hh, h0, lengths, resets)
+        ctx.save_for_forward(gx, w_hh, b_hh, h0, b_gx, lengths, resets)
         ctx.reverse, ctx.backend = reverse, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n, _dsaved):
-        w_hh, b_hh, h0, lengths, resets, y, saved, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
+        w_hh, b_hh, h0, b_gx, lengths, resets, y, saved, x, w_ih, b_proj, batch_sizes = ctx.saved_tensors
         dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(gru_in_torch_ops(lengths, resets, ctx.reverse),
-                                            (x, w_ih, b_in, batch_sizes), (w_hh, b_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None, None, None)
+                                            (x, w_ih, b_proj, batch_sizes), (w_hh, b_hh, h0, b_gx), (dy, dh_n))
+            return (*grads,) + (None,) * 8
         dgx, dgh, dh0 = ops(ctx.backend)["gru_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, h0, saved, lengths, resets, ctx.reverse
         )
         dw_hh = hidden_weight_grad(dgh, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
         db_hh = dgh.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[2] else None
-        return dgx, dw_hh, db_hh, dh0, None, None, None, None, None, None, None, None
+        return (dgx, dw_hh, db_hh, dh0, input_bias_grad(ctx, 4, b_gx, dgx)) + (None,) * 8
 
 
 class GRUForwardModeFunction(GRUFunction):
     """GRUFunction with a jvp rule, for forward-mode AD (see function_for)."""
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, db_hh, dh0, *_):
-        gx, w_hh, b_hh, h0, lengths, resets = ctx.saved_tensors
+    def jvp(ctx, dgx, dw_hh, db_hh, dh0, db_gx, *_):
+        gx, w_hh, b_hh, h0, b_gx, lengths, resets = ctx.saved_tensors
         recurrence = gru_in_torch_ops(lengths, resets, ctx.reverse)
-        return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0), (dgx, dw_hh, db_hh, dh0)), None)
+        return (*forward_tangents(recurrence, (gx, w_hh, b_hh, h0, b_gx), (dgx, dw_hh, db_hh, dh0, db_gx)), None)
 
 
 class RNNFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes):
-        return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu)
+    def forward(gx, w_hh, h0, b_gx, lengths, resets, reverse, relu, backend, x, w_ih, b_proj, batch_sizes):
+        return ops(backend)["rnn_fwd"](gx, w_hh, h0, lengths, resets, reverse, relu, b_gx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gx, w_hh, h0, lengths, resets, reverse, relu, backend, x, w_ih, b_in, batch_sizes = inputs
+        gx, w_hh, h0, b_gx, lengths, resets, reverse, relu, backend, x, w_ih, b_proj, batch_sizes = inputs
         y, _ = output
-        ctx.save_for_backward(w_hh, h0, lengths, resets, y, x, w_ih, b_in, batch_sizes)
+        ctx.save_for_backward(w_hh, h0, b_gx, lengths, resets, y, x, w_ih, b_proj, batch_sizes)
         ctx.set_materialize_grads(False)
-        ctx.save_for_forward(gx, w_hh, h0, lengths, resets)
+        ctx.save_for_forward(gx, w_hh, h0, b_gx, lengths, resets)
         ctx.reverse, ctx.relu, ctx.backend = reverse, relu, backend
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy, dh_n):
-        w_hh, h0, lengths, resets, y, x, w_ih, b_in, batch_sizes = ctx.saved_tensors
+        w_hh, h0, b_gx, lengths, resets, y, x, w_ih, b_proj, batch_sizes = ctx.saved_tensors
         dy, dh_n = zeros_where_missing((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():
             grads = differentiable_backward(rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu),
-                                            (x, w_ih, b_in, batch_sizes), (w_hh, h0), (dy, dh_n))
-            return (*grads, None, None, None, None, None, None, None, None, None)
+                                            (x, w_ih, b_proj, batch_sizes), (w_hh, h0, b_gx), (dy, dh_n))
+            return (*grads,) + (None,) * 9
         dgx, dh0 = ops(ctx.backend)["rnn_bwd"](
             dy.contiguous(), dh_n.contiguous(), w_hh, y, lengths, resets, ctx.reverse, ctx.relu
         )
         dw_hh = hidden_weight_grad(dgx, y, h0, lengths, resets, ctx.reverse, ctx.backend) \
             if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, None, None, None, None, None, None, None, None, None
+        return (dgx, dw_hh, dh0, input_bias_grad(ctx, 3, b_gx, dgx)) + (None,) * 9
 
 
 class RNNForwardModeFunction(RNNFunction):
     """RNNFunction with a jvp rule, for forward-mode AD (see function_for)."""
 
     @staticmethod
-    def jvp(ctx, dgx, dw_hh, dh0, *_):
-        gx, w_hh, h0, lengths, resets = ctx.saved_tensors
+    def jvp(ctx, dgx, dw_hh, dh0, db_gx, *_):
+        gx, w_hh, h0, b_gx, lengths, resets = ctx.saved_tensors
         recurrence = rnn_in_torch_ops(lengths, resets, ctx.reverse, ctx.relu)
-        return forward_tangents(recurrence, (gx, w_hh, h0), (dgx, dw_hh, dh0))
+        return forward_tangents(recurrence, (gx, w_hh, h0, b_gx), (dgx, dw_hh, dh0, db_gx))

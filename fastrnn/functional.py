@@ -33,8 +33,9 @@ def recurrence(cell, x, h0, c0, weights, lengths, resets, reverse, backend, batc
     """One layer, one direction. x [T, B, I] -> y [T, B, Hout], h_n [B, Hout], c_n [B, H] (LSTM) or None.
     With batch_sizes, x is a PackedSequence's rows [N, I], projected, then padded (autograd.input_projection).
 
-    LSTM and RNN fold both biases into the input projection; GRU keeps b_hh for the recurrence, since
-    b_hn sits inside r * (W_hn h + b_hn).
+    LSTM and RNN fold both biases into one input bias, added to Gx (by the projection or by the recurrence
+    op: autograd.split_input_bias); GRU's input bias is b_ih, and it keeps b_hh for the recurrence, since b_hn
+    sits inside r * (W_hn h + b_hn).
     """
     w = weights
     if cell == "gru":

@@ -86,3 +86,5 @@ def test_ops_pass_opcheck():
     }
     for name, args in calls.items():
         torch.library.opcheck(ref[name], args)
+        if name.endswith("_fwd"):  # with the optional b_gx, [G*H] as gx's last dimension
+            torch.library.opcheck(ref[name], args + (torch.randn(args[0].shape[-1], **f64),))

@@ -144,15 +144,18 @@ def test_opcheck(dtype, T, B, lengths, reverse):
         fwd, bwd = lstm_args(T, B, 3, proj, dtype, lengths, reverse)
         for save in (True, False):
             torch.library.opcheck(torch.ops.fastrnn.lstm_fwd.default, fwd + (save,))
+        torch.library.opcheck(torch.ops.fastrnn.lstm_fwd.default, fwd + (True, rand(4 * 3, dtype=dtype)))
         torch.library.opcheck(torch.ops.fastrnn.lstm_bwd.default, bwd)
     for bias in (True, False):
         fwd, bwd = gru_args(T, B, 3, bias, dtype, lengths, reverse)
         for save in (True, False):
             torch.library.opcheck(torch.ops.fastrnn.gru_fwd.default, fwd + (save,))
+        torch.library.opcheck(torch.ops.fastrnn.gru_fwd.default, fwd + (False, rand(3 * 3, dtype=dtype)))
         torch.library.opcheck(torch.ops.fastrnn.gru_bwd.default, bwd)
     for relu in (False, True):
         fwd, bwd = rnn_args(T, B, 3, relu, dtype, lengths, reverse)
         torch.library.opcheck(torch.ops.fastrnn.rnn_fwd.default, fwd)
+        torch.library.opcheck(torch.ops.fastrnn.rnn_fwd.default, fwd + (rand(3, dtype=dtype),))
         torch.library.opcheck(torch.ops.fastrnn.rnn_bwd.default, bwd)
 
 

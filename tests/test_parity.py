@@ -148,3 +148,40 @@ def test_inference_path_matches(cell, device, backend):
     torch.testing.assert_close(y_inf.data, y.data.detach(), atol=0, rtol=0)
     torch.testing.assert_close(h_inf, tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach(),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_bias_in_the_op_is_the_bias_added_to_gx(cell, dtype, device, backend):
+    """The forward ops' b_gx (docs/contract.md) gives the bits of the same bias added to gx beforehand (fp32 and
+    fp64 sum in the same order), with lengths, resets and reverse, saving or not. The cpu backend's modules pass
+    their input bias there (autograd.split_input_bias), so the parity suite checks it through the modules too."""
+    from fastrnn.backends import ops
+
+    T, B, H = 5, 3, 6
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5).to(device)
+
+    gx, b_gx = rand(T, B, gates * H), rand(gates * H)
+    w_hh, h0, c0, b_hh = rand(gates * H, H), rand(B, H), rand(B, H), rand(3 * H)
+    lengths = torch.tensor([5, 2, 4], device=device)
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[2, 0] = resets[3, 2] = True
+    resets = resets.to(device)
+    fwd = ops(backend)[f"{cell.split('_')[0]}_fwd"]
+    for reverse, save in ((False, True), (True, False)):
+        def run(gx, *b_gx):
+            if cell == "lstm":
+                return fwd(gx, w_hh, h0, c0, None, lengths, resets, reverse, save, *b_gx)
+            if cell == "gru":
+                return fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save, *b_gx)
+            return fwd(gx, w_hh, h0, lengths, resets, reverse, cell == "rnn_relu", *b_gx)
+
+        with_bias, added = run(gx, b_gx), run(gx + b_gx)
+        for name, got, want in zip(("y", "h_n", "c_n or saved", "saved", "saved"), with_bias, added):
+            assert torch.equal(got, want), f"{name} (reverse={reverse}, save={save})"
+        assert not torch.equal(with_bias[0], run(gx)[0]), "b_gx was not added"

@@ -254,8 +254,9 @@ at::Tensor active_small_linear(const at::Tensor& x, const at::Tensor& w, const s
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
-  return active().lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save);
+    const std::optional<at::Tensor>& resets, bool reverse, bool save,
+    const std::optional<at::Tensor>& b_gx) {
+  return active().lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save, b_gx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> active_lstm_bwd(
@@ -270,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> active_gru_fwd(const at::Tensor& 
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets, bool reverse,
-                                                       bool save) {
-  return active().gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save);
+                                                       bool save, const std::optional<at::Tensor>& b_gx) {
+  return active().gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save, b_gx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> active_gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
@@ -284,8 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> active_gru_bwd(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> active_rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
-  return active().rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu);
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu,
+    const std::optional<at::Tensor>& b_gx) {
+  return active().rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu, b_gx);
 }
 
 std::tuple<at::Tensor, at::Tensor> active_rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,

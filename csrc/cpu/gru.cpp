@@ -17,9 +17,9 @@ namespace {
 constexpr int64_t kGruUnitCost = 8;
 
 template <typename scalar_t>
-void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                    const at::Tensor& h0, const int64_t* len, const bool* rst, bool reverse, bool save, at::Tensor& y,
-                    at::Tensor& h_n, at::Tensor& saved) {
+void gru_fwd_kernel(const at::Tensor& gx, const std::optional<at::Tensor>& b_gx, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_hh, const at::Tensor& h0, const int64_t* len, const bool* rst,
+                    bool reverse, bool save, at::Tensor& y, at::Tensor& h_n, at::Tensor& saved) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1), G = 3 * H;
 
@@ -28,8 +28,10 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
   at::Tensor hid = at::empty({B, G}, acc_options<acc_t>());       // [B, 3H] h_{t-1} W_hh^T when not fused
   const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 3, B, w_hh, T);
   const at::Tensor bias = b_hh.has_value() ? to_acc<acc_t>(*b_hh) : at::Tensor();
+  const at::Tensor in_bias = input_bias<acc_t>(b_gx, G);
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  const acc_t* in_bias_p = in_bias.const_data_ptr<acc_t>();
   const acc_t* bias_p = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* saved_p = save ? saved.data_ptr<scalar_t>() : nullptr;
@@ -66,8 +68,8 @@ void gru_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const std::opt
         ghn = ghn + load<V>(bias_p + 2 * H + j);
       }
       V r, z, n, h_new;
-      cells::gru_fwd_cell(load<V>(gx_b + j), load<V>(gx_b + H + j), load<V>(gx_b + 2 * H + j), ghr, ghz, ghn,
-                          load<V>(h_b + j), r, z, n, h_new);
+      auto in = [&](int64_t k) { return load<V>(gx_b + k * H + j) + load<V>(in_bias_p + k * H + j); };
+      cells::gru_fwd_cell(in(0), in(1), in(2), ghr, ghz, ghn, load<V>(h_b + j), r, z, n, h_new);
       store(next_b + j, h_new);
       store_maybe_streamed(y_b + j, h_new, stream);
       if (save) {
@@ -164,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets, bool reverse,
-                                                       bool save) {
+                                                       bool save, const std::optional<at::Tensor>& b_gx) {
   const Checker ck{"fastrnn::gru_fwd"};
   ck.dims(gx, "gx", 3);
   ck.floating(gx, "gx");
@@ -176,6 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   if (b_hh.has_value()) {
     ck.tensor(*b_hh, "b_hh [3H]", {3 * H}, gx);
   }
+  if (b_gx.has_value()) {
+    ck.tensor(*b_gx, "b_gx [3H]", {3 * H}, gx);
+  }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
@@ -183,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   at::Tensor saved = save ? empty_output({T, B, 4 * H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::gru_fwd", [&] {
-    gru_fwd_kernel<scalar_t>(gx, w_hh, b_hh, h0, len, rst, reverse, save, y, h_n, saved);
+    gru_fwd_kernel<scalar_t>(gx, b_gx, w_hh, b_hh, h0, len, rst, reverse, save, y, h_n, saved);
   });
   return {y, h_n, saved};
 }

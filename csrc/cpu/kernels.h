@@ -37,7 +37,8 @@ namespace cpu {
 
 using LstmFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool,
+    const std::optional<at::Tensor>&);
 using LstmBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -45,7 +46,8 @@ using LstmBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
 using GruFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                   const std::optional<at::Tensor>&, const at::Tensor&,
                                                                   const std::optional<at::Tensor>&,
-                                                                  const std::optional<at::Tensor>&, bool, bool);
+                                                                  const std::optional<at::Tensor>&, bool, bool,
+                                                                  const std::optional<at::Tensor>&);
 using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&,
@@ -53,7 +55,8 @@ using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tens
                                                                   const std::optional<at::Tensor>&, bool);
 using RnnFwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const std::optional<at::Tensor>&,
-                                                      const std::optional<at::Tensor>&, bool, bool);
+                                                      const std::optional<at::Tensor>&, bool, bool,
+                                                      const std::optional<at::Tensor>&);
 using RnnBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const at::Tensor&, const std::optional<at::Tensor>&,
                                                       const std::optional<at::Tensor>&, bool, bool);
@@ -61,10 +64,10 @@ using SmallLinear = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const s
 
 // Bumped whenever Kernels or an op's signature changes: a stale capability library left next to a
 // rebuilt op library is then refused (with a warning) instead of being called with the wrong layout.
-constexpr int64_t kKernelsAbi = 12;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
+constexpr int64_t kKernelsAbi = 13;  // 2: the bf16 dot-product counter; 3: the resets argument; 4: the AMX counter;
                                     // 5: fma_loop; 6: panel cache hits; 7: small_linear; 8: set_output_allocator;
                                     // 9: library_products; 10: in_place_products; 11: row_split_recurrences;
-                                    // 12: streamed_outputs
+                                    // 12: streamed_outputs; 13: the forwards' b_gx
 
 struct Kernels {
   int64_t abi;
@@ -111,7 +114,8 @@ inline namespace CPU_CAPABILITY {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool save);
+    const std::optional<at::Tensor>& resets, bool reverse, bool save,
+    const std::optional<at::Tensor>& b_gx);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const std::optional<at::Tensor>& w_hr, const at::Tensor& gates, const at::Tensor& cs,
@@ -121,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets, bool reverse,
-                                                       bool save);
+                                                       bool save, const std::optional<at::Tensor>& b_gx);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dh_n,
                                                        const at::Tensor& w_hh, const at::Tensor& y,
                                                        const at::Tensor& h0, const at::Tensor& saved,
@@ -129,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
     const std::optional<at::Tensor>& resets, bool reverse);
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool relu);
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu,
+    const std::optional<at::Tensor>& b_gx);
 std::tuple<at::Tensor, at::Tensor> rnn_bwd(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& w_hh,
                                            const at::Tensor& y, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets,

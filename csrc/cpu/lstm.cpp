@@ -19,9 +19,10 @@ namespace {
 constexpr int64_t kLstmUnitCost = 12;
 
 template <typename scalar_t>
-void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-                     const std::optional<at::Tensor>& w_hr, const int64_t* len, const bool* rst, bool reverse,
-                     bool save, at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+void lstm_fwd_kernel(const at::Tensor& gx, const std::optional<at::Tensor>& b_gx, const at::Tensor& w_hh,
+                     const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr,
+                     const int64_t* len, const bool* rst, bool reverse, bool save, at::Tensor& y, at::Tensor& h_n,
+                     at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = c0.size(1), Hout = h0.size(1), G = 4 * H;
   const bool proj = w_hr.has_value();
@@ -39,7 +40,10 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
     proj_gemm.emplace(to_acc<acc_t>(*w_hr).t(), 1, B);
   }
 
+  const at::Tensor bias = input_bias<acc_t>(b_gx, G);
+
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  const acc_t* bias_p = bias.const_data_ptr<acc_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   scalar_t* gates_p = save ? gates.data_ptr<scalar_t>() : nullptr;
   scalar_t* cs_p = save ? cs.data_ptr<scalar_t>() : nullptr;
@@ -75,10 +79,11 @@ void lstm_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
       using V = decltype(v);
       const acc_t* a = hid_b + (j - j0);
       V i, f, g, o, c_new, m_new;
-      cells::lstm_fwd_cell(load<V>(gx_b + j) + load<V>(a), load<V>(gx_b + H + j) + load<V>(a + gs),
-                           load<V>(gx_b + 2 * H + j) + load<V>(a + 2 * gs),
-                           load<V>(gx_b + 3 * H + j) + load<V>(a + 3 * gs), load<V>(c_b + j), i, f, g, o, c_new,
-                           m_new);
+      // (gx_t + b_gx) + h_{t-1} W_hh^T: the sum's order of a bias added to gx beforehand.
+      auto pre = [&](int64_t k) {
+        return load<V>(gx_b + k * H + j) + load<V>(bias_p + k * H + j) + load<V>(a + k * gs);
+      };
+      cells::lstm_fwd_cell(pre(0), pre(1), pre(2), pre(3), load<V>(c_b + j), i, f, g, o, c_new, m_new);
       store(c_b + j, c_new);
       store(out_b + j, m_new);
       if (!proj) {
@@ -246,7 +251,8 @@ void lstm_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
+    const std::optional<at::Tensor>& resets, bool reverse, bool save,
+    const std::optional<at::Tensor>& b_gx) {
   const Checker ck{"fastrnn::lstm_fwd"};
   ck.dims(gx, "gx", 3);
   ck.floating(gx, "gx");
@@ -262,6 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   } else {
     TORCH_CHECK(Hout == H, ck.op, ": without w_hr, h0 [B, Hout] must have Hout = H = ", H, ", got ", Hout);
   }
+  if (b_gx.has_value()) {
+    ck.tensor(*b_gx, "b_gx [4H]", {4 * H}, gx);
+  }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
@@ -270,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   at::Tensor cs = save ? empty_output({T, B, H}, gx.options()) : at::empty({0}, gx.options());
   at::Tensor h_n, c_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::lstm_fwd", [&] {
-    lstm_fwd_kernel<scalar_t>(gx, w_hh, h0, c0, w_hr, len, rst, reverse, save, y, h_n, c_n, gates, cs);
+    lstm_fwd_kernel<scalar_t>(gx, b_gx, w_hh, h0, c0, w_hr, len, rst, reverse, save, y, h_n, c_n, gates, cs);
   });
   return {y, h_n, c_n, gates, cs};
 }

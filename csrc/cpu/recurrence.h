@@ -377,6 +377,14 @@ inline at::Tensor acc_copy(const at::Tensor& t) {
   return t.to(acc_options<acc_t>(), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
 }
 
+// The forwards' optional b_gx [G] (docs/contract.md: added to gx_t in the cell) in the math type, and zeros
+// without one, so that every cell adds it the same way (x + 0 is x). The modules pass the input bias here
+// instead of into the projection's GEMM, which then skips its pass writing the bias into all of Gx.
+template <typename acc_t>
+inline at::Tensor input_bias(const std::optional<at::Tensor>& b_gx, int64_t G) {
+  return b_gx.has_value() ? to_acc<acc_t>(*b_gx) : at::zeros({G}, acc_options<acc_t>());
+}
+
 // Row b of a [B, n] buffer / of step t of a [T, B, n] tensor (int64 offsets: T*B*n can pass 2^31).
 template <typename P>
 inline P* row(P* base, int64_t b, int64_t n) {

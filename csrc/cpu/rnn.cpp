@@ -17,8 +17,9 @@ namespace {
 constexpr int64_t kRnnUnitCost = 4;
 
 template <typename scalar_t, bool Relu>
-void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const int64_t* len,
-                    const bool* rst, bool reverse, at::Tensor& y, at::Tensor& h_n) {
+void rnn_fwd_kernel(const at::Tensor& gx, const std::optional<at::Tensor>& b_gx, const at::Tensor& w_hh,
+                    const at::Tensor& h0, const int64_t* len, const bool* rst, bool reverse, at::Tensor& y,
+                    at::Tensor& h_n) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
 
@@ -26,8 +27,10 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
   at::Tensor h_next = at::empty({B, H}, acc_options<acc_t>());  // [B, H] h_t
   at::Tensor hid = at::empty({B, H}, acc_options<acc_t>());     // [B, H] h_{t-1} W_hh^T when not fused
   const HiddenGemm<acc_t> gemm(to_acc<acc_t>(w_hh).t(), 1, B, w_hh, T);
+  const at::Tensor bias = input_bias<acc_t>(b_gx, H);
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
+  const acc_t* bias_p = bias.const_data_ptr<acc_t>();
   scalar_t* y_p = y.data_ptr<scalar_t>();
   const acc_t* h_p = h.const_data_ptr<acc_t>();  // swapped with next_p by `after`
   acc_t* next_p = h_next.data_ptr<acc_t>();
@@ -44,7 +47,8 @@ void rnn_fwd_kernel(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
     const scalar_t* gx_b = row(gx_p, t, B, b, H);
     vec_loop<acc_t>(j0, j1, [&](auto v, int64_t j) {
       using V = decltype(v);
-      const V h_new = cells::rnn_fwd_cell<Relu>(load<V>(gx_b + j) + load<V>(hid_b + (j - j0)));
+      const V h_new = cells::rnn_fwd_cell<Relu>(load<V>(gx_b + j) + load<V>(bias_p + j) +
+                                                  load<V>(hid_b + (j - j0)));
       store(next_b + j, h_new);
       store(y_b + j, h_new);
     });
@@ -106,7 +110,8 @@ void rnn_bwd_kernel(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu,
+    const std::optional<at::Tensor>& b_gx) {
   const Checker ck{"fastrnn::rnn_fwd"};
   ck.dims(gx, "gx", 3);
   ck.floating(gx, "gx");
@@ -115,6 +120,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   ck.tensor(gx, "gx [T, B, H]", {T, B, H}, gx);
   ck.tensor(h0, "h0 [B, H]", {B, H}, gx);
   ck.tensor(w_hh, "w_hh [H, H]", {H, H}, gx);
+  if (b_gx.has_value()) {
+    ck.tensor(*b_gx, "b_gx [H]", {H}, gx);
+  }
   const int64_t* len = ck.lengths(lengths, T, B);
   const bool* rst = ck.resets(resets, T, B);
 
@@ -122,9 +130,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   at::Tensor h_n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "fastrnn::rnn_fwd", [&] {
     if (relu) {
-      rnn_fwd_kernel<scalar_t, true>(gx, w_hh, h0, len, rst, reverse, y, h_n);
+      rnn_fwd_kernel<scalar_t, true>(gx, b_gx, w_hh, h0, len, rst, reverse, y, h_n);
     } else {
-      rnn_fwd_kernel<scalar_t, false>(gx, w_hh, h0, len, rst, reverse, y, h_n);
+      rnn_fwd_kernel<scalar_t, false>(gx, b_gx, w_hh, h0, len, rst, reverse, y, h_n);
     }
   });
   return {y, h_n};

@@ -301,12 +301,19 @@ at::Tensor saved_or_empty(bool save, const at::Tensor& like, at::IntArrayRef sha
   return save ? at::empty(shape, like.options()) : at::empty({0}, like.options());
 }
 
+// gx with the op's optional b_gx [G*H] added (docs/contract.md): one pass over gx before the kernels. The
+// modules hand the input bias to the op only on the cpu backend, whose kernels add it in the cell
+// (fastrnn/autograd.py, bias_in_cell); on CUDA it stays in the projection's GEMM, so this keeps the contract.
+at::Tensor with_input_bias(const at::Tensor& gx, const at::Tensor& b_gx) {
+  return b_gx.defined() ? gx + b_gx : gx;
+}
+
 // ---- the ops ----
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
     const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool save) {
+    const std::optional<at::Tensor>& resets, bool reverse, bool save, const std::optional<at::Tensor>& b_gx) {
   const char* op = "fastrnn::lstm_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
   TORCH_CHECK(c0.dim() == 2 && h0.dim() == 2, op, ": h0 and c0 must be [B, Hout] and [B, H], got ", h0.sizes(),
@@ -322,7 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   x.c0 = chk(c0, "c0", {B, H});
   x.lengths = chk.lengths(lengths, B);
   x.resets = chk.resets(resets, T, B);
+  const at::Tensor bias = chk.optional(b_gx, "b_gx", {4 * H});
   const c10::cuda::CUDAGuard guard(gx.device());
+  x.gx = with_input_bias(x.gx, bias);
   x.y = at::empty({T, B, Hout}, gx.options());
   x.h_n = at::empty({B, Hout}, gx.options());
   x.c_n = at::empty({B, H}, gx.options());
@@ -368,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
                                                        const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& resets, bool reverse,
-                                                       bool save) {
+                                                       bool save, const std::optional<at::Tensor>& b_gx) {
   const char* op = "fastrnn::gru_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
   const int64_t T = gx.size(0), B = gx.size(1), H = chk.per_gate(gx.size(2), 3, "H");
@@ -379,7 +388,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_fwd(const at::Tensor& gx, con
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
   x.resets = chk.resets(resets, T, B);
+  const at::Tensor bias = chk.optional(b_gx, "b_gx", {3 * H});
   const c10::cuda::CUDAGuard guard(gx.device());
+  x.gx = with_input_bias(x.gx, bias);
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
   x.saved = saved_or_empty(save, gx, {T, B, 4 * H});
@@ -414,7 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_bwd(const at::Tensor& dy, con
 
 std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& resets, bool reverse, bool relu) {
+    const std::optional<at::Tensor>& resets, bool reverse, bool relu,
+    const std::optional<at::Tensor>& b_gx) {
   const char* op = "fastrnn::rnn_fwd (CUDA)";
   const Checker chk(op, gx, "gx", 3);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2);
@@ -424,7 +436,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_fwd(const at::Tensor& gx, const at::Tenso
   x.h0 = chk(h0, "h0", {B, H});
   x.lengths = chk.lengths(lengths, B);
   x.resets = chk.resets(resets, T, B);
+  const at::Tensor bias = chk.optional(b_gx, "b_gx", {H});
   const c10::cuda::CUDAGuard guard(gx.device());
+  x.gx = with_input_bias(x.gx, bias);
   x.y = at::empty({T, B, H}, gx.options());
   x.h_n = at::empty({B, H}, gx.options());
   run_forward(fwd_params(relu ? Cell::kRNNRelu : Cell::kRNNTanh, x, reverse, op), x, op);

@@ -67,6 +67,13 @@ def _gates(t, G):
     return t.unflatten(1, (G, t.shape[1] // G)).unbind(1)
 
 
+def _gx_at(gx, b_gx, t, ct):
+    """gx_t in the compute dtype with the op's optional b_gx [G*H] added (contract: added to gx at every step,
+    before the hidden product's sum)."""
+    gx_t = gx[t].to(ct)
+    return gx_t if b_gx is None else gx_t + b_gx.to(ct)
+
+
 def _stack_steps(per_step, reverse, dtype):
     """[T, ...] in time order from the per-step results in processing order. The forwards collect steps in
     lists instead of writing into a preallocated y (y[t] = ...): the same numbers, and the function stays
@@ -87,7 +94,7 @@ def lstm_cell(a, c_prev):
     return torch.cat([i, f, g, o], dim=1), c, o * torch.tanh(c)
 
 
-def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
+def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save, b_gx=None):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -96,7 +103,7 @@ def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
     ys, gates_all, cs = [], [], []
     for t in _steps(T, reverse):
         h_in, c_in = _cut_at_resets(resets, t, h, c)
-        gates, c_new, m = lstm_cell(gx[t].to(ct) + h_in @ w_hh_c.t(), c_in)
+        gates, c_new, m = lstm_cell(_gx_at(gx, b_gx, t, ct) + h_in @ w_hh_c.t(), c_in)
         h_new = m @ w_hr_c.t() if w_hr_c is not None else m
         act = _active(lengths, t, B, gx.device)
         h, c = torch.where(act, h_new, h), torch.where(act, c_new, c)
@@ -153,7 +160,7 @@ def gru_cell(gx_t, gh, h_prev):
     return (1 - z) * n + z * h_prev, torch.cat([r, z, n, hn], dim=1)
 
 
-def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
+def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save, b_gx=None):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -165,7 +172,7 @@ def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
         gh = h_in @ w_hh_c.t()
         if b_hh_c is not None:
             gh = gh + b_hh_c
-        h_new, s = gru_cell(gx[t].to(ct), gh, h_in)
+        h_new, s = gru_cell(_gx_at(gx, b_gx, t, ct), gh, h_in)
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
         ys.append(torch.where(act, h_new, 0.0))
@@ -200,7 +207,7 @@ def gru_bwd(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
 # ----- RNN (tanh / relu) -----
 
 
-def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
+def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu, b_gx=None):
     T, B, _ = gx.shape
     ct = _compute_dtype(gx)
     w_hh_c = w_hh.to(ct)
@@ -208,7 +215,7 @@ def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
     ys = []
     act_fn = torch.relu if relu else torch.tanh
     for t in _steps(T, reverse):
-        h_new = act_fn(gx[t].to(ct) + _cut_at_resets(resets, t, h) @ w_hh_c.t())
+        h_new = act_fn(_gx_at(gx, b_gx, t, ct) + _cut_at_resets(resets, t, h) @ w_hh_c.t())
         act = _active(lengths, t, B, gx.device)
         h = torch.where(act, h_new, h)
         ys.append(torch.where(act, h_new, 0.0))

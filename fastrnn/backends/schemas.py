@@ -11,15 +11,15 @@ from . import vmap
 
 SCHEMAS = {
     "lstm_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? w_hr, Tensor? lengths, Tensor? resets, "
-    "bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool reverse, bool save, Tensor? b_gx=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "lstm_bwd": "(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor c0, Tensor? w_hr, Tensor gates, "
     "Tensor cs, Tensor? lengths, Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)",
     "gru_fwd": "(Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, "
-    "bool save) -> (Tensor, Tensor, Tensor)",
+    "bool save, Tensor? b_gx=None) -> (Tensor, Tensor, Tensor)",
     "gru_bwd": "(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor h0, Tensor saved, Tensor? lengths, "
     "Tensor? resets, bool reverse) -> (Tensor, Tensor, Tensor)",
-    "rnn_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu) "
-    "-> (Tensor, Tensor)",
+    "rnn_fwd": "(Tensor gx, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor? resets, bool reverse, bool relu, "
+    "Tensor? b_gx=None) -> (Tensor, Tensor)",
     "rnn_bwd": "(Tensor dy, Tensor dh_n, Tensor w_hh, Tensor y, Tensor? lengths, Tensor? resets, bool reverse, "
     "bool relu) -> (Tensor, Tensor)",
 }
@@ -29,7 +29,7 @@ def _saved_or_empty(save, gx, shape):
     return gx.new_empty(shape if save else (0,))
 
 
-def lstm_fwd_fake(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
+def lstm_fwd_fake(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save, b_gx=None):
     T, B, _ = gx.shape
     H = c0.shape[1]
     return (
@@ -46,7 +46,7 @@ def lstm_bwd_fake(dy, dh_n, dc_n, w_hh, c0, w_hr, gates, cs, lengths, resets, re
     return gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape), dc_n.new_empty(dc_n.shape), dw_hr
 
 
-def gru_fwd_fake(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
+def gru_fwd_fake(gx, w_hh, b_hh, h0, lengths, resets, reverse, save, b_gx=None):
     T, B, _ = gx.shape
     H = h0.shape[1]
     return gx.new_empty(T, B, H), h0.new_empty(h0.shape), _saved_or_empty(save, gx, (T, B, 4 * H))
@@ -57,7 +57,7 @@ def gru_bwd_fake(dy, dh_n, w_hh, y, h0, saved, lengths, resets, reverse):
     return dy.new_empty(T, B, 3 * H), dy.new_empty(T, B, 3 * H), dh_n.new_empty(dh_n.shape)
 
 
-def rnn_fwd_fake(gx, w_hh, h0, lengths, resets, reverse, relu):
+def rnn_fwd_fake(gx, w_hh, h0, lengths, resets, reverse, relu, b_gx=None):
     return gx.new_empty(gx.shape), h0.new_empty(h0.shape)
 
 

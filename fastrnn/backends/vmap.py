@@ -14,11 +14,11 @@ import torch
 
 # op -> (argument layouts, output layouts), in the order of schemas.SCHEMAS.
 LAYOUTS = {
-    "lstm_fwd": (("tb", "w", "b", "b", "w", "b", "tb", None, None), ("tb", "b", "b", "tb", "tb")),
+    "lstm_fwd": (("tb", "w", "b", "b", "w", "b", "tb", None, None, "w"), ("tb", "b", "b", "tb", "tb")),
     "lstm_bwd": (("tb", "b", "b", "w", "b", "w", "tb", "tb", "b", "tb", None), ("tb", "b", "b", "w")),
-    "gru_fwd": (("tb", "w", "w", "b", "b", "tb", None, None), ("tb", "b", "tb")),
+    "gru_fwd": (("tb", "w", "w", "b", "b", "tb", None, None, "w"), ("tb", "b", "tb")),
     "gru_bwd": (("tb", "b", "w", "tb", "b", "tb", "b", "tb", None), ("tb", "tb", "b")),
-    "rnn_fwd": (("tb", "w", "b", "b", "tb", None, None), ("tb", "b")),
+    "rnn_fwd": (("tb", "w", "b", "b", "tb", None, None, "w"), ("tb", "b")),
     "rnn_bwd": (("tb", "b", "w", "tb", "b", "tb", None, None), ("tb", "b")),
 }
 

@@ -263,11 +263,12 @@ def gru_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, h
 
 
 @rec.guarded
-def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save):
+def gru_fwd(gx, w_hh, b_hh, h0, lengths, resets, reverse, save, b_gx=None):
     op = "gru_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 3)
-    rec.check_inputs(op, gx, {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H))}, lengths,
-                     resets, T, B)
+    specs = {"w_hh": (w_hh, (3 * H, H)), "b_hh": (b_hh, (3 * H,)), "h0": (h0, (B, H)), "b_gx": (b_gx, (3 * H,))}
+    rec.check_inputs(op, gx, specs, lengths, resets, T, B)
+    gx = rec.with_input_bias(gx, b_gx)
     gx, w_hh, b_hh, h0, lengths = rec.contiguous(gx, w_hh, b_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     saved = gx.new_empty(T, B, 4 * H) if save else gx.new_empty(0)

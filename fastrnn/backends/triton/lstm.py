@@ -381,12 +381,14 @@ def _hout(op, name, t, H, w_hr):
 
 
 @rec.guarded
-def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save):
+def lstm_fwd(gx, w_hh, h0, c0, w_hr, lengths, resets, reverse, save, b_gx=None):
     op = "lstm_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 4)
     Hout = _hout(op, "h0", h0, H, w_hr)
-    specs = {"w_hh": (w_hh, (4 * H, Hout)), "h0": (h0, (B, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H))}
+    specs = {"w_hh": (w_hh, (4 * H, Hout)), "h0": (h0, (B, Hout)), "c0": (c0, (B, H)), "w_hr": (w_hr, (Hout, H)),
+             "b_gx": (b_gx, (4 * H,))}
     rec.check_inputs(op, gx, specs, lengths, resets, T, B)
+    gx = rec.with_input_bias(gx, b_gx)
     gx, w_hh, h0, c0, w_hr, lengths = rec.contiguous(gx, w_hh, h0, c0, w_hr, lengths)
     proj = w_hr is not None
     y = gx.new_empty(T, B, Hout)

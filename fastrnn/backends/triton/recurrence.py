@@ -553,6 +553,13 @@ def check_inputs(op, ref, specs, lengths, resets, T, B):
                          f"got strides {resets.stride()}")
 
 
+def with_input_bias(gx, b_gx):
+    """gx with the op's optional b_gx [G*H] added (docs/contract.md). One pass over gx before the kernels: the
+    modules pass the bias here only on the cpu backend, whose kernels add it in the cell; elsewhere it stays in
+    the input projection (autograd.bias_in_cell), so this only keeps the contract."""
+    return gx if b_gx is None else gx + b_gx
+
+
 def check_sizes(op, name, t, G):
     """(T, B, H) of a [T, B, G*H] tensor (H = 0 is a valid, empty problem, as in torch.nn)."""
     check_3d(op, name, t)

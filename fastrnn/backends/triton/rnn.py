@@ -173,10 +173,12 @@ def rnn_bwd_persistent_kernel(dy_ptr, dhn_ptr, w_ptr, len_ptr, rst_ptr, y_ptr, d
 
 
 @rec.guarded
-def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu):
+def rnn_fwd(gx, w_hh, h0, lengths, resets, reverse, relu, b_gx=None):
     op = "rnn_fwd"
     T, B, H = rec.check_sizes(op, "gx", gx, 1)
-    rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H))}, lengths, resets, T, B)
+    rec.check_inputs(op, gx, {"w_hh": (w_hh, (H, H)), "h0": (h0, (B, H)), "b_gx": (b_gx, (H,))}, lengths, resets,
+                     T, B)
+    gx = rec.with_input_bias(gx, b_gx)
     gx, w_hh, h0, lengths = rec.contiguous(gx, w_hh, h0, lengths)
     y = gx.new_empty(T, B, H)
     if B == 0 or T == 0 or H == 0:  # nothing to compute: no empty grid is launched
