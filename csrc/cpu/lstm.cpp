@@ -40,7 +40,7 @@ void lstm_fwd_kernel(const at::Tensor& gx, const std::optional<at::Tensor>& b_gx
     proj_gemm.emplace(to_acc<acc_t>(*w_hr).t(), 1, B);
   }
 
-  const at::Tensor bias = input_bias<acc_t>(b_gx, G);
+  const at::Tensor bias = input_bias<acc_t>(b_gx, G);  // [4H] b_gx in the math type
 
   const scalar_t* gx_p = gx.const_data_ptr<scalar_t>();
   const acc_t* bias_p = bias.const_data_ptr<acc_t>();

@@ -303,7 +303,7 @@ at::Tensor saved_or_empty(bool save, const at::Tensor& like, at::IntArrayRef sha
 
 // gx with the op's optional b_gx [G*H] added (docs/contract.md): one pass over gx before the kernels. The
 // modules hand the input bias to the op only on the cpu backend, whose kernels add it in the cell
-// (fastrnn/autograd.py, bias_in_cell); on CUDA it stays in the projection's GEMM, so this keeps the contract.
+// (fastrnn/autograd.py, split_input_bias); on CUDA it stays in the projection's GEMM, so this keeps the contract.
 at::Tensor with_input_bias(const at::Tensor& gx, const at::Tensor& b_gx) {
   return b_gx.defined() ? gx + b_gx : gx;
 }

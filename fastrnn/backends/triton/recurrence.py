@@ -556,7 +556,7 @@ def check_inputs(op, ref, specs, lengths, resets, T, B):
 def with_input_bias(gx, b_gx):
     """gx with the op's optional b_gx [G*H] added (docs/contract.md). One pass over gx before the kernels: the
     modules pass the bias here only on the cpu backend, whose kernels add it in the cell; elsewhere it stays in
-    the input projection (autograd.bias_in_cell), so this only keeps the contract."""
+    the input projection (autograd.split_input_bias), so this only keeps the contract."""
     return gx if b_gx is None else gx + b_gx
 
 
