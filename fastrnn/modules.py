@@ -41,8 +41,10 @@ AUTO_FP32_TRAINING_MIN_GATES = 2_250_000
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH = 2
 AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL = 16
 # And fp32 LSTM inference from AUTO_TORCH_NN_MIN_BATCH with batch * hidden size at most this, under the same
-# condition on AMD and Intel CPUs (_fastrnn_runs_small_lstm_inference_faster).
+# condition on AMD and Intel CPUs (_fastrnn_runs_small_lstm_inference_faster); on Intel CPUs of hidden size at most
+# _INTEL too (at H = 128, B = 8 a tie on the Xeon with AMX: 1.00-1.10 one day, 0.93-1.02 the next).
 AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN = 1024
+AUTO_FP32_INFERENCE_FASTRNN_MAX_HIDDEN_INTEL = 96
 # GRU and RNN (fp32, padded, any layers and directions) called for a few steps (step-by-step decoding, an RL agent
 # acting): at most AUTO_TORCH_NN_SHORT_CALL_MAX_STEPS steps (the GRU one, the RNN three) and fewer than
 # AUTO_TORCH_NN_SHORT_CALL_MAX_GATES gate values a layer in the call (T * B * G * H; G = 3 for the GRU, 1 for the
@@ -173,12 +175,19 @@ def _fastrnn_trains_small_lstms_faster():
     return native is not None and native.cpu_capability() == "avx512" and torch.get_num_threads() >= 2
 
 
-def _fastrnn_runs_small_lstm_inference_faster():
+def _fastrnn_runs_small_lstm_inference_faster(hidden_size):
     """Whether fp32 LSTM inference from batch 8 of batch * H up to AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN stays
     fastrnn's (_torch_nn_is_faster): on AMD and Intel CPUs (the two measured: a Zen 5, and an Intel Xeon with AMX
     since the cells run on pairs of vectors, 544590c; before them torch.nn's oneDNN LSTM was as fast or faster
-    there, 0.84-1.03) under _fastrnn_trains_small_lstms_faster's condition."""
-    return _fastrnn_trains_small_lstms_faster() and _cpu_vendor() in ("amd", "intel")
+    there, 0.84-1.03) under _fastrnn_trains_small_lstms_faster's condition; on Intel CPUs up to
+    AUTO_FP32_INFERENCE_FASTRNN_MAX_HIDDEN_INTEL units: at H = 128, B = 8 the two measured a tie there (one layer
+    1.00-1.10 in the benchmark's grid on 2026-12-04, 0.93-1.02 on the evening of 2026-12-05, two layers 0.81-1.00
+    then; docs/benchmarks.md, "Issue 11's grid with the input bias in the ops' cells"), and a tie goes to torch.nn,
+    which auto promises never to be slower than; H = 64-96 measured 1.00-1.23 one layer both days."""
+    vendor = _cpu_vendor()
+    if vendor == "intel" and hidden_size > AUTO_FP32_INFERENCE_FASTRNN_MAX_HIDDEN_INTEL:
+        return False
+    return _fastrnn_trains_small_lstms_faster() and vendor in ("amd", "intel")
 
 
 @functools.cache
@@ -348,7 +357,7 @@ class _RecurrentMixin(_FastRNNModule):
             if not grad:
                 return batch >= AUTO_TORCH_NN_MIN_BATCH and not (
                     batch * self.hidden_size <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN
-                    and _fastrnn_runs_small_lstm_inference_faster())
+                    and _fastrnn_runs_small_lstm_inference_faster(self.hidden_size))
             most = (AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH_INTEL if _cpu_vendor() == "intel"
                     else AUTO_FP32_TRAINING_FASTRNN_MAX_BATCH)
             if batch <= most and _fastrnn_trains_small_lstms_faster():

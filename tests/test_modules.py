@@ -452,7 +452,7 @@ def test_auto_rules_keyed_on_cpu_features(features, monkeypatch):
     are patched, so every side of the rule runs on any CPU."""
     amx = features == "amx"
     # The batch rule alone (fp32 inference of batch * H <= 1024 is the test below's).
-    monkeypatch.setattr(fastrnn.modules, "_fastrnn_runs_small_lstm_inference_faster", lambda: False)
+    monkeypatch.setattr(fastrnn.modules, "_fastrnn_runs_small_lstm_inference_faster", lambda hidden_size: False)
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_amx", lambda: amx)
     monkeypatch.setattr(fastrnn.modules, "_cpu_has_avx512_bf16", lambda: features != "neither")
     monkeypatch.setattr(fastrnn.modules, "_torch_fp16_gemm_is_native", lambda: amx)
@@ -581,6 +581,36 @@ def test_auto_keeps_fp32_lstm_training_of_batch_1_and_2_with_two_threads(monkeyp
                     else:
                         assert torch.equal(got[0], want[0])
             model.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_auto_small_lstm_inference_on_intel_cpus_up_to_96_units(monkeypatch):
+    """fp32 LSTM inference of batch 8 with batch * H <= AUTO_FP32_INFERENCE_FASTRNN_MAX_BATCH_HIDDEN runs fastrnn's
+    ops on an Intel CPU up to H = AUTO_FP32_INFERENCE_FASTRNN_MAX_HIDDEN_INTEL (96) and torch.nn's forward above it
+    (a tie measured at H = 128 on a Xeon with AMX, docs/api.md), on an AMD CPU at H = 128 too. The capability,
+    the vendor and the thread count are set, so the rule runs on any CPU."""
+    from fastrnn.backends import native
+
+    most = fastrnn.modules.AUTO_FP32_INFERENCE_FASTRNN_MAX_HIDDEN_INTEL
+    monkeypatch.setattr(native, "cpu_capability", lambda: "avx512")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for vendor, hidden, ours in (("intel", most, True), ("intel", most + 1, False), ("amd", 128, True)):
+            monkeypatch.setattr(fastrnn.modules, "_cpu_vendor", lambda: vendor)
+            model = fastrnn.LSTM(3, hidden)
+            oracle = nn.LSTM(3, hidden)
+            oracle.load_state_dict(model.state_dict())
+            x = torch.randn(4, 8, 3)
+            with torch.no_grad(), CountOps() as counter:
+                got = model(x)
+                want = oracle(x)
+            assert (counter.calls != []) == ours, (vendor, hidden, counter.calls)
+            if ours:
+                assert_close("y", want[0].double(), got[0].double(), **FP32_TOL)
+            else:
+                assert torch.equal(got[0], want[0])
     finally:
         torch.set_num_threads(threads)
 
