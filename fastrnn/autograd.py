@@ -10,7 +10,8 @@ Two backwards per Function:
 - `create_graph=True` (double backward, gradient penalties, torch.func.grad/jacrev/hessian): the ops are
   opaque to autograd, so the returned gradients must come from something autograd can differentiate. The
   recurrence is recomputed from the saved inputs with plain torch ops (the reference backend's forward,
-  reference.py), Gx included from the saved (x, W_ih, b), and differentiated with `create_graph`. The
+  reference.py), Gx included from the saved (x, W_ih, b) (b None where the op adds the input bias as b_gx,
+  split_input_bias: then b_gx is one more input of the recomputation), and differentiated with `create_graph`. The
   projection's own backward saves those inputs already, so first-order memory and speed do not change.
 
 The Functions use `setup_context` and `generate_vmap_rule`, so torch.func transforms them; the ops carry
